@@ -1,0 +1,5 @@
+import sys
+
+from jaxmia.cli import main
+
+sys.exit(main())

@@ -1,0 +1,62 @@
+"""The ``jaxmia`` command. Intentionally kept short: each command's logic lives in its module.
+
+A command module defines ``add_arguments(parser)`` and ``run(args, config)``; the config is the
+``--config`` file's ``get_config()`` (the defaults when omitted) with ``--config.FIELD=VALUE``
+overrides applied. Bad input (a JaxmiaError) prints one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from jaxmia import config as config_lib
+from jaxmia.errors import JaxmiaError
+
+# name -> (module, one-line help)
+COMMANDS = {
+    "train": ("jaxmia.train", "train the recognizer (or R_T and R_E of a split) into checkpoints"),
+}
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="jaxmia", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, (module, help_text) in COMMANDS.items():
+        p = sub.add_parser(
+            name,
+            help=help_text,
+            description=help_text,
+            epilog="Override any config field with --config.FIELD=VALUE.",
+        )
+        p.add_argument("--config", default=None, help="config file with get_config() (default: built-in)")
+        p.add_argument("--workdir", required=True, help="output folder (runs resume from it)")
+        importlib.import_module(module).add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    parser = _parser()
+    args, rest = parser.parse_known_args(argv)
+    overrides = [a for a in rest if a.startswith("--config.")]
+    unknown = [a for a in rest if not a.startswith("--config.")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    module = importlib.import_module(COMMANDS[args.command][0])
+    try:
+        config = config_lib.load(args.config)
+        config_lib.apply_overrides(config, overrides)
+        module.run(args, config)
+    except JaxmiaError as e:
+        print(f"jaxmia {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"jaxmia {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
