@@ -1,0 +1,171 @@
+"""Orbax checkpoints of recognizers: the only module that imports orbax.
+
+A recognizer folder holds ``checkpoints/<step>/`` with three items: ``params`` (a pure dict of
+arrays), ``opt_state`` (training only) and ``meta`` (JSON: the model config, identity names in label
+order, the data config, and anything the writer adds). That is everything needed to use the model
+alone: ``load_recognizer(folder)``. Orbax writes each step to a temporary folder and renames it when
+complete, so an interrupted save leaves no step that loads half-written.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+from flax import nnx
+
+from jaxmia import models
+from jaxmia.errors import JaxmiaError
+
+# Orbax logs every save and restore at INFO; a CLI user only needs the outcome.
+logging.getLogger("absl").setLevel(logging.WARNING)
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedRecognizer:
+    """A trained recognizer ready to use: ``rec.logits(x)``, ``rec.features(x)``."""
+
+    graphdef: nnx.GraphDef
+    params: nnx.State
+    config: models.ModelConfig
+    names: tuple[str, ...]  # identity names in label order
+    meta: dict[str, Any]
+    path: Path
+    step: int
+
+    @functools.cached_property
+    def _logits(self):
+        return jax.jit(functools.partial(models.logits, self.graphdef))
+
+    @functools.cached_property
+    def _features(self):
+        return jax.jit(functools.partial(models.features, self.graphdef))
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """# [b, h, w, c] -> [b, num_classes]"""
+        return self._logits(self.params, x)
+
+    def features(self, x: jax.Array) -> jax.Array:
+        """# [b, h, w, c] -> [b, dense_features[-1]]"""
+        return self._features(self.params, x)
+
+
+def _manager_dir(path: str | Path) -> Path:
+    path = Path(path)
+    return path / "checkpoints"
+
+
+def manager(path: str | Path, keep: int | None = None) -> ocp.CheckpointManager:
+    """The CheckpointManager of a recognizer folder (created if needed)."""
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, create=True)
+    return ocp.CheckpointManager(_manager_dir(path).absolute(), options=options)
+
+
+def abstract_params(config: models.ModelConfig) -> dict:
+    """Shapes and dtypes of the params pure dict for ``config``, without allocating them."""
+    return jax.eval_shape(lambda: nnx.to_pure_dict(models.init(config, jax.random.key(0))[1]))
+
+
+def _pure(params: nnx.State | dict) -> dict:
+    return nnx.to_pure_dict(params) if isinstance(params, nnx.State) else params
+
+
+def save(
+    mngr: ocp.CheckpointManager,
+    step: int,
+    params: nnx.State | dict,
+    meta: dict[str, Any],
+    opt_state: Any = None,
+) -> None:
+    """Saves one step and waits for it to be complete on disk."""
+    items = {"params": ocp.args.StandardSave(_pure(params)), "meta": ocp.args.JsonSave(meta)}
+    if opt_state is not None:
+        items["opt_state"] = ocp.args.StandardSave(opt_state)
+    mngr.save(step, args=ocp.args.Composite(**items), force=True)
+    mngr.wait_until_finished()
+
+
+def restore(
+    mngr: ocp.CheckpointManager,
+    step: int,
+    config: models.ModelConfig,
+    abstract_opt_state: Any = None,
+) -> tuple[dict, dict, Any]:
+    """Restores (params pure dict, meta, opt_state or None) of one step, checked against config."""
+    where = mngr.directory / str(step)
+    items = {
+        "params": ocp.args.StandardRestore(abstract_params(config)),
+        "meta": ocp.args.JsonRestore(),
+    }
+    if abstract_opt_state is not None:
+        items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
+    try:
+        out = mngr.restore(step, args=ocp.args.Composite(**items))
+    except (ValueError, KeyError, TypeError) as e:
+        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise JaxmiaError(
+            f"checkpoint {where}: its arrays do not fit the model config "
+            f"(num_classes={config.num_classes}, image_size={config.image_size}, "
+            f"channels={config.channels}): {detail}"
+        ) from e
+    return out["params"], out["meta"], out.get("opt_state")
+
+
+def save_recognizer(
+    path: str | Path,
+    params: nnx.State | dict,
+    config: models.ModelConfig,
+    names: tuple[str, ...] | list[str],
+    meta: dict[str, Any] | None = None,
+    *,
+    step: int = 0,
+) -> None:
+    """Writes a usable recognizer folder (params + meta, no optimizer state)."""
+    if len(names) != config.num_classes:
+        raise ValueError(f"{len(names)} names for {config.num_classes} classes")
+    meta = {**(meta or {}), "model": config.to_dict(), "names": list(names)}
+    save(manager(path), step, params, meta)
+
+
+def _read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
+    out = mngr.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+    return out["meta"]
+
+
+def load_recognizer(path: str | Path, step: int | None = None) -> LoadedRecognizer:
+    """Loads the latest (or given) step of a recognizer folder written by ``jaxmia train``.
+
+    Raises:
+      JaxmiaError: no checkpoint there, or its meta or arrays do not describe a recognizer.
+    """
+    path = Path(path)
+    if not _manager_dir(path).is_dir():
+        raise JaxmiaError(
+            f"checkpoint {path}: not found (expected a recognizer folder with checkpoints/<step>/, "
+            "as written by jaxmia train)"
+        )
+    mngr = ocp.CheckpointManager(_manager_dir(path).absolute())
+    step = mngr.latest_step() if step is None else step
+    if step is None or step not in mngr.all_steps():
+        raise JaxmiaError(f"checkpoint {path}: no complete checkpoint step in {_manager_dir(path)}")
+    meta = _read_meta(mngr, step)
+    try:
+        config = models.ModelConfig.from_dict(meta["model"])
+        names = tuple(meta["names"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise JaxmiaError(
+            f"checkpoint {path}: meta lacks a valid model config and identity names ({e})"
+        ) from e
+    if len(names) != config.num_classes:
+        raise JaxmiaError(
+            f"checkpoint {path}: {len(names)} identity names for {config.num_classes} classes"
+        )
+    pure, _, _ = restore(mngr, step, config)
+    graphdef, params = models.init(config, jax.random.key(0))
+    nnx.replace_by_pure_dict(params, pure)
+    return LoadedRecognizer(graphdef, params, config, names, meta, path, step)

@@ -1,0 +1,71 @@
+import pytest
+
+from jaxmia import config
+from jaxmia.errors import JaxmiaError
+
+
+@pytest.mark.parametrize(
+    "override,field,expected",
+    [
+        ("--config.train.epochs=5", ("train", "epochs"), 5),
+        ("config.train.learning_rate=3", ("train", "learning_rate"), 3.0),
+        ("--config.data.source=folder:some/where", ("data", "source"), "folder:some/where"),
+        ("--config.data.image_size=(32,40)", ("data", "image_size"), (32, 40)),
+        ("--config.data.image_size=[32,40]", ("data", "image_size"), (32, 40)),
+        ("--config.train.augment=False", ("train", "augment"), False),
+        ("--config.data.synthetic.num_identities=7", ("data", "synthetic", "num_identities"), 7),
+    ],
+)
+def test_overrides(override, field, expected):
+    c = config.default_config()
+    config.apply_overrides(c, [override])
+    node = c
+    for name in field:
+        node = node[name]
+    assert node == expected
+    assert type(node) is type(expected)
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("--config.train.epoch=5", "unknown config field config.train.epoch"),
+        ("--config.trian.epochs=5", "unknown config field config.trian"),
+        ("--config.train.epochs=many", "config field config.train.epochs: expected int"),
+        ("--config.train=3", "is a group"),
+        ("--config.train.epochs", "expected --config.FIELD=VALUE"),
+    ],
+)
+def test_bad_overrides(override, message):
+    with pytest.raises(JaxmiaError, match=message):
+        config.apply_overrides(config.default_config(), [override])
+
+
+def test_load_file(tmp_path):
+    p = tmp_path / "c.py"
+    p.write_text(
+        "from jaxmia.config import default_config\n"
+        "def get_config():\n    c = default_config()\n    c.train.epochs = 2\n    return c\n"
+    )
+    assert config.load(str(p)).train.epochs == 2
+    assert config.load(None).train.epochs == config.default_config().train.epochs
+
+
+@pytest.mark.parametrize(
+    "text,message",
+    [(None, "not found"), ("x = 1\n", "expected a function get_config"), ("1/0\n", "failed to load")],
+)
+def test_load_bad_file(tmp_path, text, message):
+    p = tmp_path / "bad.py"
+    if text is not None:
+        p.write_text(text)
+    with pytest.raises(JaxmiaError, match=message):
+        config.load(str(p))
+
+
+def test_repo_configs_load():
+    from pathlib import Path
+
+    for path in sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.py")):
+        c = config.load(str(path))
+        assert "data" in c and "train" in c, path
