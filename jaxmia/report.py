@@ -77,7 +77,7 @@ def clone_grid(
     cells = 2 + shown
     cols = min(GRID_COLUMNS, cells)
     rows = math.ceil(cells / cols)
-    fig = Figure(figsize=(1.3 * cols, 1.45 * rows + 0.6))
+    fig = Figure(figsize=(1.3 * cols, 1.45 * rows + 0.6), layout="constrained")
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     for ax in axes[cells:]:
         ax.axis("off")
@@ -125,7 +125,7 @@ def cmc_plot(
     """
     k = len(overall)
     ks = np.arange(1, k + 1)
-    fig = Figure(figsize=(6.4, 4.4))
+    fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.subplots()
     marker = "o" if k <= 20 else None  # the curve is only defined at integer ranks
     for name, curve in curves.items():
@@ -150,7 +150,7 @@ def cmc_plot(
 def score_histogram(path: str | Path, clone_scores: np.ndarray, seed_scores: np.ndarray) -> None:
     """Histogram of R_E's score of the target identity: clones against their seeds."""
     bins = np.linspace(0, 1, 21)
-    fig = Figure(figsize=(6.4, 4.0))
+    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
     ax = fig.subplots()
     for scores, label, colour in ((seed_scores, "seeds", "grey"), (clone_scores, "clones", "C0")):
         s = np.asarray(scores, np.float64).ravel()

@@ -1,0 +1,144 @@
+"""``jaxmia evaluate``: judge an inversion run's clones with the evaluation recognizer R_E.
+
+    jaxmia evaluate --inversions RUN --evaluator CKPT --workdir OUT
+
+Writes OUT/evaluation.json, clones.csv, identities.csv, grid_<name>.png, cmc.png,
+scores_hist.png and report.html. R_T's scores are recomputed with ``--target`` (by default the
+checkpoint the run's summary.json names, if it is still there), else taken from the run. The real
+faces (KNN distance, the grids' real face) are R_E's training images, reloaded from the data
+source its checkpoint records, or from ``--faces SOURCE``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from jaxmia import checkpoint, evaluation
+from jaxmia.errors import JaxmiaError
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--inversions", required=True, help="folder of a jaxmia invert run (with inversions.npz)"
+    )
+    parser.add_argument(
+        "--evaluator", required=True, help="checkpoint folder of the evaluation recognizer R_E"
+    )
+    parser.add_argument(
+        "--target",
+        default="auto",
+        help="checkpoint of R_T to recompute its scores; 'auto' (default): the one the run's "
+        "summary.json names if it exists; 'none': the confidences the run recorded",
+    )
+    parser.add_argument(
+        "--faces",
+        default=None,
+        help="data source of the real faces (folder:PATH, att, tfds:NAME, synthetic); default: "
+        "R_E's training data as its checkpoint records; 'none' to skip KNN distances",
+    )
+    parser.add_argument("--batch-size", type=int, default=256, help="images per compiled call")
+
+
+def _recorded_checkpoint(summary: dict[str, Any]) -> str | None:
+    """The R_T checkpoint path a ``jaxmia invert`` summary records, if any."""
+    for key in ("checkpoint", "target_checkpoint", "recognizer"):
+        value = summary.get(key)
+        if isinstance(value, str) and value:
+            return value
+        if isinstance(value, dict) and isinstance(value.get("path"), str):
+            return value["path"]
+    return None
+
+
+def resolve_target(arg: str, summary: dict[str, Any]) -> checkpoint.LoadedRecognizer | None:
+    """R_T as ``--target`` asks: a path, 'none', or 'auto' (the one the run's summary names, if
+    it is still there)."""
+    if arg == "none":
+        return None
+    if arg != "auto":
+        return checkpoint.load_recognizer(arg)
+    path = _recorded_checkpoint(summary)
+    if path is None or not (Path(path) / "checkpoints").is_dir():
+        return None
+    return checkpoint.load_recognizer(path)
+
+
+def real_faces_for(
+    evaluator: checkpoint.LoadedRecognizer,
+    identities: tuple[str, ...],
+    source: str | None,
+    *,
+    progress: bool = True,
+) -> tuple[dict[str, np.ndarray] | None, str]:
+    """Each attacked identity's real faces among R_E's training images, and where they came from.
+
+    The face set is loaded at R_E's input size. When R_E's checkpoint lists its training files,
+    only those count (the metric is the distance to what R_E learned the identity from);
+    otherwise every photo of the identity in the source does, and the note says so.
+    """
+    if source == "none":
+        return None, "none (--faces none)"
+    from jaxmia import data  # tensorflow_datasets is slow to import; only this path needs it
+
+    recorded = evaluator.meta.get("data") or {}
+    src = source or recorded.get("source")
+    if not src:
+        return None, "none: the evaluator's checkpoint records no data source (use --faces)"
+    cfg = evaluator.config
+    faces = data.load_faces(
+        src,
+        image_size=tuple(cfg.image_size),
+        channels=cfg.channels,
+        cache_dir=recorded.get("cache_dir") or None,
+        synthetic=recorded.get("synthetic"),
+        progress=progress,
+    )
+    train_files = set(evaluator.meta.get("train_files") or [])
+    files_ = list(faces.files or [])
+    use = np.ones(len(faces.labels), bool)
+    if train_files and files_:
+        use = np.array([f in train_files for f in files_])
+    which = "R_E's training images" if use.sum() < len(use) else "all images of each identity"
+    index = {name: i for i, name in enumerate(faces.names)}
+    out = {}
+    for name in identities:
+        if name in index:
+            out[name] = faces.images[use & (faces.labels == index[name])]
+    missing = [n for n in identities if len(out.get(n, ())) == 0]
+    note = f"{which} in {faces.source}" + (" (SYNTHETIC)" if faces.synthetic else "")
+    if missing:
+        note += f"; none for {', '.join(missing)}"
+    return out, note
+
+
+def run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:
+    del config  # everything comes from the run folder and the checkpoints
+    if args.batch_size < 1:
+        raise JaxmiaError(f"--batch-size {args.batch_size}: expected a positive integer")
+    inv = evaluation.load_inversions(args.inversions)  # fail fast, before loading any model
+    evaluator = checkpoint.load_recognizer(args.evaluator)
+    evaluation.labels_by_name(inv.identities, evaluator, "evaluator")
+    evaluation.check_image_shape(inv.clones, evaluator, inv.source, "evaluator")
+    target = resolve_target(args.target, inv.summary)
+    real, note = real_faces_for(evaluator, inv.identities, args.faces)
+    summary = evaluation.evaluate_run(
+        inv,
+        evaluator,
+        args.workdir,
+        real_faces=real,
+        target=target,
+        real_faces_note=note,
+        batch_size=args.batch_size,
+    )
+    o, s = summary["overall"], summary["overall"]["seed"]
+    print(
+        f"top-1 by R_E {100 * o['top1']:.1f}% (top-5 {100 * o['top5']:.1f}%) over {o['count']} "
+        f"clones of {summary['num_identities']} identities; seed {100 * s['top1']:.1f}% "
+        f"(top-5 {100 * s['top5']:.1f}%); chance {100 * summary['chance_top1']:.1f}%"
+    )
+    print(f"report: {Path(args.workdir) / 'report.html'}")
