@@ -376,25 +376,33 @@ def evaluate(
     else:
         score_t, seed_t, t_source = nan, nan, None
 
+    reals = {
+        name: np.asarray(real_faces[name], np.float32)
+        for name in inv.identities
+        if real_faces is not None and len(real_faces.get(name, ())) > 0
+    }
+    for name, images in reals.items():
+        check_image_shape(images, evaluator, f"real faces of {name!r}", "evaluator")
     knn, seed_knn = nan.copy(), nan.copy()
-    real_face, real_counts = {}, {}
-    for i, name in enumerate(inv.identities):
-        reals = None if real_faces is None else real_faces.get(name)
-        real_counts[name] = 0 if reals is None else len(reals)
-        if reals is None or len(reals) == 0:
-            continue
-        check_image_shape(reals, evaluator, f"real faces of {name!r}", "evaluator")
-        real_face[name] = np.asarray(reals[0])
+    if reals:
+        # all identities' real faces in one pass: one compiled shape, not one per identity
+        stacked = np.concatenate(list(reals.values()))  # [m, h, w, c]
         ref = score_images(
-            evaluator,
-            np.asarray(reals, np.float32),
-            np.zeros(len(reals), np.int32),
-            with_features=True,
-            batch_size=batch_size,
-        ).features
-        rows = slice(i * n, (i + 1) * n)
-        knn[i] = knn_distances(clone_e.features[rows], ref)
-        seed_knn[i] = knn_distances(seed_e.features[rows], ref)
+            evaluator, stacked, np.zeros(len(stacked), np.int32), with_features=True,
+            batch_size=batch_size, progress=progress, desc="R_E real faces",
+        ).features  # fmt: skip
+        ends = np.cumsum([len(v) for v in reals.values()])
+        ref_of = {
+            name: ref[end - len(images) : end]
+            for (name, images), end in zip(reals.items(), ends, strict=True)
+        }
+        for i, name in enumerate(inv.identities):
+            if name in ref_of:
+                rows = slice(i * n, (i + 1) * n)
+                knn[i] = knn_distances(clone_e.features[rows], ref_of[name])
+                seed_knn[i] = knn_distances(seed_e.features[rows], ref_of[name])
+    real_face = {name: images[0] for name, images in reals.items()}
+    real_counts = {name: len(reals.get(name, ())) for name in inv.identities}
 
     per = {
         "score_T": score_t,
