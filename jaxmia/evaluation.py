@@ -416,41 +416,31 @@ def evaluate(
         "diverged": inv.diverged,
     }
 
-    def stats(sel):
-        clones = _group_stats(
-            per["rank_E"][sel],
-            per["score_E"][sel],
-            per["score_T"][sel],
-            per["knn_distance"][sel],
-            k,
-        )
-        seeds = _group_stats(
-            per["seed_rank_E"][sel],
-            per["seed_score_E"][sel],
-            per["seed_score_T"][sel],
-            per["seed_knn_distance"][sel],
-            k,
-        )
-        clones["diverged"] = int(per["diverged"][sel].sum())
-        return clones, seeds
+    def stats(sel, prefix=""):
+        keys = ("rank_E", "score_E", "score_T", "knn_distance")
+        return _group_stats(*(per[prefix + key][sel] for key in keys), k)
 
     identities = []
     for i, name in enumerate(inv.identities):
-        clones, seeds = stats(np.s_[i])
         best = best_index(per["score_E"][i])
         identities.append(
             {
                 "name": name,
                 "label_E": int(labels_e[i]),
                 "real_faces": real_counts[name],
-                **clones,
+                **stats(i),
+                "diverged": int(per["diverged"][i].sum()),
                 "best_clone": best,
                 "best_score_E": None if best is None else float(per["score_E"][i, best]),
                 "best_rank_E": None if best is None else int(per["rank_E"][i, best]),
-                "seed": seeds,
+                "seed": stats(i, "seed_"),
             }
         )
-    overall, overall_seed = stats(np.s_[:])
+    overall = {
+        **stats(np.s_[:]),
+        "diverged": int(per["diverged"].sum()),
+        "seed": stats(np.s_[:], "seed_"),
+    }
     summary = {
         "inversions": inv.source,
         "evaluator": {
@@ -465,7 +455,7 @@ def evaluate(
         "chance_top1": 1 / k,
         "chance_top5": min(5, k) / k,
         "identities": identities,
-        "overall": {**overall, "seed": overall_seed},
+        "overall": overall,
     }
     return Evaluation(summary=summary, clones=per, real_face=real_face)
 
