@@ -1,0 +1,511 @@
+"""Batched gray-box model inversion: many clones of many identities in one compiled program.
+
+The inversion of ONE clone is a pure function of its image ``[h, w, c]``, its PRNG key and its
+target label (Khosravy et al. 2021, Eq. 7: ``x <- clip(x - alpha * grad L(R_T(x), onehot))``);
+``jax.vmap`` runs it over the flattened identities x clones. Per clone, inside the compiled loop:
+stopping (fixed steps, a confidence threshold, or the MI-Face rule the right way round: stop when
+the best loss has not improved for ``patience`` steps), freezing (stopped clones keep their image
+and optimizer state through masked updates, so shapes never change) and divergence (a NaN or Inf
+in a clone's loss, gradient or image freezes that clone at its last finite image; other clones are
+untouched).
+
+The steps run as a host loop over a jitted call of ``steps_per_call`` steps (a ``fori_loop``
+inside, state donated), or with ``steps_per_call=0`` as one ``while_loop`` over all steps that
+also exits once every clone has stopped. The host loop never waits on the device except every
+``check_every`` steps, to leave early when all clones have stopped. Measured on the 2-core CPU
+(shared, noisy), paper CNN at 64x64x1, 40 classes, batch 128, SGD (``python -m
+benchmarks.inversion_cpu --loop-study``): see ``benchmarks/inversion_cpu.md``; the default
+``steps_per_call=1`` was the fastest there.
+
+A batch larger than ``max_batch`` clones (or than an estimate of what fits in memory) runs in
+equal chunks; the last is padded, so every chunk has one shape and compiles once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+import os
+import time
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from jaxmia import models
+from jaxmia.errors import JaxmiaError
+
+LOSSES = ("least_squares", "cross_entropy", "max_margin", "poincare")
+OPTIMIZERS = ("sgd", "momentum", "adam")
+DENOISERS = ("none", "median")
+# Stop reasons, indexed by the int codes in Records.reason.
+STOP_REASONS = ("running", "steps", "confidence", "patience", "diverged")
+RUNNING, STEPS, CONFIDENCE, PATIENCE, DIVERGED = range(len(STOP_REASONS))
+
+ApplyFn = Callable[[Any, jax.Array], jax.Array]  # (params, images [b, h, w, c]) -> logits [b, n]
+
+
+@dataclasses.dataclass(frozen=True)
+class InversionConfig:
+    """Static settings of the inversion program (hashable: a new value compiles a new program).
+
+    The step count is not here: it is a run-time argument, so changing it does not recompile.
+    """
+
+    loss: str = "least_squares"  # one of LOSSES
+    optimizer: str = "sgd"  # one of OPTIMIZERS; "sgd" is the paper's x <- x - lr * grad
+    learning_rate: float = 0.1
+    momentum: float = 0.9  # for "momentum" (heavy ball) only
+    margin: float = 5.0  # max_margin: the logit margin beyond which the loss is flat
+    tv_weight: float = 0.0  # total variation (mean absolute neighbour difference)
+    l2_weight: float = 0.0  # mean squared pixel value
+    denoise: str = "none"  # one of DENOISERS
+    denoise_every: int = 10  # apply the denoiser after every k-th step
+    denoise_size: int = 3  # odd filter width
+    jitter: int = 0  # random shift of up to this many pixels per step (edge padded)
+    flip: bool = False  # random horizontal flip per step
+    stop_confidence: float = 0.0  # stop a clone once its target confidence >= this; 0: off
+    patience: int = (
+        0  # stop a clone once its best loss has not improved for this many steps; 0: off
+    )
+    min_delta: float = 0.0  # an improvement must exceed this
+    steps_per_call: int = 1  # steps per jitted call of the host loop; 0: one while_loop
+    check_every: int = 50  # steps between host checks whether every clone has stopped
+
+    def __post_init__(self):
+        choices = {"loss": LOSSES, "optimizer": OPTIMIZERS, "denoise": DENOISERS}
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise JaxmiaError(
+                    f"inversion.{name}={getattr(self, name)!r}: expected one of {allowed}"
+                )
+        if not self.learning_rate > 0:
+            raise JaxmiaError(f"inversion.learning_rate={self.learning_rate}: expected > 0")
+        if self.denoise_size < 1 or self.denoise_size % 2 == 0:
+            raise JaxmiaError(
+                f"inversion.denoise_size={self.denoise_size}: expected an odd width >= 1"
+            )
+        for name in ("denoise_every", "check_every"):
+            if getattr(self, name) < 1:
+                raise JaxmiaError(f"inversion.{name}={getattr(self, name)}: expected >= 1")
+        for name in ("jitter", "patience", "steps_per_call"):
+            if getattr(self, name) < 0:
+                raise JaxmiaError(f"inversion.{name}={getattr(self, name)}: expected >= 0")
+
+    @classmethod
+    def from_config(cls, section: Any) -> InversionConfig:
+        """The engine's fields from a config section (e.g. ``config.inversion``); others ignored."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: section[k] for k in names if k in section})
+
+
+class Records(NamedTuple):
+    """Per-clone results of an inversion, as host arrays."""
+
+    clones: np.ndarray  # [n, h, w, c] float32 in [0, 1]
+    steps: np.ndarray  # [n] int32 updates applied
+    loss: np.ndarray  # [n] objective of the final image (no random transforms)
+    confidence: np.ndarray  # [n] softmax target probability of the final image
+    reason: np.ndarray  # [n] int32 index into STOP_REASONS
+
+    @property
+    def diverged(self) -> np.ndarray:
+        return self.reason == DIVERGED
+
+
+class _State(NamedTuple):
+    x: jax.Array  # [b, h, w, c]
+    opt_state: Any
+    best: jax.Array  # [b] lowest objective seen
+    since: jax.Array  # [b] int32 steps since `best` last improved
+    steps: jax.Array  # [b] int32 updates applied
+    reason: jax.Array  # [b] int32 RUNNING or a stop reason
+
+
+# ---------------------------------------------------------------------------------------------
+# One clone: losses, regularisers, transforms, one step.
+
+
+def data_loss(kind: str, z: jax.Array, label: jax.Array, margin: float = 5.0) -> jax.Array:
+    """Loss between one clone's logits and its target's one-hot.
+
+    Args:
+      kind: "least_squares" (sum of squares between softmax and one-hot; the paper's default),
+        "cross_entropy" (the paper's "Infomax"), "max_margin" (Carlini-Wagner:
+        ``max(max_{j != y} z_j - z_y, -margin)``) or "poincare" (Struppek et al. 2022: the
+        Poincare distance between the L1-normalised logits and the one-hot shrunk by 1e-5).
+      z: logits. # [n]
+      label: the target class, int scalar.
+      margin: for "max_margin".
+    """
+    onehot = jax.nn.one_hot(label, z.shape[-1], dtype=z.dtype)  # [n]
+    if kind == "least_squares":
+        return jnp.sum((jax.nn.softmax(z) - onehot) ** 2)
+    if kind == "cross_entropy":
+        return -jax.nn.log_softmax(z)[label]
+    if kind == "max_margin":
+        other = jnp.max(jnp.where(onehot > 0, -jnp.inf, z))
+        return jnp.maximum(other - z[label], -margin)
+    if kind == "poincare":
+        u = z / jnp.sum(jnp.abs(z))
+        v = jnp.clip(onehot, 0.0, 1.0 - 1e-5)
+        delta = 2 * jnp.sum((u - v) ** 2) / ((1 - jnp.sum(u**2)) * (1 - jnp.sum(v**2)))
+        return jnp.arccosh(1 + delta)
+    raise ValueError(f"unknown loss {kind!r}")
+
+
+def total_variation(x: jax.Array) -> jax.Array:
+    """Mean absolute difference of vertical and of horizontal neighbours. # [h, w, c] -> []"""
+    return jnp.mean(jnp.abs(x[1:] - x[:-1])) + jnp.mean(jnp.abs(x[:, 1:] - x[:, :-1]))
+
+
+def median_filter(x: jax.Array, size: int) -> jax.Array:
+    """Per-channel median over a size x size window, edges replicated. # [h, w, c] -> [h, w, c]"""
+    h, w, _ = x.shape
+    r = size // 2
+    xp = jnp.pad(x, ((r, r), (r, r), (0, 0)), mode="edge")
+    windows = [xp[i : i + h, j : j + w] for i in range(size) for j in range(size)]
+    return jnp.median(jnp.stack(windows), axis=0)
+
+
+def random_transform(x: jax.Array, key: jax.Array, jitter: int, flip: bool) -> jax.Array:
+    """A random shift of up to ``jitter`` pixels (edges replicated) and optional h-flip.
+
+    Optimising through it makes a clone that works under small shifts (a robust clone) rather
+    than an adversarial pattern tied to exact pixel positions. # [h, w, c] -> [h, w, c]
+    """
+    h, w, c = x.shape
+    kshift, kflip = jax.random.split(key)
+    if jitter > 0:
+        xp = jnp.pad(x, ((jitter, jitter), (jitter, jitter), (0, 0)), mode="edge")
+        dy, dx = jax.random.randint(kshift, (2,), 0, 2 * jitter + 1)
+        x = jax.lax.dynamic_slice(xp, (dy, dx, 0), (h, w, c))
+    if flip:
+        x = jnp.where(jax.random.bernoulli(kflip), x[:, ::-1], x)
+    return x
+
+
+def objective(
+    cfg: InversionConfig,
+    apply_fn: ApplyFn,
+    params: Any,
+    x: jax.Array,
+    key: jax.Array | None,
+    label: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """One clone's objective and target confidence.
+
+    Args:
+      x: the clone. # [h, w, c]
+      key: the step's key for the random transforms; None evaluates the image as it is.
+      label: the target class, int scalar.
+
+    Returns:
+      (data loss + regularisers, softmax probability of ``label``), scalars.
+    """
+    seen = x if key is None else random_transform(x, key, cfg.jitter, cfg.flip)
+    z = apply_fn(params, seen[None])[0]  # [n]
+    loss = data_loss(cfg.loss, z, label, cfg.margin)
+    if cfg.tv_weight:
+        loss = loss + cfg.tv_weight * total_variation(x)
+    if cfg.l2_weight:
+        loss = loss + cfg.l2_weight * jnp.mean(x**2)
+    return loss, jax.nn.softmax(z)[label]
+
+
+def make_optimizer(cfg: InversionConfig) -> optax.GradientTransformation:
+    if cfg.optimizer == "sgd":
+        return optax.sgd(cfg.learning_rate)
+    if cfg.optimizer == "momentum":
+        return optax.sgd(cfg.learning_rate, momentum=cfg.momentum)
+    return optax.adam(cfg.learning_rate)
+
+
+def _all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)]))
+
+
+def clone_step(
+    cfg: InversionConfig,
+    apply_fn: ApplyFn,
+    params: Any,
+    state: _State,
+    key: jax.Array,
+    label: jax.Array,
+    step: jax.Array,
+    max_steps: jax.Array,
+) -> _State:
+    """One step of one clone (state fields without the batch axis).
+
+    The objective and confidence are those of the current image: a clone that meets a stopping
+    rule is frozen at that image, before any update.
+    """
+    opt = make_optimizer(cfg)
+    running = (state.reason == RUNNING) & (step < max_steps)
+    step_key = jax.random.fold_in(key, step)
+    (loss, conf), grad = jax.value_and_grad(
+        lambda x: objective(cfg, apply_fn, params, x, step_key, label), has_aux=True
+    )(state.x)
+    finite = jnp.isfinite(loss) & jnp.all(jnp.isfinite(grad))
+
+    improved = loss < state.best - cfg.min_delta
+    best = jnp.where(running & finite & improved, loss, state.best)
+    since = jnp.where(running & finite, jnp.where(improved, 0, state.since + 1), state.since)
+    confident = (cfg.stop_confidence > 0) & (conf >= cfg.stop_confidence)
+    patient = (cfg.patience > 0) & (since >= cfg.patience)
+
+    updates, opt_state = opt.update(grad, state.opt_state, state.x)
+    x = jnp.clip(state.x + updates, 0.0, 1.0)
+    if cfg.denoise == "median":
+        x = jax.lax.cond(
+            (step + 1) % cfg.denoise_every == 0,
+            lambda v: median_filter(v, cfg.denoise_size),
+            lambda v: v,
+            x,
+        )
+    finite = finite & jnp.all(jnp.isfinite(x))
+
+    reason = jnp.select(
+        [~running, ~finite, confident, patient],
+        [state.reason, DIVERGED, CONFIDENCE, PATIENCE],
+        RUNNING,
+    )
+    move = running & (reason == RUNNING)
+    keep = lambda new, old: jnp.where(move, new, old)  # noqa: E731
+    return _State(
+        x=keep(x, state.x),
+        opt_state=jax.tree.map(keep, opt_state, state.opt_state),
+        best=best,
+        since=since,
+        steps=state.steps + move.astype(jnp.int32),
+        reason=reason.astype(jnp.int32),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The batched program.
+
+
+@dataclasses.dataclass(frozen=True)
+class Program:
+    """The jitted pieces for one (apply_fn, config); each compiles once per input shape."""
+
+    cfg: InversionConfig
+    init: Callable  # (seeds [b,h,w,c]) -> _State
+    steps: Callable  # (params, state, keys [b], labels [b], step0, max_steps) -> _State (donated)
+    evaluate: Callable  # (params, x [b,h,w,c], labels [b]) -> (loss [b], confidence [b])
+    compiled: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)
+
+
+@functools.lru_cache(maxsize=32)
+def make_program(apply_fn: ApplyFn, cfg: InversionConfig) -> Program:
+    """The program for ``apply_fn`` and ``cfg`` (cached: the same pair reuses its compilations)."""
+    opt = make_optimizer(cfg)
+
+    def init(seeds):
+        b = seeds.shape[0]
+        return _State(
+            x=seeds,
+            opt_state=jax.vmap(opt.init)(seeds),
+            best=jnp.full((b,), jnp.inf, seeds.dtype),
+            since=jnp.zeros((b,), jnp.int32),
+            steps=jnp.zeros((b,), jnp.int32),
+            reason=jnp.full((b,), RUNNING, jnp.int32),
+        )
+
+    step_all = jax.vmap(
+        functools.partial(clone_step, cfg, apply_fn), in_axes=(None, 0, 0, 0, None, None)
+    )
+
+    def steps(params, state, keys, labels, step0, max_steps):
+        body = lambda i, s: step_all(params, s, keys, labels, step0 + i, max_steps)  # noqa: E731
+        if cfg.steps_per_call == 1:
+            return body(0, state)
+        if cfg.steps_per_call > 1:
+            return jax.lax.fori_loop(0, cfg.steps_per_call, body, state)
+
+        def cond(carry):
+            i, s = carry
+            return (step0 + i < max_steps) & jnp.any(s.reason == RUNNING)
+
+        return jax.lax.while_loop(cond, lambda c: (c[0] + 1, body(*c)), (0, state))[1]
+
+    def evaluate(params, x, labels):
+        one = lambda xi, yi: objective(cfg, apply_fn, params, xi, None, yi)  # noqa: E731
+        return jax.vmap(one)(x, labels)
+
+    return Program(cfg, jax.jit(init), jax.jit(steps, donate_argnums=1), jax.jit(evaluate))
+
+
+@functools.lru_cache(maxsize=32)
+def recognizer_apply(graphdef: Any) -> ApplyFn:
+    """``apply_fn`` of a ``models`` recognizer; the same graphdef gives the same (cached) fn."""
+    return functools.partial(models.logits, graphdef)
+
+
+def _compiled(program: Program, name: str, *args) -> tuple[Callable, float]:
+    """A jitted piece compiled ahead of time once per input shape; returns (fn, compile seconds)."""
+    leaves, treedef = jax.tree.flatten(args)
+    sig = (name, treedef, tuple((jnp.shape(a), jnp.result_type(a)) for a in leaves))
+    if sig in program.compiled:
+        return program.compiled[sig], 0.0
+    t = time.perf_counter()
+    program.compiled[sig] = getattr(program, name).lower(*args).compile()
+    return program.compiled[sig], time.perf_counter() - t
+
+
+@dataclasses.dataclass
+class Timing:
+    """Seconds spent compiling apart from running, and the image-gradients computed."""
+
+    compile_s: float = 0.0
+    run_s: float = 0.0
+    gradients: int = 0  # clones x steps executed (frozen clones included: they cost the same)
+
+    @property
+    def gradients_per_s(self) -> float:
+        return self.gradients / self.run_s if self.run_s > 0 else 0.0
+
+
+def invert_batch(
+    apply_fn: ApplyFn,
+    params: Any,
+    seeds: jax.Array,
+    labels: jax.Array,
+    keys: jax.Array,
+    cfg: InversionConfig,
+    steps: int,
+    timing: Timing | None = None,
+) -> Records:
+    """Inverts one batch of clones as one program (no chunking).
+
+    Args:
+      apply_fn: ``(params, images [b, h, w, c]) -> logits [b, n]``; pass the same function
+        object again to reuse compilations (see ``recognizer_apply``).
+      params: the recognizer's parameters.
+      seeds: start images in [0, 1]. # [b, h, w, c]
+      labels: target classes. # [b] int
+      keys: one PRNG key per clone. # [b]
+      cfg: the static settings.
+      steps: the most updates per clone (> 0).
+      timing: accumulates compile and run seconds if given.
+
+    Returns:
+      Records with the final images and their per-clone results.
+    """
+    if steps < 1:
+        raise JaxmiaError(f"steps={steps}: expected a positive number of steps")
+    program = make_program(apply_fn, cfg)
+    seeds = jnp.asarray(seeds, jnp.float32)
+    labels = jnp.asarray(labels, jnp.int32)
+    max_steps = jnp.int32(steps)
+    per_call = cfg.steps_per_call or steps
+
+    init, c0 = _compiled(program, "init", seeds)
+    state = init(seeds)
+    run, c1 = _compiled(program, "steps", params, state, keys, labels, jnp.int32(0), max_steps)
+    evaluate, c2 = _compiled(program, "evaluate", params, state.x, labels)
+    jax.block_until_ready(state)
+
+    t = time.perf_counter()
+    calls_per_check = max(1, cfg.check_every // per_call)
+    done = 0
+    while done < steps:
+        state = run(params, state, keys, labels, jnp.int32(done), max_steps)
+        done += per_call
+        if (done // per_call) % calls_per_check == 0 and not bool(jnp.any(state.reason == RUNNING)):
+            break
+    loss, conf = evaluate(params, state.x, labels)
+    x, taken, loss, conf, reason = jax.device_get((state.x, state.steps, loss, conf, state.reason))
+    if timing is not None:
+        timing.run_s += time.perf_counter() - t
+        timing.compile_s += c0 + c1 + c2
+        # A while_loop program runs until every clone stopped, so its longest clone counts.
+        executed = min(done, steps) if cfg.steps_per_call else int(taken.max())
+        timing.gradients += seeds.shape[0] * executed
+    reason = np.where(reason == RUNNING, STEPS, reason).astype(np.int32)
+    return Records(np.asarray(x), taken, loss, conf, reason)
+
+
+def bytes_per_clone(model_config: models.ModelConfig, cfg: InversionConfig) -> int:
+    """A rough upper estimate of the memory one clone needs during a step.
+
+    The image, its gradient and up to two optimizer moments, plus every activation of the
+    forward pass kept for the backward pass and its cotangent (x 4 for pre-/post-ReLU and pooling).
+    """
+    h, w = model_config.image_size
+    image = h * w * model_config.channels
+    act = 0
+    for cout in model_config.conv_features:
+        act += h * w * cout
+        h, w = h // 2, w // 2
+    act += sum(model_config.dense_features) + model_config.num_classes
+    moments = {"sgd": 0, "momentum": 1, "adam": 2}[cfg.optimizer]
+    return 4 * (image * (4 + moments) + 4 * act)
+
+
+def chunk_size(
+    total: int, max_batch: int, per_clone_bytes: int, memory_bytes: int | None = None
+) -> int:
+    """Clones per chunk: at most ``max_batch`` and a quarter of the memory, chunks equal-sized.
+
+    Args:
+      total: clones to invert.
+      max_batch: the configured cap (> 0).
+      per_clone_bytes: from ``bytes_per_clone``.
+      memory_bytes: memory available to the program; None reads the device's limit or, on CPU,
+        the host's available memory.
+    """
+    if memory_bytes is None:
+        memory_bytes = _available_memory()
+    cap = max(1, min(max_batch, memory_bytes // 4 // max(1, per_clone_bytes)))
+    chunks = math.ceil(total / cap)
+    return math.ceil(total / chunks)
+
+
+def _available_memory() -> int:
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        return int(stats["bytes_limit"]) - int(stats.get("bytes_in_use", 0))
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+
+
+def chunks(total: int, size: int) -> Iterator[tuple[int, slice]]:
+    """(chunk index, slice) over ``total`` items in chunks of ``size`` (the last may be short)."""
+    for i, start in enumerate(range(0, total, size)):
+        yield i, slice(start, min(start + size, total))
+
+
+def pad_to(a: Any, size: int) -> Any:
+    """Pads every leaf's leading axis to ``size`` by repeating its last row (a full-shape chunk)."""
+    return jax.tree.map(lambda v: jnp.concatenate([v, jnp.repeat(v[-1:], size - v.shape[0], 0)]), a)
+
+
+def invert(
+    apply_fn: ApplyFn,
+    params: Any,
+    seeds: jax.Array,
+    labels: jax.Array,
+    keys: jax.Array,
+    cfg: InversionConfig,
+    steps: int,
+    *,
+    size: int,
+    timing: Timing | None = None,
+) -> Records:
+    """``invert_batch`` over chunks of ``size`` clones (see ``chunk_size``), results concatenated.
+
+    Per-clone keys fix the randomness, so the result does not depend on the chunking.
+    """
+    total = seeds.shape[0]
+    parts = []
+    for _, sl in chunks(total, size):
+        n = sl.stop - sl.start
+        batch = pad_to((jnp.asarray(seeds[sl]), jnp.asarray(labels[sl]), keys[sl]), size)
+        rec = invert_batch(apply_fn, params, *batch, cfg, steps, timing)
+        parts.append(Records(*(f[:n] for f in rec)))
+    return Records(*(np.concatenate(f) for f in zip(*parts, strict=True)))
