@@ -64,6 +64,44 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.augment = True  # random shifts and brightness
     c.train.checkpoint_every = 5  # epochs
     c.train.keep_checkpoints = 2
+    c.inversion = _inversion_defaults()
+    return c
+
+
+def _inversion_defaults() -> ml_collections.ConfigDict:
+    """``jaxmia invert``: the paper's gray-box inversion (see jaxmia/inversion.py, seeds.py)."""
+    c = ml_collections.ConfigDict()
+    c.clones = 100  # per identity (the paper's)
+    c.steps = 300  # most updates per clone
+    c.rng_seed = 0  # per-clone keys: fold_in(key(rng_seed), identity label, clone index)
+    # The seed image: "mean" (the paper: mean of seed_pool_size auxiliary faces, the same for every
+    # clone), "subset_mean", "mean_noise", "grey", "uniform" or "files" (seed_files).
+    c.seed = "mean"
+    c.seed_source = ""  # the pool: "" = the checkpoint's auxiliary identities; or a data source
+    c.seed_pool_size = 256
+    c.seed_subset_size = 16  # faces per clone for "subset_mean"
+    c.seed_noise = 0.1  # std of the Gaussian noise of "mean_noise"
+    c.seed_grey = 0.5
+    c.seed_files = ""  # comma-separated image paths for "files", cycled over the clones
+    # The optimisation (jaxmia.inversion.InversionConfig).
+    c.loss = "least_squares"  # "least_squares", "cross_entropy", "max_margin", "poincare"
+    c.optimizer = "sgd"  # "sgd" (the paper's x <- x - lr * grad), "momentum", "adam"
+    c.learning_rate = 0.1
+    c.momentum = 0.9
+    c.margin = 5.0  # max_margin's flat point
+    c.tv_weight = 0.0
+    c.l2_weight = 0.0
+    c.denoise = "none"  # "none" or "median" (the paper's suggested denoising between steps)
+    c.denoise_every = 10
+    c.denoise_size = 3
+    c.jitter = 0  # random shift (pixels) per step: robust rather than adversarial clones
+    c.flip = False
+    c.stop_confidence = 0.0  # stop a clone at this target confidence; 0: off
+    c.patience = 0  # stop a clone whose best loss has not improved for this many steps; 0: off
+    c.min_delta = 0.0
+    c.steps_per_call = 1  # host loop of jitted single steps: measured fastest on CPU
+    c.check_every = 50
+    c.max_batch = 256  # clones per compiled chunk (fewer if memory says so)
     return c
 
 
