@@ -83,8 +83,8 @@ class InversionConfig:
                 raise JaxmiaError(
                     f"inversion.{name}={getattr(self, name)!r}: expected one of {allowed}"
                 )
-        if not self.learning_rate > 0:
-            raise JaxmiaError(f"inversion.learning_rate={self.learning_rate}: expected > 0")
+        if not 0 < self.learning_rate < math.inf:
+            raise JaxmiaError(f"inversion.learning_rate={self.learning_rate}: expected finite > 0")
         if self.denoise_size < 1 or self.denoise_size % 2 == 0:
             raise JaxmiaError(
                 f"inversion.denoise_size={self.denoise_size}: expected an odd width >= 1"
@@ -429,6 +429,24 @@ def invert_batch(
         timing.gradients += seeds.shape[0] * executed
     reason = np.where(reason == RUNNING, STEPS, reason).astype(np.int32)
     return Records(np.asarray(x), taken, loss, conf, reason)
+
+
+def evaluate(
+    apply_fn: ApplyFn,
+    params: Any,
+    images: jax.Array,
+    labels: jax.Array,
+    cfg: InversionConfig,
+    timing: Timing | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Objective and target confidence of images as they are (e.g. seeds). # [b] each"""
+    program = make_program(apply_fn, cfg)
+    args = (params, jnp.asarray(images, jnp.float32), jnp.asarray(labels, jnp.int32))
+    fn, compile_s = _compiled(program, "evaluate", *args)
+    if timing is not None:
+        timing.compile_s += compile_s
+    loss, conf = jax.device_get(fn(*args))
+    return loss, conf
 
 
 def bytes_per_clone(model_config: models.ModelConfig, cfg: InversionConfig) -> int:

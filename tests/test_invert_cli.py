@@ -1,0 +1,182 @@
+import json
+import os
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+
+from jaxmia import checkpoint, cli, models
+
+MODEL = models.ModelConfig(
+    num_classes=3,
+    image_size=(16, 16),
+    conv_features=(4, 4, 4, 4),
+    dense_features=(16,),
+    dropout=0.0,
+)
+NAMES = ("alice", "bob", "s5")
+FAST = [
+    "--config.inversion.seed=uniform",
+    "--config.inversion.loss=cross_entropy",
+    "--config.inversion.learning_rate=1.0",
+    "--config.inversion.max_batch=4",
+]
+
+
+@pytest.fixture(autouse=True)
+def only_invert(monkeypatch):
+    """The invert command alone: its tests do not depend on the other commands importing."""
+    monkeypatch.setattr(cli, "COMMANDS", {"invert": cli.COMMANDS["invert"]})
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ckpt") / "rt"
+    _, params = models.init(MODEL, jax.random.key(0))
+    checkpoint.save_recognizer(
+        path, params, MODEL, NAMES, {"synthetic": True, "data_source": "test"}
+    )
+    return str(path)
+
+
+def _invert(ckpt, workdir, *extra, identities="0,s5", clones="3", steps="5"):
+    argv = [
+        "invert",
+        "--checkpoint",
+        ckpt,
+        "--workdir",
+        str(workdir),
+        "--clones",
+        clones,
+        "--steps",
+        steps,
+    ]
+    if identities is not None:
+        argv += ["--identities", identities]
+    return cli.main(argv + FAST + list(extra))
+
+
+def _one_line_error(capsys, *words):
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "Traceback" not in err, err
+    assert err.startswith("jaxmia invert: error:")
+    for w in words:
+        assert w in err, err
+    return err
+
+
+def test_end_to_end_outputs(ckpt, tmp_path, capsys):
+    assert _invert(ckpt, tmp_path) == 0
+    with np.load(tmp_path / "inversions.npz") as z:
+        assert z["clones"].shape == (2, 3, 16, 16, 1) and z["clones"].dtype == np.float32
+        assert z["seeds"].shape == (2, 3, 16, 16, 1)
+        assert z["identities"].tolist() == ["alice", "s5"]
+        assert z["labels"].tolist() == [0, 2]
+        for k in ("steps", "loss", "confidence", "seed_confidence", "diverged", "reason"):
+            assert z[k].shape == (2, 3), k
+        assert (z["steps"] == 5).all() and not z["diverged"].any()
+        assert z["clones"].min() >= 0 and z["clones"].max() <= 1
+        # clones of one identity differ (per-clone seeds and keys)
+        assert np.abs(z["clones"][0, 0] - z["clones"][0, 1]).max() > 0.01
+        assert (z["confidence"] > z["seed_confidence"]).all()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["checkpoint"] == ckpt
+    assert [r["name"] for r in summary["identities"]] == ["alice", "s5"]
+    assert summary["timing"]["chunks"] == 2 and summary["timing"]["chunk_size"] == 3
+    assert summary["timing"]["compile_s"] > 0 and summary["timing"]["image_gradients"] == 2 * 3 * 5
+    assert summary["warnings"] == []
+    for r in summary["identities"]:
+        assert (tmp_path / r["grid"]).is_file()
+        assert r["confidence_mean"] > r["seed_confidence_mean"]
+    assert "2 identities x 3 clones" in capsys.readouterr().out
+
+
+def test_resume_skips_finished_chunks(ckpt, tmp_path):
+    assert _invert(ckpt, tmp_path) == 0
+    with np.load(tmp_path / "inversions.npz") as z:
+        first = z["clones"]
+    kept = tmp_path / "chunks" / "chunk_00000.npz"
+    os.utime(kept, (1, 1))  # an old mtime shows whether the rerun rewrote it
+    (tmp_path / "chunks" / "chunk_00001.npz").unlink()
+    (tmp_path / "inversions.npz").unlink()
+    assert _invert(ckpt, tmp_path) == 0
+    assert kept.stat().st_mtime == 1
+    with np.load(tmp_path / "inversions.npz") as z:
+        np.testing.assert_array_equal(z["clones"], first)
+    assert json.loads((tmp_path / "summary.json").read_text())["timing"]["chunks_resumed"] == 1
+
+
+def test_other_settings_in_the_same_workdir_is_an_error(ckpt, tmp_path, capsys):
+    assert _invert(ckpt, tmp_path) == 0
+    capsys.readouterr()
+    assert _invert(ckpt, tmp_path, "--config.inversion.learning_rate=0.5", steps="6") == 2
+    _one_line_error(capsys, "inversion.learning_rate", "steps", str(tmp_path))
+
+
+def test_default_identities_are_all_and_seed_is_shared(ckpt, tmp_path):
+    assert _invert(ckpt, tmp_path, "--config.inversion.seed=grey", identities=None, clones="2") == 0
+    with np.load(tmp_path / "inversions.npz") as z:
+        assert z["identities"].tolist() == list(NAMES)
+        assert z["seeds"].shape == (1, 1, 16, 16, 1)
+        np.testing.assert_allclose(z["seeds"], 0.5)
+
+
+@pytest.mark.parametrize(
+    "args,kwargs,words",
+    [
+        ((), {"identities": "0,zed"}, ["'zed'", "0..2", "alice"]),
+        ((), {"identities": "3"}, ["--identities 3", "0..2"]),
+        ((), {"clones": "0"}, ["--clones 0", "positive"]),
+        ((), {"steps": "-1"}, ["--steps -1", "positive"]),
+        (("--config.inversion.loss=l1",), {}, ["inversion.loss", "least_squares"]),
+        (("--config.inversion.seed=mean",), {}, ["auxiliary", "seed_source"]),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(ckpt, tmp_path, capsys, args, kwargs, words):
+    assert _invert(ckpt, tmp_path, *args, **kwargs) == 2
+    _one_line_error(capsys, *words)
+
+
+def test_missing_checkpoint(tmp_path, capsys):
+    assert _invert(str(tmp_path / "nothing"), tmp_path / "out") == 2
+    _one_line_error(capsys, "nothing")
+
+
+def test_seed_image_of_the_wrong_size(ckpt, tmp_path, capsys):
+    bad = tmp_path / "face.png"
+    Image.fromarray(np.zeros((10, 12), np.uint8)).save(bad)
+    extra = ["--config.inversion.seed=files", f"--config.inversion.seed_files={bad}"]
+    assert _invert(ckpt, tmp_path / "out", *extra) == 2
+    _one_line_error(capsys, str(bad), "10x12", "expected 16x16")
+
+
+def test_seed_images_from_files(ckpt, tmp_path):
+    good = tmp_path / "face.png"
+    Image.fromarray(np.full((16, 16), 51, np.uint8)).save(good)
+    extra = ["--config.inversion.seed=files", f"--config.inversion.seed_files={good}"]
+    assert _invert(ckpt, tmp_path / "out", *extra) == 0
+    with np.load(tmp_path / "out" / "inversions.npz") as z:
+        np.testing.assert_allclose(z["seeds"], 0.2)
+
+
+def test_every_clone_diverging_is_reported_and_fails(tmp_path, capsys):
+    # A recognizer with a NaN weight makes every loss NaN.
+    params = nnx.to_pure_dict(models.init(MODEL, jax.random.key(0))[1])
+    params["head"]["bias"] = params["head"]["bias"].at[0].set(np.nan)
+    broken = str(tmp_path / "broken")
+    checkpoint.save_recognizer(broken, params, MODEL, NAMES, {})
+    assert _invert(broken, tmp_path / "out") == 2
+    err = capsys.readouterr().err
+    assert "warning: 6 of 6 clones diverged" in err
+    assert err.strip().splitlines()[-1].startswith("jaxmia invert: error: every clone diverged")
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["overall"]["diverged"] == 6 and summary["warnings"]
+    with np.load(tmp_path / "out" / "inversions.npz") as z:
+        assert z["diverged"].all() and (z["steps"] == 0).all()
+
+
+def test_infinite_learning_rate_is_refused(ckpt, tmp_path, capsys):
+    assert _invert(ckpt, tmp_path, "--config.inversion.learning_rate=1e999") == 2
+    _one_line_error(capsys, "inversion.learning_rate=inf", "finite")
