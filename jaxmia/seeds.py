@@ -114,9 +114,8 @@ def load_images(paths: Sequence[str | Path], shape: tuple[int, int, int]) -> np.
             with Image.open(path) as im:
                 im.load()
                 if im.size != (w, h):
-                    raise JaxmiaError(
-                        f"seed image {path}: size {im.size[1]}x{im.size[0]} (h x w), expected {h}x{w}"
-                    )
+                    got = f"{im.size[1]}x{im.size[0]}"
+                    raise JaxmiaError(f"seed image {path}: size {got} (h x w), expected {h}x{w}")
                 a = np.asarray(im.convert("L" if c == 1 else "RGB"), np.float32) / 255.0
         except FileNotFoundError as e:
             raise JaxmiaError(f"seed image {path}: not found") from e
