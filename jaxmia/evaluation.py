@@ -48,6 +48,7 @@ class Inversions:
     seeds: np.ndarray  # [ids, clones, h, w, c]: the image each clone started from
     identities: tuple[str, ...]  # [ids] target identity names
     target_confidence: np.ndarray | None  # [ids, clones] R_T's softmax score, as the run recorded
+    seed_target_confidence: np.ndarray | None  # [ids, clones] the same of each clone's seed
     diverged: np.ndarray  # [ids, clones] bool
     steps: np.ndarray | None  # [ids, clones]
     summary: dict[str, Any]
@@ -121,6 +122,7 @@ def load_inversions(folder: str | Path) -> Inversions:
         seeds=seeds.astype(np.float32),
         identities=identities,
         target_confidence=per_clone("confidence"),
+        seed_target_confidence=per_clone("seed_confidence"),
         diverged=np.zeros((ids, n), bool) if diverged is None else diverged.astype(bool),
         steps=per_clone("steps"),
         summary=summary,
@@ -336,7 +338,7 @@ def evaluate(
       real_faces: identity name -> R_E's real training images of it [m, h, w, c]; the KNN
         distances are None for an identity without any (or all, if None).
       target: R_T, to recompute its scores; if None they are the run's recorded confidences
-        (and None for seeds).
+        (None where it recorded none).
       batch_size: images per compiled call.
       progress: show progress bars.
 
@@ -371,7 +373,8 @@ def evaluate(
         seed_t = judge(target, inv.seeds, targets_t, False, "R_T seeds").score.reshape(ids, n)
         t_source = str(getattr(target, "path", "target recognizer"))
     elif inv.target_confidence is not None:
-        score_t, seed_t = inv.target_confidence.astype(np.float64), nan
+        score_t = inv.target_confidence.astype(np.float64)
+        seed_t = nan if inv.seed_target_confidence is None else inv.seed_target_confidence
         t_source = f"{inv.source} (confidence recorded by the inversion)"
     else:
         score_t, seed_t, t_source = nan, nan, None

@@ -62,6 +62,7 @@ def fake_inversions(ids=("cy", "ann"), n=3, seed=0, shape=(16, 16, 1)) -> evalua
         seeds=seeds,
         identities=tuple(ids),
         target_confidence=rng.uniform(size=(len(ids), n)),
+        seed_target_confidence=None,
         diverged=np.zeros((len(ids), n), bool),
         steps=np.full((len(ids), n), 10),
         summary={},
@@ -70,16 +71,21 @@ def fake_inversions(ids=("cy", "ann"), n=3, seed=0, shape=(16, 16, 1)) -> evalua
 
 
 def write_fake_run(folder: Path, inv: evaluation.Inversions, **extra) -> Path:
+    """An inversions.npz as ``jaxmia invert`` writes it (one shared seed: [1, 1, h, w, c])."""
     folder.mkdir(parents=True, exist_ok=True)
+    shape = inv.diverged.shape
     arrays = dict(
         clones=inv.clones,
-        seeds=np.ascontiguousarray(inv.seeds),
-        identities=np.array(inv.identities),
-        labels=np.arange(len(inv.identities)),
+        seeds=np.ascontiguousarray(inv.seeds[:1, :1]),
+        identities=np.array(inv.identities, dtype=str),
+        labels=np.arange(len(inv.identities), dtype=np.int32),
         steps=inv.steps,
-        loss=np.zeros(inv.diverged.shape, np.float32),
+        loss=np.zeros(shape, np.float32),
         confidence=inv.target_confidence,
+        seed_confidence=np.full(shape, 0.25, np.float32),
+        reason=np.ones(shape, np.int32),
         diverged=inv.diverged,
+        stop_reasons=np.array(["running", "steps", "confidence", "patience", "diverged"]),
     )
     arrays.update(extra)
     np.savez(folder / "inversions.npz", **arrays)
