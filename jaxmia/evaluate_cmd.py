@@ -12,8 +12,8 @@ source its checkpoint records, or from ``--faces SOURCE``.
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
-from typing import Any
 
 import ml_collections
 import numpy as np
@@ -44,28 +44,21 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=256, help="images per compiled call")
 
 
-def _recorded_checkpoint(summary: dict[str, Any]) -> str | None:
-    """The R_T checkpoint path a ``jaxmia invert`` summary records, if any."""
-    for key in ("checkpoint", "target_checkpoint", "recognizer"):
-        value = summary.get(key)
-        if isinstance(value, str) and value:
-            return value
-        if isinstance(value, dict) and isinstance(value.get("path"), str):
-            return value["path"]
-    return None
-
-
-def resolve_target(arg: str, summary: dict[str, Any]) -> checkpoint.LoadedRecognizer | None:
-    """R_T as ``--target`` asks: a path, 'none', or 'auto' (the one the run's summary names, if
-    it is still there)."""
+def resolve_target(arg: str, inversions_dir: Path) -> checkpoint.LoadedRecognizer | None:
+    """R_T as ``--target`` asks: a path, 'none', or 'auto': the checkpoint the run recorded (as
+    given in summary.json, else resolved in run.json), if it is still there."""
     if arg == "none":
         return None
     if arg != "auto":
         return checkpoint.load_recognizer(arg)
-    path = _recorded_checkpoint(summary)
-    if path is None or not (Path(path) / "checkpoints").is_dir():
-        return None
-    return checkpoint.load_recognizer(path)
+    for record in ("summary.json", "run.json"):
+        try:
+            path = json.loads((inversions_dir / record).read_text()).get("checkpoint")
+        except (OSError, json.JSONDecodeError, AttributeError):
+            continue
+        if isinstance(path, str) and (Path(path) / "checkpoints").is_dir():
+            return checkpoint.load_recognizer(path)
+    return None
 
 
 def real_faces_for(
@@ -124,7 +117,7 @@ def run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:
     evaluator = checkpoint.load_recognizer(args.evaluator)
     evaluation.labels_by_name(inv.identities, evaluator, "evaluator")
     evaluation.check_image_shape(inv.clones, evaluator, inv.source, "evaluator")
-    target = resolve_target(args.target, inv.summary)
+    target = resolve_target(args.target, Path(args.inversions))
     real, note = real_faces_for(evaluator, inv.identities, args.faces)
     summary = evaluation.evaluate_run(
         inv,
