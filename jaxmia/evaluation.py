@@ -278,6 +278,10 @@ def knn_distances(queries: np.ndarray, references: np.ndarray) -> np.ndarray:
     return d.min(axis=1)
 
 
+def _finite(x: float) -> float | None:
+    return float(x) if np.isfinite(x) else None
+
+
 def _group_stats(
     rank: np.ndarray, score_e: np.ndarray, score_t: np.ndarray, knn: np.ndarray, k: int
 ) -> dict[str, Any]:
@@ -435,6 +439,7 @@ def evaluate(
                 "diverged": int(per["diverged"][i].sum()),
                 "best_clone": best,
                 "best_score_E": None if best is None else float(per["score_E"][i, best]),
+                "best_score_T": None if best is None else _finite(per["score_T"][i, best]),
                 "best_rank_E": None if best is None else int(per["rank_E"][i, best]),
                 "seed": stats(i, "seed_"),
             }
@@ -471,8 +476,8 @@ CLONE_COLUMNS = (
 
 IDENTITY_COLUMNS = (
     "identity", "count", "top1", "top5", "seed_top1", "seed_top5", "mean_rank", "seed_mean_rank",
-    "mean_score_T", "mean_score_E", "seed_mean_score_T", "seed_mean_score_E",
-    "best_clone", "best_score_E", "best_rank_E", "knn_mean", "knn_min", "seed_knn_mean",
+    "mean_score_T", "mean_score_E", "seed_mean_score_T", "seed_mean_score_E", "best_clone",
+    "best_score_E", "best_score_T", "best_rank_E", "knn_mean", "knn_min", "seed_knn_mean",
     "diverged",
 )  # fmt: skip
 
@@ -512,21 +517,21 @@ def clones_csv(ev: Evaluation, inv: Inversions) -> str:
     return _csv(CLONE_COLUMNS, rows)
 
 
-def identity_row(name: str, s: dict[str, Any]) -> list[Any]:
-    """A row of identities.csv (and of the report's table) from a summary group."""
-    seed = s["seed"]
-    return [
-        name, s["count"], s["top1"], s["top5"], seed["top1"], seed["top5"], s["mean_rank"],
-        seed["mean_rank"], s["mean_score_T"], s["mean_score_E"], seed["mean_score_T"],
-        seed["mean_score_E"], s.get("best_clone"), s.get("best_score_E"), s.get("best_rank_E"),
-        s["knn_mean"], s["knn_min"], seed["knn_mean"], s["diverged"],
-    ]  # fmt: skip
+def identity_row(name: str, s: dict[str, Any]) -> dict[str, Any]:
+    """A row of identities.csv (and of the report's table), keyed by IDENTITY_COLUMNS."""
+    row = {"identity": name}
+    for key in IDENTITY_COLUMNS[1:]:
+        if key.startswith("seed_"):
+            row[key] = s["seed"][key.removeprefix("seed_")]
+        else:
+            row[key] = s.get(key)  # the overall group has no best clone
+    return row
 
 
 def identities_csv(summary: dict[str, Any]) -> str:
     """One row per identity, then an ``(overall)`` row pooling every clone."""
-    rows = [identity_row(s["name"], s) for s in summary["identities"]]
-    rows.append(identity_row("(overall)", summary["overall"]))
+    groups = [(s["name"], s) for s in summary["identities"]] + [("(overall)", summary["overall"])]
+    rows = [list(identity_row(name, s).values()) for name, s in groups]
     return _csv(IDENTITY_COLUMNS, rows)
 
 

@@ -22,7 +22,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from jaxmia import files
-from jaxmia.evaluation import IDENTITY_COLUMNS, Evaluation, Inversions, identity_row
+from jaxmia.evaluation import Evaluation, Inversions, identity_row
 
 MAX_GRID_CLONES = 100  # the paper's clones per identity; more make the cells too small to see
 GRID_COLUMNS = 10
@@ -212,6 +212,7 @@ TABLE_COLUMNS = (
     ("mean_rank", "mean R_E rank", "num"),
     ("best_clone", "best clone", "int"),
     ("best_score_E", "best R_E score", "num"),
+    ("best_score_T", "best R_T score", "num"),
     ("knn_mean", "KNN dist. mean", "num"),
     ("knn_min", "KNN dist. min", "num"),
     ("seed_knn_mean", "seed KNN dist.", "num"),
@@ -232,8 +233,7 @@ def format_cell(value: Any, kind: str) -> str:
 
 def _table_rows(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
     groups = [(s["name"], s) for s in summary["identities"]] + [("(overall)", summary["overall"])]
-    return [(name, dict(zip(IDENTITY_COLUMNS, identity_row(name, s), strict=True)))
-            for name, s in groups]  # fmt: skip
+    return [(name, identity_row(name, s)) for name, s in groups]
 
 
 def _img(path: Path, alt: str) -> str:
@@ -264,8 +264,9 @@ def write_html(path: str | Path, summary: dict[str, Any]) -> None:
     for name, row in _table_rows(summary):
         cls = ' class="overall"' if name == "(overall)" else ""
         cells = "".join(
-            f'<td data-key="{key}" title="{e(repr(row[key]))}">'
-            f"{e(format_cell(row[key], kind))}</td>"
+            f'<td data-key="{key}"'
+            + ("" if kind == "text" else f' title="{e(repr(row[key]))}"')
+            + f">{e(format_cell(row[key], kind))}</td>"
             for key, _, kind in TABLE_COLUMNS
         )
         body.append(f"<tr{cls}>{cells}</tr>")

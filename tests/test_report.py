@@ -27,8 +27,8 @@ class TableParser(HTMLParser):
         if tag == "tr":
             self.rows.append({})
         elif tag == "td":
-            self._cell = (a["data-key"], a["title"])
-            self.rows[-1][self._cell[0]] = ["", a["title"]]
+            self._cell = (a["data-key"], a.get("title"))
+            self.rows[-1][self._cell[0]] = ["", a.get("title")]
         elif tag == "img":
             self.images.append(a["src"])
 
@@ -106,6 +106,7 @@ def test_json_csv_and_html_agree(evaluated):
             "mean_score_T": group["mean_score_T"],
             "knn_mean": group["knn_mean"],
             "best_clone": group.get("best_clone"),
+            "best_score_T": group.get("best_score_T"),
         }
         for key, value in shown.items():
             text_, title = row[key]
