@@ -65,6 +65,69 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 5  # epochs
     c.train.keep_checkpoints = 2
     c.inversion = _inversion_defaults()
+
+    c.cloning = _cloning_defaults()
+    return c
+
+
+def _cloning_defaults() -> ml_collections.ConfigDict:
+    """``jaxmia clone``: the cloning attack vs intentional misrecognition (see jaxmia/cloning.py).
+
+    Small on purpose (32x32 grey, few epochs) so the default table takes minutes on 2 CPU cores.
+    """
+    c = ml_collections.ConfigDict()
+    c.seed = 0
+    c.image_size = (32, 32)  # overrides data.image_size for this command
+    c.service_identities = 20  # the service knows these people; -1: half of all
+    c.train_per_identity = 5
+    c.test_per_identity = 5  # the clone is scored on these
+    c.pool = "disjoint"  # attacker's unlabeled faces: "disjoint" people or the "same" people's other photos
+    c.service_epochs = 150  # the service's ~100 training photos need many short epochs
+    c.clone_epochs = 40
+    c.batch_size = 16  # service and clone training (the rest of train.* applies as set)
+    c.dense_features = (512, 512)  # service and clone recognizers (the paper's conv layers)
+    # The service: its answers and defences.
+    c.answer = "label"  # "label", "topk" or "probs"
+    c.top_k = 3
+    c.wrong = "uniform"  # misrecognition's wrong identity: "uniform" or "runner_up"
+    c.detector = "hash"  # countermeasure: "hash" or "embedding"
+    c.scope = "client"  # near-duplicates searched in the "client"'s history or a "global" one
+    c.radius = 4  # Hamming radius of a hash match (of 64 bits); <= 5 keeps 2 chunk tables fast
+    c.cosine = 0.99  # cosine threshold of an embedding match
+    c.chunks = 2  # hash index chunk tables: 8 * chunks bytes per stored query
+    c.fingerprint_bits = 16  # "fingerprint" misrecognition: coin keyed by this many low hash bits
+    # The attacker.
+    c.near_duplicates = 3  # m queries per image in the estimation attack (the image + m-1 variants)
+    c.estimate = "relabel"  # "relabel" by strict majority or "drop" images whose answers disagree
+    c.accounts = 3  # accounts of the multi-account attacker
+    c.train_on_variants = True  # the clone also trains on the near-duplicates it paid for
+    c.perturb = ml_collections.ConfigDict()
+    c.perturb.shift = 0  # pixels
+    c.perturb.crop = 0.0  # fraction of the side
+    c.perturb.noise = 0.02
+    c.perturb.brightness = 0.05
+    c.perturb.jpeg = 0.02
+    # The outside-the-radius attacker: shifts and crops, which move the hash but barely the
+    # recognizer, at the weakest strength on the ladder that leaves the radius.
+    c.outside_perturb = ml_collections.ConfigDict()
+    c.outside_perturb.shift = 1
+    c.outside_perturb.crop = 0.05
+    c.outside_perturb.noise = 0.01
+    c.outside_perturb.brightness = 0.05
+    c.outside_perturb.jpeg = 0.0
+    c.ladder = (1.0, 1.5, 2.0, 3.0)
+    # The table: scenarios x budgets x rates; adaptive scenarios at the largest budget only.
+    c.scenarios = ("none", "misrec", "estimate", "countermeasure")
+    c.adaptive = (
+        "accounts_client",
+        "accounts_global",
+        "accounts_fingerprint",
+        "outside_hash",
+        "outside_embedding",
+        "outside_fingerprint",
+    )
+    c.budgets = (150, 300, 600)  # total queries per attacker
+    c.rates = (0.3,)  # misrecognition p
     return c
 
 

@@ -17,7 +17,8 @@ Defences (Kinbara et al. 2020):
   (altered or not alike) and the client is marked suspicious.
 
 In hash mode the token of a fresh query is its own hash and a near-duplicate's is the matched
-stored hash, so the index needs nothing stored besides the hashes (16 bytes per query).
+stored hash (salted with the client in "client" scope), so the index needs nothing stored besides
+the hashes (16 bytes per query).
 """
 
 from __future__ import annotations
@@ -371,7 +372,9 @@ class Service:
                 if len(earlier):
                     j = earlier[np.argmin(d[i, earlier])]
                     canon[i], duplicate[i] = hashes[j], True
-            return keyed(canon), duplicate, ~duplicate
+            # A client-scoped service remembers nothing across clients, so its coins differ
+            # between clients even for one hash; a global one keys them by the hash alone.
+            return keyed(canon) ^ self._salt(client), duplicate, ~duplicate
         # Embedding mode: tokens are the fresh query's counter (or fingerprint), stored per entry.
         own = (
             keyed(hashes)
@@ -394,6 +397,16 @@ class Service:
                 j = earlier[np.argmax(sims[i, earlier])]
                 tokens[i], duplicate[i] = tokens[j], True
         return tokens, duplicate, ~duplicate
+
+    def _salt(self, client: str) -> np.uint64:
+        if self.policy.scope == "global":
+            return np.uint64(0)
+        cid = self._client_ids.get(client, len(self._client_ids))
+        # splitmix64 of the client id: spreads the ids over all 64 bits.
+        mask = (1 << 64) - 1
+        z = ((cid + 1) * 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        return np.uint64(z ^ (z >> 31))
 
     def _store(self, client, hashes, feats, tokens, duplicate, fresh):
         """Adds the fresh (non-duplicate) queries to the near-duplicate history."""

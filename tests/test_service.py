@@ -239,6 +239,10 @@ def test_scope_against_several_accounts(scope, keyed, caught):
     dup = svc.history()["duplicate"][60:]
     assert (dup.mean() >= 0.9) if caught else not dup.any()
     assert svc.clients["acct-1"].suspicious == caught
+    # Exact copies from a third account: one coin per hash globally, fresh coins per client.
+    svc.query("acct-2", x)
+    altered = svc.history()["altered"]
+    assert np.array_equal(altered[120:], altered[:60]) == caught
 
 
 def test_fingerprint_keyed_misrecognition_is_a_function_of_the_fingerprint():

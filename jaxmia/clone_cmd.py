@@ -1,0 +1,414 @@
+"""``jaxmia clone``: the cloning attack vs intentional misrecognition and near-duplicate detection.
+
+    jaxmia clone --config configs/cloning.py --workdir OUT
+    jaxmia clone --workdir OUT --config.data.source=synthetic
+
+Trains the service's recognizer (OUT/service, resumable), measures the near-duplicate detectors
+(OUT/roc.json), then runs every scenario cell (scenario x query budget x misrecognition rate p;
+the adaptive scenarios at the largest budget) into OUT/cells/*.json, each written atomically and
+skipped on a rerun. Writes OUT/table.json, table.csv, accuracy.png, estimation.png, roc.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+import tqdm
+
+from jaxmia import cloning, data, files, service, train
+from jaxmia.errors import JaxmiaError
+
+COLUMNS = (
+    "scenario",
+    "budget",
+    "p",
+    "queries",
+    "images",
+    "accounts",
+    "detector",
+    "scope",
+    "keyed",
+    "clone_accuracy",
+    "fidelity",
+    "label_accuracy",
+    "kept",
+    "altered",
+    "precision",
+    "recall",
+    "detected",
+    "suspicious_accounts",
+    "strength",
+    "seconds",
+)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-plots", action="store_true", help="write the table only")
+
+
+def _check(cfg: ml_collections.ConfigDict) -> None:
+    for name in (*cfg.scenarios, *cfg.adaptive):
+        if name not in cloning.SCENARIOS:
+            raise JaxmiaError(
+                f"config field cloning.scenarios/adaptive: unknown scenario {name!r}; "
+                f"expected some of {tuple(cloning.SCENARIOS)}"
+            )
+    if not cfg.budgets or any(int(b) < 1 for b in cfg.budgets):
+        raise JaxmiaError(
+            f"config field cloning.budgets: expected positive query counts, got {cfg.budgets}"
+        )
+    for p in cfg.rates:
+        if not 0.0 <= p <= 1.0:
+            raise JaxmiaError(
+                f"config field cloning.rates: expected probabilities in [0, 1], got {p}"
+            )
+    if cfg.near_duplicates < 2:
+        raise JaxmiaError(
+            f"config field cloning.near_duplicates: expected >= 2, got {cfg.near_duplicates}"
+        )
+    if cfg.accounts < 1:
+        raise JaxmiaError(f"config field cloning.accounts: expected >= 1, got {cfg.accounts}")
+    if cfg.estimate not in cloning.ESTIMATES:
+        raise JaxmiaError(
+            f"config field cloning.estimate: expected one of {cloning.ESTIMATES}, "
+            f"got {cfg.estimate!r}"
+        )
+    # Every policy field the scenarios use, checked before any training.
+    for name in cloning.SCENARIOS:
+        cloning.policy_for(name, 0.0, cfg)
+
+
+def _cells(cfg: ml_collections.ConfigDict, pool_size: int) -> list[tuple[str, int, float]]:
+    """(scenario, budget, p) of every cell, without cells that would repeat another."""
+    cells: list[tuple[str, int, float]] = []
+    biggest = max(int(b) for b in cfg.budgets)
+    grid = [(s, int(b)) for s in cfg.scenarios for b in cfg.budgets] + [
+        (s, biggest) for s in cfg.adaptive
+    ]
+    for scenario, budget in grid:
+        spec = cloning.SCENARIOS[scenario]
+        if spec["attack"] == "plain":
+            budget = min(budget, pool_size)  # the plain attacker runs out of images first
+        for p in cfg.rates if spec.get("p", True) is not False else (0.0,):
+            cell = (scenario, budget, float(p))
+            if cell not in cells:
+                cells.append(cell)
+    return cells
+
+
+def _cell_path(workdir: Path, cell: tuple[str, int, float]) -> Path:
+    scenario, budget, p = cell
+    return workdir / "cells" / f"{scenario}_b{budget}_p{p:g}.json"
+
+
+def _cell_key(key: jax.Array, cell: tuple[str, int, float]) -> jax.Array:
+    """Each cell's attacker and clone randomness; the service key depends on p only."""
+    scenario, budget, p = cell
+    return jax.random.fold_in(
+        jax.random.fold_in(
+            jax.random.fold_in(key, list(cloning.SCENARIOS).index(scenario)), budget
+        ),
+        int(round(p * 1000)),
+    )
+
+
+def run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:
+    cfg = config.cloning
+    _check(cfg)
+    workdir = Path(args.workdir)
+    workdir.mkdir(parents=True, exist_ok=True)
+    size = tuple(int(s) for s in cfg.image_size)
+    faces = data.load_faces(
+        config.data.source,
+        image_size=size,
+        channels=config.data.channels,
+        cache_dir=config.data.cache_dir or None,
+        synthetic=config.data.synthetic.to_dict(),
+    )
+    split = cloning.clone_split(faces.labels, cfg, cfg.seed)
+    classes = {int(i): c for c, i in enumerate(split.service_identities)}
+    relabel = np.vectorize(classes.__getitem__, otypes=[np.int32])
+    x_train, y_train = faces.images[split.service_train], relabel(faces.labels[split.service_train])
+    x_test, y_test = faces.images[split.service_test], relabel(faces.labels[split.service_test])
+    pool = faces.images[split.pool]
+    files.write_json(
+        workdir / "split.json",
+        {
+            "source": faces.source,
+            "synthetic": bool(faces.synthetic),
+            "service_identities": [faces.names[i] for i in split.service_identities],
+            "service_train": split.service_train,
+            "service_test": split.service_test,
+            "pool": split.pool,
+        },
+    )
+    files.write_json(workdir / "config.json", config.to_dict())
+
+    model_config = train.model_config_for(
+        _with_size(config, size, cfg.dense_features), len(classes)
+    )
+    key = jax.random.key(cfg.seed)
+    service_train = _train_config(config, cfg.service_epochs)
+    graphdef, params, history = train.fit(
+        model_config,
+        service_train,
+        x_train,
+        y_train,
+        key=jax.random.fold_in(key, 0),
+        test=(x_test, y_test),
+        workdir=workdir / "service",
+        meta={"names": [faces.names[i] for i in split.service_identities]},
+        progress=True,
+    )
+    service_accuracy = train.accuracy(graphdef, params, x_test, y_test)
+    image_shape = (*size, config.data.channels)
+    perturbation = cloning.Perturbation(**cfg.perturb.to_dict())
+
+    roc_path = workdir / "roc.json"
+    if roc_path.exists():
+        roc = json.loads(roc_path.read_text())
+    else:
+        plain = service.Service(
+            graphdef,
+            params,
+            policy=service.Policy(),
+            key=jax.random.key(0),
+            image_shape=image_shape,
+        )
+        # Near-duplicates of the pool, hard negatives among the service's own people.
+        known = np.concatenate([split.service_train, split.service_test])
+        roc = cloning.detector_roc(
+            plain,
+            faces.images[known],
+            faces.labels[known],
+            m=cfg.near_duplicates,
+            perturbation=perturbation,
+            key=jax.random.fold_in(key, 1),
+        )
+        files.write_json(roc_path, roc)
+
+    cells = _cells(cfg, len(pool))
+    clone_train = _train_config(config, cfg.clone_epochs)
+    bar = tqdm.tqdm(cells, desc="clone", unit="cell")
+    rows = []
+    for cell in bar:
+        path = _cell_path(workdir, cell)
+        bar.set_postfix_str(f"{cell[0]} b={cell[1]} p={cell[2]:g}")
+        if path.exists():
+            rows.append(json.loads(path.read_text()))
+            continue
+        row = cloning.run_scenario(
+            *cell,
+            cfg=cfg,
+            recognizer=(graphdef, params),
+            image_shape=image_shape,
+            pool=pool,
+            test=(x_test, y_test),
+            clone_model=model_config,
+            clone_train=clone_train,
+            key=_cell_key(jax.random.fold_in(key, 2), cell),
+            service_key=jax.random.fold_in(jax.random.fold_in(key, 3), int(round(cell[2] * 1000))),
+        )
+        files.write_json(path, row)
+        rows.append(row)
+
+    summary = _summary(rows, roc, cfg, service_accuracy, faces, history)
+    files.write_json(workdir / "table.json", {"summary": summary, "rows": rows, "roc": roc})
+    files.write_text(workdir / "table.csv", _csv(rows))
+    if not args.no_plots:
+        write_plots(workdir, rows, roc, cfg)
+    print(_text_table(rows))
+    print(json.dumps(summary, indent=1))
+
+
+def _with_size(config: ml_collections.ConfigDict, size, dense) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict(config.to_dict())
+    c.data.image_size = size
+    c.model.dense_features = tuple(dense)
+    return c
+
+
+def _train_config(config: ml_collections.ConfigDict, epochs: int) -> ml_collections.ConfigDict:
+    t = ml_collections.ConfigDict(config.train.to_dict())
+    t.epochs = int(epochs)
+    t.batch_size = int(config.cloning.batch_size)
+    t.checkpoint_every = max(1, int(epochs))
+    return t
+
+
+def _summary(rows, roc, cfg, service_accuracy, faces, history) -> dict[str, Any]:
+    """The story in numbers at the largest budget and first rate."""
+    hash_at = {
+        "radius": cfg.radius,
+        "detection_rate": roc["hash"]["tpr"][cfg.radius],
+        "false_positive_rate": roc["hash"]["fpr"][cfg.radius],
+    }
+    t = np.asarray(roc["embedding"]["threshold"])
+    i = int(np.argmin(np.abs(t - cfg.cosine)))
+    embedding_at = {
+        "cosine": cfg.cosine,
+        "detection_rate": roc["embedding"]["tpr"][i],
+        "false_positive_rate": roc["embedding"]["fpr"][i],
+    }
+    best = {}
+    for r in rows:
+        key = (r["scenario"], r["p"])
+        if key not in best or r["budget"] > best[key]["budget"]:
+            best[key] = r
+    return {
+        "data": faces.source,
+        "synthetic": bool(faces.synthetic),
+        "service_test_accuracy": service_accuracy,
+        "service_epochs": len(history),
+        "hash_detector": hash_at,
+        "embedding_detector": embedding_at,
+        "at_largest_budget": {
+            f"{s}@p={p:g}": {
+                k: r[k]
+                for k in (
+                    "queries",
+                    "images",
+                    "clone_accuracy",
+                    "fidelity",
+                    "label_accuracy",
+                    "precision",
+                    "recall",
+                    "detected",
+                )
+            }
+            for (s, p), r in best.items()
+        },
+    }
+
+
+def _csv(rows: list[dict]) -> str:
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
+    return out.getvalue()
+
+
+def _text_table(rows: list[dict]) -> str:
+    head = (
+        f"{'scenario':<22}{'budget':>7}{'p':>5}{'queries':>8}{'acc':>7}{'fid':>7}{'labels':>7}"
+        f"{'P':>6}{'R':>6}{'det':>6}"
+    )
+    lines = [head]
+    for r in rows:
+        f = lambda v: "   -" if v != v else f"{v:.2f}"  # noqa: E731 - nan as a dash
+        lines.append(
+            f"{r['scenario']:<22}{r['budget']:>7}{r['p']:>5.2f}{r['queries']:>8}"
+            f"{r['clone_accuracy']:>7.3f}{r['fidelity']:>7.3f}{r['label_accuracy']:>7.3f}"
+            f"{f(r['precision']):>6}{f(r['recall']):>6}{f(r['detected']):>6}"
+        )
+    return "\n".join(lines)
+
+
+def write_plots(workdir: Path, rows: list[dict], roc: dict, cfg: ml_collections.ConfigDict) -> None:
+    """accuracy.png (clone accuracy vs queries), estimation.png (precision/recall), roc.png."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rates = sorted({r["p"] for r in rows if r["p"] > 0}) or [0.0]
+    fig, axes = plt.subplots(
+        1, len(rates), figsize=(6 * len(rates), 4.5), squeeze=False, layout="constrained"
+    )
+    for ax, p in zip(axes[0], rates, strict=True):
+        for name in cfg.scenarios:
+            pts = sorted(
+                (r["queries"], r["clone_accuracy"])
+                for r in rows
+                if r["scenario"] == name
+                and r["p"] in (p, 0.0)
+                and (r["p"] == p or cloning.SCENARIOS[name].get("p", True) is False)
+            )
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+        for i, name in enumerate(cfg.adaptive):
+            pts = [
+                (r["queries"], r["clone_accuracy"])
+                for r in rows
+                if r["scenario"] == name and r["p"] == p
+            ]
+            if pts:
+                ax.scatter(
+                    *zip(*pts, strict=True), marker="^sDvP*"[i % 6], s=60, label=name, zorder=3
+                )
+        ax.set(
+            xlabel="queries",
+            ylabel="clone accuracy on the service's test faces",
+            title=f"misrecognition p = {p:g}",
+        )
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    _save(fig, workdir / "accuracy.png")
+
+    est = [r for r in rows if r["attack"] != "plain" and r["p"] > 0]
+    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(est) + 2), 4.5), layout="constrained")
+    x = np.arange(len(est))
+    ax.bar(x - 0.2, [r["precision"] for r in est], 0.4, label="precision")
+    ax.bar(x + 0.2, [r["recall"] for r in est], 0.4, label="recall")
+    ax.set_xticks(
+        x,
+        [f"{r['scenario']}\nb={r['budget']} p={r['p']:g}" for r in est],
+        rotation=60,
+        ha="right",
+        fontsize=7,
+    )
+    ax.set(
+        ylim=(0, 1.05),
+        ylabel="estimate of the altered answers",
+        title="estimation attack vs the service's ground truth",
+    )
+    ax.legend()
+    ax.grid(axis="y", alpha=0.3)
+    _save(fig, workdir / "estimation.png")
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), layout="constrained")
+    h, e = roc["hash"], roc["embedding"]
+    axes[0].plot(h["fpr"], h["tpr"], marker=".")
+    axes[0].scatter(
+        [h["fpr"][cfg.radius]],
+        [h["tpr"][cfg.radius]],
+        color="red",
+        zorder=3,
+        label=f"radius {cfg.radius}",
+    )
+    axes[0].set(title="DCT hash, Hamming radius 0..64")
+    i = int(np.argmin(np.abs(np.asarray(e["threshold"]) - cfg.cosine)))
+    axes[1].plot(e["fpr"], e["tpr"], marker=".")
+    axes[1].scatter(
+        [e["fpr"][i]], [e["tpr"][i]], color="red", zorder=3, label=f"cosine {cfg.cosine:g}"
+    )
+    axes[1].set(title="embedding (penultimate features), cosine threshold")
+    for ax in axes:
+        ax.set(
+            xlabel="false positives: other photos of the same person",
+            ylabel="detected near-duplicates",
+            xlim=(-0.02, 1.02),
+            ylim=(-0.02, 1.02),
+        )
+        ax.plot([0, 1], [0, 1], color="grey", lw=0.5)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    _save(fig, workdir / "roc.png")
+
+
+def _save(fig, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    with files.atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110)
+    plt.close(fig)
