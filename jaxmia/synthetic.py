@@ -23,6 +23,7 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
+import tqdm
 
 # Images rendered per compiled call; the last chunk is padded so there is one compile per shape.
 _CHUNK = 256
@@ -287,6 +288,7 @@ def make_faces(
     image_size: tuple[int, int],
     channels: int,
     seed: int,
+    progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray, tuple[str, ...]]:
     """Synthetic faces, deterministic from ``seed``.
 
@@ -296,6 +298,7 @@ def make_faces(
       image_size: (height, width).
       channels: 1 (grey) or 3 (RGB).
       seed: the random seed.
+      progress: show a progress bar.
 
     Returns:
       images: float32 in [0, 1], identity-major. # [n, h, w, channels]
@@ -309,7 +312,8 @@ def make_faces(
     key = jax.random.key(seed)
     chunk = min(_CHUNK, max(n, 1))
     out = np.empty((n, h, w, channels), np.float32)
-    for start in range(0, n, chunk):
+    starts = range(0, n, chunk)
+    for start in tqdm.tqdm(starts, desc="synthetic faces", unit="chunk", disable=not progress):
         stop = min(start + chunk, n)
         pad = chunk - (stop - start)
         part = _render_chunk(

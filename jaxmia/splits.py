@@ -1,0 +1,203 @@
+"""The split protocol of the gray-box paper, deterministic by seed.
+
+The identities are shuffled and dealt into four disjoint groups:
+
+- K **attacked** identities, known to both the target recognizer R_T and the evaluation
+  recognizer R_E (the inversion attacks R_T; R_E judges whether the result shows the person);
+- **target-only** identities, known to R_T alone;
+- **evaluation-only** identities, known to R_E alone;
+- the **auxiliary pool**, known to neither: its photos make the inversion's seed image.
+
+A count of -1 shares the identities left after the K attacked and the explicit counts out: the
+auxiliary pool (if -1) takes a fifth of them (rounded down), then target-only and
+evaluation-only (if -1) split the remainder evenly, target-only taking the odd one. With the 40
+AT&T identities and K=5 that is 7 auxiliary, 14 target-only and 14 evaluation-only.
+
+Each recognizer's label order lists the attacked identities first (so attacked identity k has
+label k in both R_T and R_E), then its own, each group in the data set's (natural) order.
+
+Photos: each identity's photos are shuffled; ``test_per_identity`` of them are held out as test
+photos, the rest are training photos. An attacked identity's photos are shared out between R_T
+and R_E: with ``attacked_photos="disjoint"`` R_T gets the first half (rounded up) of its
+training and of its test photos and R_E the rest, so no photo trains both; with "shared" both
+get all of them. The ``all`` part knows every identity with the same train/test photos; it is
+what a single recognizer on the whole data set trains on.
+
+The random choices use numpy's Generator seeded with (seed, purpose, identity): host-side
+bookkeeping, no JAX needed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from jaxmia.data import FaceSet
+from jaxmia.errors import JaxmiaError
+
+ATTACKED_PHOTOS = ("disjoint", "shared")
+_IDENTITIES, _PHOTOS = 0, 1  # random streams
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Part:
+    """One recognizer's data.
+
+    Attributes:
+      identities: the recognizer's identities; its label order.
+      train: indices into the FaceSet of its training photos, ascending. # [n_train]
+      test: indices of its test photos, ascending. # [n_test]
+    """
+
+    identities: tuple[str, ...]
+    train: np.ndarray
+    test: np.ndarray
+
+    def labels(self, faces: FaceSet, index: np.ndarray) -> np.ndarray:
+        """This recognizer's labels of the FaceSet's images at ``index``. # [n] int32"""
+        position = {name: i for i, name in enumerate(self.identities)}
+        lookup = np.array([position.get(name, -1) for name in faces.names], np.int32)
+        labels = lookup[faces.labels[np.asarray(index, np.int64)]]
+        if (labels < 0).any():
+            raise ValueError("index selects images of identities this part does not know")
+        return labels
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Split:
+    """The paper's split of a FaceSet's identities and photos (see the module docstring)."""
+
+    target: Part  # R_T
+    evaluation: Part  # R_E
+    attacked: tuple[str, ...]  # the K identities in both R_T and R_E
+    aux_identities: tuple[str, ...]
+    aux: np.ndarray  # indices of the auxiliary pool's photos, ascending
+    all: Part  # every identity
+    settings: dict = dataclasses.field(default_factory=dict)  # make_split's arguments
+
+    def to_json(self, faces: FaceSet) -> dict:
+        """Names and photo ids (file paths where known, else indices) for the run folder."""
+
+        def ids(index: np.ndarray) -> list:
+            return [faces.files[i] for i in index] if faces.files else [int(i) for i in index]
+
+        def part(p: Part) -> dict:
+            return {"identities": list(p.identities), "train": ids(p.train), "test": ids(p.test)}
+
+        return {
+            "source": faces.source,
+            "synthetic": faces.synthetic,
+            "settings": dict(self.settings),
+            "attacked": list(self.attacked),
+            "target": part(self.target),
+            "evaluation": part(self.evaluation),
+            "aux_identities": list(self.aux_identities),
+            "aux": ids(self.aux),
+            "all": part(self.all),
+        }
+
+
+def make_split(
+    faces: FaceSet,
+    *,
+    seed: int,
+    num_attacked: int = 5,
+    num_target_only: int = -1,
+    num_evaluation_only: int = -1,
+    num_aux: int = -1,
+    test_per_identity: int = 5,
+    attacked_photos: str = "disjoint",
+) -> Split:
+    """Splits identities and photos as the paper does (see the module docstring)."""
+    if attacked_photos not in ATTACKED_PHOTOS:
+        raise JaxmiaError(
+            f"split.attacked_photos: expected one of {ATTACKED_PHOTOS}, got {attacked_photos!r}"
+        )
+    if not isinstance(seed, int | np.integer) or seed < 0:
+        raise JaxmiaError(f"split.seed: expected an integer >= 0, got {seed!r}")
+    if test_per_identity < 0:
+        raise JaxmiaError(f"split.test_per_identity: expected >= 0, got {test_per_identity}")
+    n = len(faces.names)
+    k, t, e, a = _counts(n, num_attacked, num_target_only, num_evaluation_only, num_aux)
+
+    order = np.random.default_rng([seed, _IDENTITIES]).permutation(n)
+    groups = np.split(order, np.cumsum([k, t, e, a]))[:4]
+    attacked, target_only, evaluation_only, aux_ids = (np.sort(g) for g in groups)
+
+    # Each identity's photos, shuffled, split into test and train.
+    by_identity = [np.flatnonzero(faces.labels == i) for i in range(n)]
+    is_attacked = np.isin(np.arange(n), attacked)
+    test, train = [], []
+    for i in range(n):
+        # An attacked identity's training photos must cover both R_T and R_E when disjoint.
+        need = test_per_identity + (2 if is_attacked[i] and attacked_photos == "disjoint" else 1)
+        if len(by_identity[i]) < need:
+            raise JaxmiaError(
+                f"identity {faces.names[i]}: has {len(by_identity[i])} photos, the split needs "
+                f"at least {need} ({test_per_identity} test, the rest to train)"
+            )
+        shuffled = np.random.default_rng([seed, _PHOTOS, i]).permutation(by_identity[i])
+        test.append(shuffled[:test_per_identity])
+        train.append(shuffled[test_per_identity:])
+
+    def halves(i, which):  # R_T's and R_E's share of an attacked identity's photos
+        photos = which[i]
+        if attacked_photos == "shared":
+            return photos, photos
+        cut = (len(photos) + 1) // 2
+        return photos[:cut], photos[cut:]
+
+    def part(own: np.ndarray, side: int) -> Part:
+        names = tuple(faces.names[i] for i in (*attacked, *own))
+        tr = [halves(i, train)[side] for i in attacked] + [train[i] for i in own]
+        te = [halves(i, test)[side] for i in attacked] + [test[i] for i in own]
+        return Part(names, _sorted(tr), _sorted(te))
+
+    return Split(
+        target=part(target_only, 0),
+        evaluation=part(evaluation_only, 1),
+        attacked=tuple(faces.names[i] for i in attacked),
+        aux_identities=tuple(faces.names[i] for i in aux_ids),
+        aux=_sorted([by_identity[i] for i in aux_ids]),
+        all=Part(tuple(faces.names), _sorted(train), _sorted(test)),
+        settings={
+            "seed": seed,
+            "num_attacked": k,
+            "num_target_only": t,
+            "num_evaluation_only": e,
+            "num_aux": a,
+            "test_per_identity": test_per_identity,
+            "attacked_photos": attacked_photos,
+        },
+    )
+
+
+def _counts(n: int, k: int, t: int, e: int, a: int) -> tuple[int, int, int, int]:
+    """Resolves the -1 counts (see the module docstring)."""
+    fields = {"num_attacked": k, "num_target_only": t, "num_evaluation_only": e, "num_aux": a}
+    for name, value in fields.items():
+        if value < -1 or (name == "num_attacked" and value < 0):
+            raise JaxmiaError(f"split.{name}: expected a count >= 0 (or -1: the rest), got {value}")
+    fixed = k + sum(v for v in (t, e, a) if v >= 0)
+    if fixed > n:
+        asked = "+".join(str(v) if v >= 0 else "?" for v in (k, t, e, a))
+        raise JaxmiaError(
+            f"split asks for {asked}={fixed} identities but the data set has {n} "
+            "(attacked+target-only+evaluation-only+aux)"
+        )
+    rest = n - fixed
+    if a == -1:
+        a = rest // 5
+        rest -= a
+    if t == -1 and e == -1:
+        t, e = (rest + 1) // 2, rest // 2
+    elif t == -1:
+        t = rest
+    elif e == -1:
+        e = rest
+    return k, t, e, a
+
+
+def _sorted(parts: list[np.ndarray]) -> np.ndarray:
+    return np.sort(np.concatenate(parts)).astype(np.int64) if parts else np.zeros(0, np.int64)
