@@ -127,9 +127,12 @@ def cmc_plot(
     ks = np.arange(1, k + 1)
     fig = Figure(figsize=(6.4, 4.4), layout="constrained")
     ax = fig.subplots()
-    marker = "o" if k <= 20 else None  # the curve is only defined at integer ranks
-    for name, curve in curves.items():
-        ax.plot(ks, curve, lw=1.2, alpha=0.85, marker=marker, ms=3, label=name)
+    markers = "osD^vP*Xh<>p"  # identities with equal curves stay distinguishable
+    for i, (name, curve) in enumerate(curves.items()):
+        # the curve is only defined at integer ranks: mark them where they can be told apart
+        marker = markers[i % len(markers)] if k <= 30 else None
+        ax.plot(ks, curve, lw=1.2, alpha=0.8, marker=marker, ms=7 - 4 * i / max(len(curves), 1),
+                mfc="none", label=name)  # fmt: skip
     ax.plot(ks, overall, color="black", lw=2.4, label="all clones")
     ax.plot(ks, seed, color="grey", lw=1.8, ls="--", label="seed (baseline)")
     ax.plot(ks, ks / k, color="grey", lw=1.0, ls=":", label="chance")
@@ -147,19 +150,47 @@ def cmc_plot(
     _save(fig, Path(path))
 
 
-def score_histogram(path: str | Path, clone_scores: np.ndarray, seed_scores: np.ndarray) -> None:
-    """Histogram of R_E's score of the target identity: clones against their seeds."""
-    bins = np.linspace(0, 1, 21)
-    fig = Figure(figsize=(6.4, 4.0), layout="constrained")
-    ax = fig.subplots()
-    for scores, label, colour in ((seed_scores, "seeds", "grey"), (clone_scores, "clones", "C0")):
-        s = np.asarray(scores, np.float64).ravel()
-        s = s[np.isfinite(s)]
-        ax.hist(s, bins=bins, alpha=0.6, color=colour, label=f"{label} (n={s.size})")
-    ax.set_xlabel("R_E softmax score of the target identity")
-    ax.set_ylabel("images")
-    ax.set_title("R_E scores: clones vs seeds")
-    ax.legend()
+def score_histogram(
+    path: str | Path,
+    clone_scores: np.ndarray,
+    seed_scores: np.ndarray,
+    clone_scores_t: np.ndarray | None = None,
+) -> None:
+    """Histograms of R_E's score of the target identity, clones beside their seeds.
+
+    Left on a linear axis (how many clones R_E believes); right on a log axis, where scores far
+    below 0.5 still show whether the clones moved R_E towards the target at all. R_T's scores of
+    the clones, where known, are outlined for contrast: what fools R_T need not fool R_E.
+    """
+
+    def finite(a):
+        a = np.asarray(a, np.float64).ravel()
+        return a[np.isfinite(a)]
+
+    series = [
+        (finite(seed_scores), "seeds by R_E", "grey"),
+        (finite(clone_scores), "clones by R_E", "C0"),
+    ]
+    t = None if clone_scores_t is None else finite(clone_scores_t)
+    fig = Figure(figsize=(10, 3.8), layout="constrained")
+    for ax, log in zip(fig.subplots(1, 2), (False, True), strict=True):
+        floor = 1e-8
+        bins = np.logspace(-8, 0, 33) if log else np.linspace(0, 1, 21)
+        data = [np.maximum(s, floor) if log else s for s, _, _ in series]
+        ax.hist(data, bins=bins, color=[c for *_, c in series],
+                label=[f"{lab} (n={s.size})" for s, lab, _ in series])  # fmt: skip
+        if t is not None and t.size:
+            ax.hist(np.maximum(t, floor) if log else t, bins=bins, histtype="step", color="C3",
+                    lw=1.5, label=f"clones by R_T (n={t.size})")  # fmt: skip
+        if log:
+            ax.set_xscale("log")
+            ax.set_title("log scale (scores below 1e-8 in the first bin)", fontsize=9)
+        else:
+            ax.set_title("linear scale", fontsize=9)
+        ax.set_xlabel("softmax score of the target identity")
+        ax.set_ylabel("images")
+    ax.legend(fontsize=8)
+    fig.suptitle("Softmax score of the target identity: clones vs seeds", fontsize=11)
     _save(fig, Path(path))
 
 
@@ -191,7 +222,7 @@ def write_pictures(out_dir: str | Path, ev: Evaluation, inv: Inversions) -> dict
         s["overall"]["cmc"],
         s["overall"]["seed"]["cmc"],
     )
-    score_histogram(out / "scores_hist.png", c["score_E"], c["seed_score_E"])
+    score_histogram(out / "scores_hist.png", c["score_E"], c["seed_score_E"], c["score_T"])
     return {"grids": grids, "cmc": "cmc.png", "scores_hist": "scores_hist.png"}
 
 
