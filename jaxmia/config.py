@@ -135,14 +135,15 @@ def _inversion_defaults() -> ml_collections.ConfigDict:
     """``jaxmia invert``: the paper's gray-box inversion (see jaxmia/inversion.py, seeds.py)."""
     c = ml_collections.ConfigDict()
     c.clones = 100  # per identity (the paper's)
-    c.steps = 300  # most updates per clone
+    c.steps = 600  # most updates per clone
     c.rng_seed = 0  # per-clone keys: fold_in(key(rng_seed), identity label, clone index)
-    # The seed image: "mean" (the paper: mean of seed_pool_size auxiliary faces, the same for every
-    # clone), "subset_mean", "mean_noise", "grey", "uniform" or "files" (seed_files).
-    c.seed = "mean"
+    # The seed image: "subset_mean" (the paper's mean of 256 auxiliary faces, drawn per clone so
+    # that clones differ), "mean" (one mean of seed_pool_size faces for all clones), "mean_noise"
+    # (that mean plus noise), "grey", "uniform" or "files" (seed_files).
+    c.seed = "subset_mean"
     c.seed_source = ""  # the pool: "" = the checkpoint's auxiliary identities; or a data source
     c.seed_pool_size = 256
-    c.seed_subset_size = 16  # faces per clone for "subset_mean"
+    c.seed_subset_size = 256  # faces per clone for "subset_mean" (at most half the pool)
     c.seed_noise = 0.1  # std of the Gaussian noise of "mean_noise"
     c.seed_grey = 0.5
     c.seed_files = ""  # comma-separated image paths for "files", cycled over the clones

@@ -45,7 +45,7 @@ from pathlib import Path
 
 import numpy as np
 import tensorflow_datasets as tfds
-from PIL import Image
+from PIL import Image, ImageFile
 
 from jaxmia import synthetic as synthetic_lib
 from jaxmia.errors import JaxmiaError
@@ -214,7 +214,7 @@ def _load_folder(root, suffixes, size, channels, cache, progress, source) -> Fac
 
     def examples() -> Iterator[tuple[str, str, np.ndarray]]:
         # PIL releases the GIL while decoding, so threads decode in parallel.
-        with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+        with _strict_pil(), concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
             for start in range(0, len(items), _DECODE_CHUNK):
                 chunk = items[start : start + _DECODE_CHUNK]
                 paths = [root / rel for _, rel in chunk]
@@ -224,6 +224,21 @@ def _load_folder(root, suffixes, size, channels, cache, progress, source) -> Fac
 
     what = f"{len(items)} images from {root}"
     return _cached(data_dir, examples, len(items), (*size, channels), progress, what, source)
+
+
+@contextlib.contextmanager
+def _strict_pil() -> Iterator[None]:
+    """Truncated files fail to decode, whatever PIL's process-wide flag says.
+
+    tensorflow-datasets sets ``ImageFile.LOAD_TRUNCATED_IMAGES`` when it makes thumbnails; a
+    cache must not silently hold half-decoded images.
+    """
+    before = ImageFile.LOAD_TRUNCATED_IMAGES
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
+    try:
+        yield
+    finally:
+        ImageFile.LOAD_TRUNCATED_IMAGES = before
 
 
 def _decode_image(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:
@@ -329,6 +344,9 @@ def _prepare(builder: JaxmiaFaces, data_dir: Path, progress: bool, what: str) ->
         # tfds removed its temporary folder; also drop the empty folders it made on the way.
         _remove_empty_folders(data_dir)
         raise
+    # A preparation killed outright (no exception) leaves its temporary folder behind.
+    for stale in builder.data_path.parent.glob("incomplete.*"):
+        shutil.rmtree(stale, ignore_errors=True)
 
 
 def _remove_empty_folders(root: Path) -> None:
