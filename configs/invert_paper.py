@@ -3,9 +3,12 @@
   jaxmia invert --config configs/invert_paper.py --checkpoint RUN/target --workdir OUT
 
 100 clones per identity, each starting from the mean of 256 faces of the auxiliary pool (people
-the recognizer never saw), updated by plain gradient descent x <- clip(x - lr * grad) of the
-least-squares distance between R_T's softmax and the target's one-hot, no regulariser, a fixed
-number of steps.
+the recognizer never saw; drawn per clone, and at most half the pool, so that the clones differ),
+updated by plain gradient descent x <- clip(x - 0.1 * grad) of the least-squares distance between
+R_T's softmax and the target's one-hot, no regulariser, a fixed 600 steps. On a recognizer trained
+on 35 AT&T identities (64x64 grey, 96.6% test accuracy) this took every identity's mean target
+confidence from 0.02 (seed) to above 0.97; 300 steps left two identities near 0 (the
+least-squares gradient vanishes while the target's softmax is near 0).
 """
 
 from jaxmia.config import default_config
@@ -15,10 +18,12 @@ def get_config():
     c = default_config()
     inv = c.inversion
     inv.clones = 100
-    inv.seed = "mean"
-    inv.seed_pool_size = 256
+    inv.steps = 600
+    inv.seed = "subset_mean"
+    inv.seed_subset_size = 256
     inv.loss = "least_squares"
     inv.optimizer = "sgd"
+    inv.learning_rate = 0.1
     inv.stop_confidence = 0.0
     inv.patience = 0
     return c

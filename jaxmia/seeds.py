@@ -57,7 +57,8 @@ def make_seeds(
 
     Args:
       kind: "mean" (the paper: one mean of ``pool_size`` pool faces for every clone, drawn with
-        ``keys[0]``), "subset_mean" (each clone the mean of its own ``subset_size`` pool faces),
+        ``keys[0]``), "subset_mean" (each clone the mean of its own ``subset_size`` pool faces,
+        at most half the pool so that the clones differ),
         "mean_noise" (the paper's mean plus N(0, noise_scale^2) per pixel), "grey" (constant
         ``grey``), "uniform" (U[0, 1) per pixel) or "files" (``images``, cycled over clones).
       keys: one PRNG key per clone. # [n]
@@ -82,7 +83,8 @@ def make_seeds(
     if kind == "mean":
         return jnp.broadcast_to(mean_face(pool, keys[0], pool_size), (n, *shape))
     if kind == "subset_mean":
-        return jax.vmap(lambda k: mean_face(pool, k, subset_size))(keys)
+        size = max(1, min(subset_size, pool.shape[0] // 2))
+        return jax.vmap(lambda k: mean_face(pool, k, size))(keys)
     if kind == "mean_noise":
         mean = mean_face(pool, keys[0], pool_size)
         noise = jax.vmap(lambda k: jax.random.normal(jax.random.fold_in(k, 1), shape))(keys)

@@ -50,6 +50,12 @@ def test_subset_means_differ_per_clone_and_average_subset_size_faces():
     got = np.asarray(s[:, 0, 0, 0])
     assert all(min(abs(g - v) for v in sums) < 1e-6 for g in got)
     assert len(set(np.round(got, 6))) > 1
+    # a subset as large as the pool would make every clone's seed the same: half the pool is used
+    s = seeds.make_seeds("subset_mean", _keys(5), SHAPE, pool=_pool(values), subset_size=256)
+    sums = {sum(c) / 4 for c in itertools.combinations(values, 4)}
+    got = np.asarray(s[:, 0, 0, 0])
+    assert all(min(abs(g - v) for v in sums) < 1e-6 for g in got)
+    assert len(set(np.round(got, 6))) > 1
 
 
 def test_mean_noise_has_the_set_scale():
