@@ -35,6 +35,7 @@ ESTIMATES = ("relabel", "drop")
 POOLS = ("disjoint", "same")
 _JPEG_BLOCK = 8
 MAX_SHIFT = 8  # pixels: a near-duplicate's largest translation
+_CHUNK = 64  # images per compiled near-duplicate call
 
 # name -> how the service defends itself and how the attacker plays. Policy fields set here
 # override the config's; "p": False means no misrecognition at all.
@@ -146,20 +147,23 @@ def perturb(x: jax.Array, key: jax.Array, p: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("m",))
-def _near_duplicates(images, key, p, *, m):
-    def variants(x, i):
-        k = jax.random.fold_in(key, i)
-        keys = jax.vmap(lambda j: jax.random.fold_in(k, j))(jnp.arange(1, m))
-        others = jax.vmap(lambda kj: perturb(x, kj, p))(keys)  # [m - 1, h, w, c]
-        return jnp.concatenate([x[None], others])
-
-    return jax.vmap(variants)(images, jnp.arange(images.shape[0]))
+def _near_duplicates(images, first, key, p, *, m):
+    """Variants 1..m-1 of a chunk of images; image i of the chunk is image first + i."""
+    n = images.shape[0]
+    i = jnp.repeat(jnp.arange(n), m - 1)  # [n * (m - 1)]
+    j = jnp.tile(jnp.arange(1, m), n)
+    keys = jax.vmap(lambda a, b: jax.random.fold_in(jax.random.fold_in(key, first + a), b))(i, j)
+    # One flat vmap (not one per axis): XLA compiles it several times faster on CPU.
+    others = jax.vmap(lambda x, k: perturb(x, k, p))(images[i], keys)
+    return jnp.concatenate([images[:, None], others.reshape(n, m - 1, *images.shape[1:])], axis=1)
 
 
 def near_duplicates(
     images: np.ndarray | jax.Array, key: jax.Array, *, m: int, p: Perturbation
-) -> jax.Array:
+) -> np.ndarray:
     """m variants of each image: the image itself, then m - 1 random near-duplicates.
+
+    Runs in zero-padded chunks of ``_CHUNK`` images, so one compile serves every batch size.
 
     Args:
       images: # [n, h, w, c]
@@ -168,7 +172,14 @@ def near_duplicates(
     Returns:
       # [n, m, h, w, c]
     """
-    return _near_duplicates(jnp.asarray(images, jnp.float32), key, p.as_array(), m=m)
+    images = np.asarray(images, np.float32)
+    out = []
+    for start in range(0, len(images), _CHUNK):
+        chunk = images[start : start + _CHUNK]
+        pad = np.zeros((_CHUNK - len(chunk), *images.shape[1:]), np.float32)
+        v = _near_duplicates(np.concatenate([chunk, pad]), start, key, p.as_array(), m=m)
+        out.append(np.asarray(v)[: len(chunk)])
+    return np.concatenate(out) if out else np.zeros((0, m, *images.shape[1:]), np.float32)
 
 
 def outside_radius(
@@ -555,8 +566,10 @@ def run_scenario(
     key: jax.Array,
     service_key: jax.Array | None = None,
 ) -> dict[str, Any]:
-    """One cell: a fresh service with the scenario's policy, one attacker, one clone; its row.
+    """One cell: a service with the scenario's policy, an attacker, a clone; its table row.
 
+    Repeated ``cfg.repeats`` times (new near-duplicates and clone each time); the row holds the
+    means, the spread of clone accuracy and fidelity, and every repeat under "runs".
     ``service_key`` (default: from ``key``) keys the service's coins; sharing it across cells of
     one rate gives their queries the same coins, which makes the scenarios' differences less noisy.
     """
@@ -575,30 +588,47 @@ def run_scenario(
     k_service, k_attack, k_clone = jax.random.split(key, 3)
     k_service = k_service if service_key is None else service_key
     graphdef, params = recognizer
-    svc = service_lib.Service(
-        graphdef, params, policy=policy, key=k_service, image_shape=image_shape
-    )
-    res = attack(
-        svc,
-        pool,
-        budget=budget,
-        kind=spec["attack"],
-        m=cfg.near_duplicates,
-        accounts=accounts,
-        perturbation=Perturbation(
-            **(cfg.outside_perturb if spec["attack"] == "outside" else cfg.perturb).to_dict()
-        ),
-        rule=cfg.estimate,
-        key=k_attack,
-        ladder=tuple(cfg.ladder),
-        train_on_variants=cfg.train_on_variants,
-    )
-    c_graphdef, c_params, _ = train.fit(
-        clone_model, clone_train, res.images, res.labels, key=k_clone
-    )
-    accuracy, fidelity = clone_scores(c_graphdef, c_params, svc, *test)
-    clients = svc.clients.values()
-    return {
+    runs = []
+    for r in range(max(1, int(cfg.repeats))):
+        # Each repeat: a fresh service with the same coins, new near-duplicates, a new clone.
+        svc = service_lib.Service(
+            graphdef, params, policy=policy, key=k_service, image_shape=image_shape
+        )
+        res = attack(
+            svc,
+            pool,
+            budget=budget,
+            kind=spec["attack"],
+            m=cfg.near_duplicates,
+            accounts=accounts,
+            perturbation=Perturbation(
+                **(cfg.outside_perturb if spec["attack"] == "outside" else cfg.perturb).to_dict()
+            ),
+            rule=cfg.estimate,
+            key=jax.random.fold_in(k_attack, r),
+            ladder=tuple(cfg.ladder),
+            train_on_variants=cfg.train_on_variants,
+        )
+        c_graphdef, c_params, _ = train.fit(
+            clone_model, clone_train, res.images, res.labels, key=jax.random.fold_in(k_clone, r)
+        )
+        accuracy, fidelity = clone_scores(c_graphdef, c_params, svc, *test)
+        runs.append(
+            {
+                "clone_accuracy": accuracy,
+                "fidelity": fidelity,
+                "kept": res.kept,
+                "train_size": len(res.labels),
+                "label_accuracy": res.label_accuracy,
+                "altered": res.altered,
+                "precision": res.precision,
+                "recall": res.recall,
+                "detected": res.detected,
+                "suspicious_accounts": sum(c.suspicious for c in svc.clients.values()),
+                "strength": res.strength,
+            }
+        )
+    row = {
         "scenario": scenario,
         "budget": budget,
         "p": 0.0 if spec.get("p", True) is False else float(p),
@@ -609,16 +639,12 @@ def run_scenario(
         "accounts": accounts,
         "queries": res.queries,
         "images": res.distinct,
-        "kept": res.kept,
-        "train_size": len(res.labels),
-        "clone_accuracy": accuracy,
-        "fidelity": fidelity,
-        "label_accuracy": res.label_accuracy,
-        "altered": res.altered,
-        "precision": res.precision,
-        "recall": res.recall,
-        "detected": res.detected,
-        "suspicious_accounts": sum(c.suspicious for c in clients),
-        "strength": res.strength,
-        "seconds": time.perf_counter() - t0,
+        "repeats": len(runs),
     }
+    for name in runs[0]:
+        row[name] = float(np.mean([run[name] for run in runs]))
+    row["clone_accuracy_std"] = float(np.std([run["clone_accuracy"] for run in runs]))
+    row["fidelity_std"] = float(np.std([run["fidelity"] for run in runs]))
+    row["runs"] = runs
+    row["seconds"] = time.perf_counter() - t0
+    return row

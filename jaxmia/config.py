@@ -81,7 +81,8 @@ def _cloning_defaults() -> ml_collections.ConfigDict:
     c.service_identities = 20  # the service knows these people; -1: half of all
     c.train_per_identity = 5
     c.test_per_identity = 5  # the clone is scored on these
-    c.pool = "disjoint"  # attacker's unlabeled faces: "disjoint" people or the "same" people's other photos
+    # The attacker's unlabeled faces: "disjoint" people, or the "same" people's other photos.
+    c.pool = "disjoint"
     c.service_epochs = 150  # the service's ~100 training photos need many short epochs
     c.clone_epochs = 40
     c.batch_size = 16  # service and clone training (the rest of train.* applies as set)
@@ -127,6 +128,7 @@ def _cloning_defaults() -> ml_collections.ConfigDict:
         "outside_fingerprint",
     )
     c.budgets = (150, 300, 600)  # total queries per attacker
+    c.repeats = 1  # clones per cell (new near-duplicates and clone init); the table has the means
     c.rates = (0.3,)  # misrecognition p
     return c
 

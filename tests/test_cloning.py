@@ -277,3 +277,105 @@ def test_run_scenario_row():
             clone_train=train_cfg,
             key=jax.random.key(1),
         )
+
+
+# -- the jaxmia clone command -----------------------------------------------------------------
+
+
+def tiny_faces(monkeypatch):
+    """8 people x 6 photos of 16x16 textures, in place of the data loader."""
+    from types import SimpleNamespace
+
+    from jaxmia import clone_cmd
+
+    base = textured(8, seed=11)
+    rng = np.random.default_rng(12)
+    images = np.clip(np.repeat(base, 6, 0) + rng.normal(0, 0.03, (48, *SHAPE)), 0, 1).astype(
+        np.float32
+    )
+    faces = SimpleNamespace(
+        images=images,
+        labels=np.repeat(np.arange(8), 6),
+        names=[f"p{i}" for i in range(8)],
+        source="tiny",
+        synthetic=True,
+    )
+    calls = []
+
+    def load_faces(source, **kw):
+        calls.append((source, kw))
+        return faces
+
+    monkeypatch.setattr(clone_cmd.data, "load_faces", load_faces, raising=False)
+    return calls
+
+
+TINY = [
+    "--config.cloning.image_size=(16, 16)",
+    "--config.cloning.dense_features=(32,)",
+    "--config.model.conv_features=(4, 8)",
+    "--config.model.kernel_sizes=(3, 3)",
+    "--config.cloning.service_identities=4",
+    "--config.cloning.train_per_identity=3",
+    "--config.cloning.test_per_identity=2",
+    "--config.cloning.service_epochs=3",
+    "--config.cloning.clone_epochs=2",
+    "--config.cloning.budgets=(30,)",
+    "--config.cloning.scenarios=('none', 'countermeasure')",
+    "--config.cloning.adaptive=()",
+]
+
+
+def test_clone_command_writes_the_table_and_resumes(tmp_path, monkeypatch, capsys):
+    from jaxmia import cli
+
+    calls = tiny_faces(monkeypatch)
+    argv = ["clone", "--workdir", str(tmp_path), *TINY]
+    assert cli.main(argv) == 0
+    assert calls[0][1]["image_size"] == (16, 16)
+    cells = sorted((tmp_path / "cells").iterdir())
+    # The plain attacker's budget stops at the pool: 4 people x 6 photos.
+    assert [c.name for c in cells] == ["countermeasure_b30_p0.3.json", "none_b24_p0.json"]
+    for name in (
+        "table.json",
+        "table.csv",
+        "roc.json",
+        "accuracy.png",
+        "estimation.png",
+        "roc.png",
+    ):
+        assert (tmp_path / name).stat().st_size > 0
+    table = __import__("json").loads((tmp_path / "table.json").read_text())
+    assert [r["scenario"] for r in table["rows"]] == ["none", "countermeasure"]
+    assert table["rows"][1]["queries"] == 30 and table["rows"][1]["images"] == 10
+    assert table["summary"]["hash_detector"]["radius"] == 4
+    header = (tmp_path / "table.csv").read_text().splitlines()[0]
+    assert header.startswith("scenario,budget,p,queries,images")
+    stamps = [c.stat().st_mtime_ns for c in cells]
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    assert [c.stat().st_mtime_ns for c in sorted((tmp_path / "cells").iterdir())] == stamps
+    assert "countermeasure" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("--config.cloning.scenarios=('none', 'magic')", "unknown scenario 'magic'"),
+        ("--config.cloning.rates=(1.5,)", r"cloning.rates: expected probabilities in \[0, 1\]"),
+        ("--config.cloning.budgets=(0,)", "cloning.budgets"),
+        ("--config.cloning.wrong=random", "wrong"),
+        ("--config.cloning.radius=70", "radius"),
+        ("--config.cloning.near_duplicates=1", "near_duplicates"),
+    ],
+)
+def test_clone_command_bad_config_is_one_line_and_exit_2(
+    tmp_path, monkeypatch, capsys, override, message
+):
+    from jaxmia import cli
+
+    tiny_faces(monkeypatch)
+    assert cli.main(["clone", "--workdir", str(tmp_path), override]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("jaxmia clone: error:") and len(err.splitlines()) == 1
+    assert __import__("re").search(message, err)
