@@ -45,6 +45,11 @@ def _show(ax, image: np.ndarray) -> None:
     ax.set_yticks([])
 
 
+def _short(score: float) -> str:
+    """A score in a few characters that still tells 3e-04 from 2e-07."""
+    return f"{score:.2f}" if score >= 0.01 or score == 0 else f"{score:.0e}"
+
+
 def _frame(ax, colour: str, width: float = 3.0) -> None:
     for spine in ax.spines.values():
         spine.set_edgecolor(colour)
@@ -60,6 +65,7 @@ def clone_grid(
     seed: np.ndarray,
     real: np.ndarray | None,
     best: int | None,
+    seed_label: str = "seed",
 ) -> None:
     """One identity's clones, each titled with its R_E score, after a real face and the seed.
 
@@ -68,10 +74,11 @@ def clone_grid(
       name: the identity.
       clones: # [n, h, w, c]
       scores: R_E's score of the target per clone. # [n]
-      ranks: R_E's rank of the target per clone; rank-1 clones get green titles. # [n]
+      ranks: R_E's rank of the target per clone; rank-1 clones get green titles. # [n] int
       seed: the (first) seed image. # [h, w, c]
       real: a real face of the identity, or None. # [h, w, c]
       best: index of the best clone (framed red), or None.
+      seed_label: the seed's title.
     """
     shown = min(len(clones), MAX_GRID_CLONES)
     cells = 2 + shown
@@ -89,21 +96,21 @@ def clone_grid(
         _frame(axes[0], REAL_COLOUR)
         axes[0].set_title("real", fontsize=8, color=REAL_COLOUR)
     _show(axes[1], seed)
-    axes[1].set_title("seed", fontsize=8)
+    axes[1].set_title(seed_label, fontsize=8)
     for j in range(shown):
         ax = axes[2 + j]
         _show(ax, clones[j])
-        label = f"#{j} {scores[j]:.2f}"
+        label = f"#{j} {_short(scores[j])} r{ranks[j]}"
         colour = "#2ca02c" if ranks[j] == 1 else "#555555"
         if j == best:
             _frame(ax, BEST_COLOUR, 4.0)
-            label, colour = f"best #{j} {scores[j]:.2f}", BEST_COLOUR
+            label, colour = f"best {label}", BEST_COLOUR
         ax.set_title(label, fontsize=7, color=colour)
     top1 = int(np.sum(np.asarray(ranks) == 1))
     more = f" (first {shown} of {len(clones)} shown)" if shown < len(clones) else ""
     fig.suptitle(
         f"{name}: {top1}/{len(clones)} clones recognized top-1 by R_E{more}; "
-        "titles: R_E score of the target",
+        "titles: clone #, R_E score of the target, its rank r by R_E",
         fontsize=9,
     )
     _save(fig, Path(path))
@@ -212,9 +219,11 @@ def write_pictures(out_dir: str | Path, ev: Evaluation, inv: Inversions) -> dict
     for i, ident in enumerate(s["identities"]):
         name = ident["name"]
         grids[name] = grid_filename(name, taken)
+        shared = bool(np.all(inv.seeds[i] == inv.seeds[i, :1]))
         clone_grid(
             out / grids[name], name, inv.clones[i], c["score_E"][i], c["rank_E"][i],
             inv.seeds[i, 0], ev.real_face.get(name), ident["best_clone"],
+            "seed" if shared else "seed of #0",
         )  # fmt: skip
     cmc_plot(
         out / "cmc.png",
