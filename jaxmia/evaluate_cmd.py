@@ -70,9 +70,8 @@ def real_faces_for(
 ) -> tuple[dict[str, np.ndarray] | None, str]:
     """Each attacked identity's real faces among R_E's training images, and where they came from.
 
-    The face set is loaded at R_E's input size. When R_E's checkpoint lists its training files,
-    only those count (the metric is the distance to what R_E learned the identity from);
-    otherwise every photo of the identity in the source does, and the note says so.
+    The face set (the one R_E's checkpoint records, or ``source``) is loaded at R_E's input size;
+    see ``evaluation.real_faces_from`` for which of its photos count.
     """
     if source == "none":
         return None, "none (--faces none)"
@@ -91,22 +90,7 @@ def real_faces_for(
         synthetic=recorded.get("synthetic"),
         progress=progress,
     )
-    train_files = set(evaluator.meta.get("train_files") or [])
-    files_ = list(faces.files or [])
-    use = np.ones(len(faces.labels), bool)
-    if train_files and files_:
-        use = np.array([f in train_files for f in files_])
-    which = "R_E's training images" if use.sum() < len(use) else "all images of each identity"
-    index = {name: i for i, name in enumerate(faces.names)}
-    out = {}
-    for name in identities:
-        if name in index:
-            out[name] = faces.images[use & (faces.labels == index[name])]
-    missing = [n for n in identities if len(out.get(n, ())) == 0]
-    note = f"{which} in {faces.source}" + (" (SYNTHETIC)" if faces.synthetic else "")
-    if missing:
-        note += f"; none for {', '.join(missing)}"
-    return out, note
+    return evaluation.real_faces_from(faces, identities, evaluator.meta.get("train_files"))
 
 
 def run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:

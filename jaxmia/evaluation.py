@@ -34,6 +34,7 @@ from jaxmia.errors import JaxmiaError
 
 if TYPE_CHECKING:
     from jaxmia.checkpoint import LoadedRecognizer
+    from jaxmia.data import FaceSet
 
 INVERSIONS_FILE = "inversions.npz"
 SUMMARY_FILE = "summary.json"
@@ -306,6 +307,41 @@ def _group_stats(
         "knn_min": low(knn),
         "cmc": cmc_curve(rank, k).tolist(),
     }
+
+
+def real_faces_from(
+    faces: FaceSet, identities: tuple[str, ...] | list[str], train_files: list[str] | None = None
+) -> tuple[dict[str, np.ndarray], str]:
+    """Each identity's real faces in a face set, and a note of what they are.
+
+    Args:
+      faces: a face set at R_E's input shape (``data.load_faces``).
+      identities: the names wanted; one the set lacks gets no entry (and is named in the note).
+      train_files: R_E's training images (``meta["train_files"]`` of its checkpoint): only those
+        count, since the KNN distance is to what R_E learned the identity from. Without it, or
+        when none of the set's files is in it (another source), every photo counts.
+
+    Returns:
+      (name -> images [m, h, w, c], note).
+    """
+    wanted = set(train_files or ())
+    use = np.array([f in wanted for f in faces.files], bool) if faces.files else None
+    if use is not None and use.any():
+        which = "R_E's training images"
+    else:
+        use, which = np.ones(len(faces.labels), bool), "all images of each identity"
+    index = {name: i for i, name in enumerate(faces.names)}
+    out = {
+        name: faces.images[use & (faces.labels == index[name])]
+        for name in identities
+        if name in index
+    }
+    out = {name: images for name, images in out.items() if len(images)}
+    note = f"{which} in {faces.source}" + (" (SYNTHETIC)" if faces.synthetic else "")
+    missing = [name for name in identities if name not in out]
+    if missing:
+        note += f"; none for {', '.join(missing)}"
+    return out, note
 
 
 # ---------------------------------------------------------------------------------------------

@@ -150,6 +150,7 @@ def fake_faces(calls):
     [
         (["cy/1.png", "cy/3.png", "ann/0.png"], [0.2, 0.4], "R_E's training images in src"),
         ([], [0.1, 0.2, 0.3, 0.4], "all images of each identity in src"),
+        (["x/1.png"], [0.1, 0.2, 0.3, 0.4], "all images of each identity in src"),  # other files
     ],
 )
 def test_real_faces_are_the_evaluators_training_images(monkeypatch, train_files, expect_cy, note):
