@@ -24,24 +24,34 @@ from jaxmia.errors import JaxmiaError
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
-        "--inversions", required=True, help="folder of a jaxmia invert run (with inversions.npz)"
+        "--inversions",
+        required=True,
+        metavar="DIR",
+        help="folder of a jaxmia invert run (with inversions.npz)",
     )
     parser.add_argument(
-        "--evaluator", required=True, help="checkpoint folder of the evaluation recognizer R_E"
+        "--evaluator",
+        required=True,
+        metavar="CKPT",
+        help="checkpoint folder of the evaluation recognizer R_E",
     )
     parser.add_argument(
         "--target",
         default="auto",
+        metavar="CKPT",
         help="checkpoint of R_T to recompute its scores; 'auto' (default): the one the run's "
         "summary.json names if it exists; 'none': the confidences the run recorded",
     )
     parser.add_argument(
         "--faces",
         default=None,
+        metavar="SOURCE",
         help="data source of the real faces (folder:PATH, att, tfds:NAME, synthetic); default: "
         "R_E's training data as its checkpoint records; 'none' to skip KNN distances",
     )
-    parser.add_argument("--batch-size", type=int, default=256, help="images per compiled call")
+    parser.add_argument(
+        "--batch-size", type=int, default=256, metavar="N", help="images per compiled call"
+    )
 
 
 def resolve_target(arg: str, inversions_dir: Path) -> checkpoint.LoadedRecognizer | None:
@@ -66,12 +76,14 @@ def real_faces_for(
     identities: tuple[str, ...],
     source: str | None,
     *,
+    cache_dir: str | None = None,
     progress: bool = True,
 ) -> tuple[dict[str, np.ndarray] | None, str]:
     """Each attacked identity's real faces among R_E's training images, and where they came from.
 
-    The face set (the one R_E's checkpoint records, or ``source``) is loaded at R_E's input size;
-    see ``evaluation.real_faces_from`` for which of its photos count.
+    The face set (the one R_E's checkpoint records, or ``source``) is loaded at R_E's input size,
+    from the cache ``cache_dir`` (else the one recorded); see ``evaluation.real_faces_from`` for
+    which of its photos count. Everything else comes from the run folder and the checkpoints.
     """
     if source == "none":
         return None, "none (--faces none)"
@@ -86,7 +98,7 @@ def real_faces_for(
         src,
         image_size=tuple(cfg.image_size),
         channels=cfg.channels,
-        cache_dir=recorded.get("cache_dir") or None,
+        cache_dir=cache_dir or recorded.get("cache_dir") or None,
         synthetic=recorded.get("synthetic"),
         progress=progress,
     )
@@ -94,7 +106,6 @@ def real_faces_for(
 
 
 def run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:
-    del config  # everything comes from the run folder and the checkpoints
     if args.batch_size < 1:
         raise JaxmiaError(f"--batch-size {args.batch_size}: expected a positive integer")
     inv = evaluation.load_inversions(args.inversions)  # fail fast, before loading any model
@@ -102,7 +113,9 @@ def run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:
     evaluation.labels_by_name(inv.identities, evaluator, "evaluator")
     evaluation.check_image_shape(inv.clones, evaluator, inv.source, "evaluator")
     target = resolve_target(args.target, Path(args.inversions))
-    real, note = real_faces_for(evaluator, inv.identities, args.faces)
+    real, note = real_faces_for(
+        evaluator, inv.identities, args.faces, cache_dir=config.data.cache_dir
+    )
     summary = evaluation.evaluate_run(
         inv,
         evaluator,
