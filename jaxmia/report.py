@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
 from jaxmia import files
 from jaxmia.evaluation import Evaluation, Inversions, identity_row
@@ -35,25 +36,22 @@ def _save(fig: Figure, path: Path) -> None:
         fig.savefig(tmp, dpi=100, bbox_inches="tight")
 
 
-def _show(ax, image: np.ndarray) -> None:
-    image = np.clip(np.nan_to_num(image), 0, 1)  # [h, w, c]
-    if image.shape[-1] == 1:
-        ax.imshow(image[..., 0], cmap="gray", vmin=0, vmax=1)
-    else:
-        ax.imshow(image)
-    ax.set_xticks([])
-    ax.set_yticks([])
-
-
 def _short(score: float) -> str:
     """A score in a few characters that still tells 3e-04 from 2e-07."""
     return f"{score:.2f}" if score >= 0.01 or score == 0 else f"{score:.0e}"
 
 
-def _frame(ax, colour: str, width: float = 3.0) -> None:
-    for spine in ax.spines.values():
-        spine.set_edgecolor(colour)
-        spine.set_linewidth(width)
+def _rgb(image: np.ndarray) -> np.ndarray:
+    image = np.clip(np.nan_to_num(np.asarray(image, np.float32)), 0, 1)  # [h, w, c]
+    return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
+
+
+def shown_clones(n: int, best: int | None) -> list[int]:
+    """The clones a grid shows: the first MAX_GRID_CLONES, the best always among them."""
+    shown = list(range(min(n, MAX_GRID_CLONES)))
+    if best is not None and best not in shown:
+        shown[-1] = best
+    return shown
 
 
 def clone_grid(
@@ -67,7 +65,11 @@ def clone_grid(
     best: int | None,
     seed_label: str = "seed",
 ) -> None:
-    """One identity's clones, each titled with its R_E score, after a real face and the seed.
+    """One identity's clones, each titled with its R_E score and rank, after a real face and the
+    seed; the best clone framed red. At most MAX_GRID_CLONES clones (the best among them).
+
+    The cells are one mosaic image drawn once: a hundred matplotlib axes per identity took
+    seconds each.
 
     Args:
       path: the PNG to write.
@@ -77,41 +79,46 @@ def clone_grid(
       ranks: R_E's rank of the target per clone; rank-1 clones get green titles. # [n] int
       seed: the (first) seed image. # [h, w, c]
       real: a real face of the identity, or None. # [h, w, c]
-      best: index of the best clone (framed red), or None.
+      best: index of the best clone, or None.
       seed_label: the seed's title.
     """
-    shown = min(len(clones), MAX_GRID_CLONES)
-    cells = 2 + shown
-    cols = min(GRID_COLUMNS, cells)
-    rows = math.ceil(cells / cols)
-    fig = Figure(figsize=(1.3 * cols, 1.45 * rows + 0.6), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax in axes[cells:]:
-        ax.axis("off")
-    if real is None:
-        axes[0].axis("off")
-        axes[0].set_title("no real face", fontsize=7)
-    else:
-        _show(axes[0], real)
-        _frame(axes[0], REAL_COLOUR)
-        axes[0].set_title("real", fontsize=8, color=REAL_COLOUR)
-    _show(axes[1], seed)
-    axes[1].set_title(seed_label, fontsize=8)
-    for j in range(shown):
-        ax = axes[2 + j]
-        _show(ax, clones[j])
+    shown = shown_clones(len(clones), best)
+    # (image or None, title, title colour, frame colour or None) per cell
+    cells = [
+        (real, "real" if real is not None else "no real face", REAL_COLOUR, REAL_COLOUR),
+        (seed, seed_label, "black", None),
+    ]
+    for j in shown:
         label = f"#{j} {_short(scores[j])} r{ranks[j]}"
-        colour = "#2ca02c" if ranks[j] == 1 else "#555555"
         if j == best:
-            _frame(ax, BEST_COLOUR, 4.0)
-            label, colour = f"best {label}", BEST_COLOUR
-        ax.set_title(label, fontsize=7, color=colour)
+            cells.append((clones[j], f"best {label}", BEST_COLOUR, BEST_COLOUR))
+        else:
+            cells.append((clones[j], label, "#2ca02c" if ranks[j] == 1 else "#555555", None))
+    h, w = clones.shape[1:3]
+    cols = min(GRID_COLUMNS, len(cells))
+    rows = math.ceil(len(cells) / cols)
+    gap, top = max(2, w // 10), max(4, int(0.3 * h))  # pixels between cells, above each for text
+    cell_h, cell_w = top + h + gap, w + gap
+    canvas = np.ones((rows * cell_h, cols * cell_w, 3), np.float32)  # white
+    fig = Figure(figsize=(1.3 * cols, 1.3 * cols * rows * cell_h / (cols * cell_w) + 0.5))
+    ax = fig.add_axes((0, 0, 1, 1))
+    for i, (image, title, colour, frame) in enumerate(cells):
+        y, x = (i // cols) * cell_h + top, (i % cols) * cell_w + gap // 2
+        if image is not None:
+            canvas[y : y + h, x : x + w] = _rgb(image)
+        ax.text(x + w / 2, y - 1, title, ha="center", va="bottom", fontsize=7, color=colour)
+        if frame is not None and image is not None:
+            ax.add_patch(Rectangle((x - 1, y - 1), w + 1, h + 1, fill=False, ec=frame, lw=2.5))
+    ax.imshow(canvas, interpolation="nearest")
+    ax.axis("off")
     top1 = int(np.sum(np.asarray(ranks) == 1))
-    more = f" (first {shown} of {len(clones)} shown)" if shown < len(clones) else ""
+    more = f" ({len(shown)} of {len(clones)} shown)" if len(shown) < len(clones) else ""
     fig.suptitle(
-        f"{name}: {top1}/{len(clones)} clones recognized top-1 by R_E{more}; "
+        f"{name}: {top1}/{len(clones)} clones recognized top-1 by R_E{more}\n"
         "titles: clone #, R_E score of the target, its rank r by R_E",
         fontsize=9,
+        y=1.0,
+        va="bottom",
     )
     _save(fig, Path(path))
 

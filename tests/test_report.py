@@ -155,3 +155,13 @@ def test_clone_grid_caps_the_clones_shown(tmp_path, monkeypatch):
         w, h = im.size
     # real + seed + 8 clones fill one row of 10; all 30 would take 4 rows
     assert h / w < 0.35
+
+
+@pytest.mark.parametrize(
+    "n,best,expected",
+    [(3, 1, [0, 1, 2]), (3, None, [0, 1, 2]), (12, 4, list(range(8))),
+     (12, 10, [0, 1, 2, 3, 4, 5, 6, 10])],
+)  # fmt: skip
+def test_shown_clones_always_include_the_best(monkeypatch, n, best, expected):
+    monkeypatch.setattr(report, "MAX_GRID_CLONES", 8)
+    assert report.shown_clones(n, best) == expected
