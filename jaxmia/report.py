@@ -100,7 +100,7 @@ def clone_grid(
     gap, top = max(2, w // 10), max(4, int(0.3 * h))  # pixels between cells, above each for text
     cell_h, cell_w = top + h + gap, w + gap
     canvas = np.ones((rows * cell_h, cols * cell_w, 3), np.float32)  # white
-    fig = Figure(figsize=(1.3 * cols, 1.3 * cols * rows * cell_h / (cols * cell_w) + 0.5))
+    fig = Figure(figsize=(1.3 * cols, 1.3 * rows * cell_h / cell_w))  # the mosaic's aspect
     ax = fig.add_axes((0, 0, 1, 1))
     for i, (image, title, colour, frame) in enumerate(cells):
         y, x = (i // cols) * cell_h + top, (i % cols) * cell_w + gap // 2
