@@ -215,7 +215,8 @@ def run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:
         rows.append(row)
 
     summary = _summary(rows, roc, cfg, service_accuracy, faces, history)
-    files.write_json(workdir / "table.json", {"summary": summary, "rows": rows, "roc": roc})
+    table = {"summary": summary, "rows": rows, "roc": roc}
+    files.write_json(workdir / "table.json", _no_nan(table))
     files.write_text(workdir / "table.csv", _csv(rows))
     if not args.no_plots:
         write_plots(workdir, rows, roc, cfg)
@@ -281,6 +282,17 @@ def _summary(rows, roc, cfg, service_accuracy, faces, history) -> dict[str, Any]
             for (s, p), r in best.items()
         },
     }
+
+
+def _no_nan(obj: Any) -> Any:
+    """NaN (a metric with nothing to measure, e.g. precision of a plain attack) as JSON null."""
+    if isinstance(obj, float) and obj != obj:
+        return None
+    if isinstance(obj, dict):
+        return {k: _no_nan(v) for k, v in obj.items()}
+    if isinstance(obj, list | tuple):
+        return [_no_nan(v) for v in obj]
+    return obj
 
 
 def _csv(rows: list[dict]) -> str:

@@ -381,7 +381,12 @@ def attack(
     ladder: tuple[float, ...] = (1.0,),
     train_on_variants: bool = True,
 ) -> AttackResult:
-    """Queries the service about pool images within ``budget`` queries and builds a training set."""
+    """Queries the service about pool images within ``budget`` queries and builds a training set.
+
+    "plain" asks once per image; "estimate" asks about m variants of each image (the image and
+    m - 1 near-duplicates) and keeps labels by ``estimate``; "outside" does the same with
+    near-duplicates pushed outside the service's hash radius (``outside_radius``).
+    """
     if kind not in ATTACKS:
         raise JaxmiaError(f"attack: expected one of {ATTACKS}, got {kind!r}")
     per_image = 1 if kind == "plain" else m
@@ -425,8 +430,12 @@ def attack(
         precision_recall(flagged, altered) if kind != "plain" else (float("nan"),) * 2
     )
     if train_on_variants:
-        x = variants[keep].reshape(-1, *variants.shape[2:])
-        y = np.repeat(label[keep], per_image)
+        # Every attacker trains on m variants per image; the plain one makes its own without
+        # asking (labelled with the image's answer), so all attackers see the same augmentation
+        # and differ only in how much they can trust their labels.
+        local = variants if kind != "plain" else near_duplicates(images, key, m=m, p=perturbation)
+        x = local[keep].reshape(-1, *local.shape[2:])
+        y = np.repeat(label[keep], local.shape[1])
     else:
         x, y = images[keep], label[keep]
     return AttackResult(

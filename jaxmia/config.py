@@ -101,7 +101,8 @@ def _cloning_defaults() -> ml_collections.ConfigDict:
     c.near_duplicates = 3  # m queries per image in the estimation attack (the image + m-1 variants)
     c.estimate = "relabel"  # "relabel" by strict majority or "drop" images whose answers disagree
     c.accounts = 3  # accounts of the multi-account attacker
-    c.train_on_variants = True  # the clone also trains on the near-duplicates it paid for
+    # Clones train on m variants per image (the plain attacker makes its own, unasked).
+    c.train_on_variants = True
     c.perturb = ml_collections.ConfigDict()
     c.perturb.shift = 0  # pixels
     c.perturb.crop = 0.0  # fraction of the side

@@ -226,7 +226,10 @@ def test_plain_attack_stops_at_the_pool_and_budget_too_small():
         key=jax.random.key(0),
     )
     assert res.queries == 30 and res.kept == 30 and res.label_accuracy == 1.0
-    np.testing.assert_array_equal(res.labels, svc.history()["true_label"])
+    # It trains on 3 variants of each image it asked about, made locally: only 30 queries.
+    assert len(svc.history()["index"]) == 30 and res.images.shape == (90, *SHAPE)
+    np.testing.assert_array_equal(res.labels, np.repeat(svc.history()["true_label"], 3))
+    np.testing.assert_array_equal(res.images[::3], textured(30))
     with pytest.raises(JaxmiaError, match="query budget 2: too small"):
         cloning.attack(
             svc,
