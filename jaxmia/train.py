@@ -124,6 +124,7 @@ def fit(
     key: jax.Array,
     test: tuple[np.ndarray, np.ndarray] | None = None,
     workdir: str | Path | None = None,
+    names: tuple[str, ...] | None = None,
     meta: dict[str, Any] | None = None,
     progress: bool = False,
 ) -> tuple[nnx.GraphDef, dict, list[dict]]:
@@ -139,7 +140,8 @@ def fit(
       workdir: if given, checkpoints go to ``workdir/checkpoints`` every
         ``checkpoint_every`` epochs and at the end, metrics to ``workdir/metrics.jsonl``, and a
         rerun resumes from the latest checkpoint.
-      meta: JSON-able facts stored with each checkpoint (identity names, data config, ...).
+      names: identity names in label order, stored with each checkpoint (default "0", "1", ...).
+      meta: other JSON-able facts stored with each checkpoint (data config, split, ...).
       progress: show a progress bar over epochs.
 
     Returns:
@@ -211,7 +213,13 @@ def fit(
                     mngr,
                     done,
                     params,
-                    {**(meta or {}), "model": model_config.to_dict(), "epoch": done, **_last(record)},
+                    {
+                        **(meta or {}),
+                        "model": model_config.to_dict(),
+                        "names": list(names or map(str, range(model_config.num_classes))),
+                        "epoch": done,
+                        **_last(record),
+                    },
                     opt_state,
                 )
     return graphdef, params, history
@@ -258,7 +266,6 @@ def train_part(
     model_config = model_config_for(config, len(names))
     meta = {
         "role": role,
-        "names": list(names),
         "data": config.data.to_dict(),
         "data_source": faces.source,
         "synthetic": faces.synthetic,
@@ -277,6 +284,7 @@ def train_part(
         key=key,
         test=(test_x, test_y),
         workdir=workdir,
+        names=names,
         meta=meta,
         progress=progress,
     )

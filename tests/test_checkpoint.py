@@ -40,8 +40,6 @@ def test_missing_checkpoint(tmp_path):
         checkpoint.load_recognizer(tmp_path / "nowhere")
 
 
-# Orbax leaves its read coroutines unawaited when a restore fails; that is not ours to fix.
-@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_shapes_that_do_not_fit(tmp_path):
     cfg, _, params = _model(classes=3)
     mngr = checkpoint.manager(tmp_path)
