@@ -99,14 +99,10 @@ def parse_identities(spec: str | None, names: tuple[str, ...], meta: dict[str, A
     return out
 
 
-def _split_names(meta: dict[str, Any], part: str) -> list[str]:
-    """Identity names of one part ("attacked", "aux") of the split the checkpoint's meta records."""
+def _split_names(meta: dict[str, Any], key: str) -> list[str]:
+    """Identity names under ``key`` ("attacked", "aux_identities") of the checkpoint's split."""
     split = meta.get("split")
-    if not isinstance(split, dict):
-        return []
-    value = split.get(part, split.get(f"{part}_identities"))
-    if isinstance(value, dict):
-        value = value.get("identities", value.get("names"))
+    value = split.get(key) if isinstance(split, dict) else None
     return [str(v) for v in value] if isinstance(value, list) else []
 
 
@@ -121,7 +117,7 @@ def seed_pool(
     cfg = config.inversion
     source, keep = cfg.seed_source, None
     if not source:
-        aux = _split_names(rec.meta, "aux")
+        aux = _split_names(rec.meta, "aux_identities")
         data_cfg = rec.meta.get("data")
         if not aux or not isinstance(data_cfg, dict) or "source" not in data_cfg:
             raise JaxmiaError(

@@ -35,11 +35,13 @@ def reference(cfg, apply_fn, params, seed, key, label, steps):
     """A plain per-clone loop of the rules in the inversion docstring: (image, steps, reason)."""
     opt = inv.make_optimizer(cfg)
     x, state, best, since = seed, opt.init(seed), np.inf, 0
+    grad_fn = jax.jit(
+        jax.value_and_grad(
+            lambda v, k: inv.objective(cfg, apply_fn, params, v, k, label), has_aux=True
+        )
+    )
     for t in range(steps):
-        k = jax.random.fold_in(key, t)
-        (loss, conf), g = jax.value_and_grad(
-            lambda v, k=k: inv.objective(cfg, apply_fn, params, v, k, label), has_aux=True
-        )(x)
+        (loss, conf), g = grad_fn(x, jax.random.fold_in(key, t))
         if not (np.isfinite(loss) and np.all(np.isfinite(g))):
             return x, t, "diverged"
         if loss < best - cfg.min_delta:
@@ -124,11 +126,9 @@ def test_random_transform_shifts_within_jitter():
     "cfg",
     [
         inv.InversionConfig(loss="least_squares", optimizer="sgd", learning_rate=5.0),
-        inv.InversionConfig(loss="cross_entropy", optimizer="sgd", learning_rate=0.5),
-        inv.InversionConfig(loss="max_margin", optimizer="sgd", learning_rate=0.5, margin=0.5),
-        inv.InversionConfig(loss="poincare", optimizer="sgd", learning_rate=0.5),
         inv.InversionConfig(loss="cross_entropy", optimizer="momentum", learning_rate=0.2),
-        inv.InversionConfig(loss="cross_entropy", optimizer="adam", learning_rate=0.02),
+        inv.InversionConfig(loss="max_margin", optimizer="adam", learning_rate=0.02, margin=0.5),
+        inv.InversionConfig(loss="poincare", optimizer="sgd", learning_rate=0.5),
         inv.InversionConfig(
             loss="cross_entropy",
             optimizer="adam",
@@ -183,19 +183,6 @@ def test_multi_step_calls_equal_single_steps(tiny, steps_per_call):
     )
     for a, b in zip(one, many, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
-
-
-def test_jit_equals_eager_step(tiny):
-    apply_fn, params = tiny
-    x, labels, keys = _batch(1)
-    cfg = inv.InversionConfig(loss="cross_entropy", optimizer="adam", learning_rate=0.05, jitter=1)
-    state = jax.tree.map(lambda a: a[0], inv.make_program(apply_fn, cfg).init(x))
-    args = (cfg, apply_fn, params, state, keys[0], labels[0], jnp.int32(2), jnp.int32(5))
-    with jax.disable_jit():
-        eager = inv.clone_step(*args)
-    jitted = jax.jit(inv.clone_step, static_argnums=(0, 1))(*args)
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), eager, jitted)
-    assert int(jitted.steps) == 1
 
 
 # --- stopping, by hand on a toy recognizer ------------------------------------------------------
@@ -256,6 +243,31 @@ def test_stopping_rules_by_hand():
     )
 
 
+def test_jit_equals_eager_step():
+    cfg = inv.InversionConfig(
+        loss="cross_entropy", optimizer="adam", learning_rate=0.05, jitter=1, flip=True,
+        denoise="median", denoise_every=3, patience=2, tv_weight=0.1,
+    )  # fmt: skip
+    x = jax.random.uniform(jax.random.key(0), (1, 6, 6, 1))
+    state = jax.tree.map(lambda a: a[0], inv.make_program(_toy, cfg).init(x))
+    for step in range(4):  # step 2 applies the median filter
+        args = (
+            cfg,
+            _toy,
+            3.0,
+            state,
+            jax.random.key(1),
+            jnp.int32(1),
+            jnp.int32(step),
+            jnp.int32(9),
+        )
+        with jax.disable_jit():
+            eager = inv.clone_step(*args)
+        state = jax.jit(inv.clone_step, static_argnums=(0, 1))(*args)
+        jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), eager, state)
+    assert int(state.steps) == 4
+
+
 def _log_toy(params, x):
     """logits [params * mean(log x), 0]: the gradient 1/x blows up once a pixel is clipped to 0"""
     m = params * jnp.mean(jnp.log(x), axis=(1, 2, 3))
@@ -280,14 +292,14 @@ def test_nan_in_one_clone_freezes_it_and_spares_the_others():
 
 def test_chunked_equals_unchunked(tiny):
     apply_fn, params = tiny
-    x, labels, keys = _batch(5)
-    cfg = inv.InversionConfig(loss="cross_entropy", learning_rate=0.5, jitter=1)
-    whole = inv.invert_batch(apply_fn, params, x, labels, keys, cfg, 5)
+    x, labels, keys = _batch(4)
+    cfg = inv.InversionConfig(loss="cross_entropy", learning_rate=0.5, stop_confidence=0.4)
+    whole = inv.invert_batch(apply_fn, params, x, labels, keys, cfg, 7)
     timing = inv.Timing()
-    chunked = inv.invert(apply_fn, params, x, labels, keys, cfg, 5, size=2, timing=timing)
+    chunked = inv.invert(apply_fn, params, x, labels, keys, cfg, 7, size=3, timing=timing)
     for a, b in zip(whole, chunked, strict=True):
         np.testing.assert_allclose(a, b, atol=1e-6)
-    assert timing.gradients == 3 * 2 * 5  # three chunks of two (the last padded), five steps
+    assert timing.gradients == 2 * 3 * 7  # two chunks of three (the last padded), seven steps
 
 
 def test_second_run_of_a_shape_compiles_nothing(tiny):
@@ -335,39 +347,35 @@ def test_bad_settings_are_jaxmia_errors(tiny):
 
 
 def test_attack_raises_target_confidence_on_synthetic_faces():
-    train = pytest.importorskip("jaxmia.train")  # needs jaxmia.data (being written)
+    from jaxmia import train
+
     size, ids, aux = (32, 32), 6, 6
-    images, labels, _ = synthetic.make_faces(ids + aux, 12, size, 1, seed=3)
-    train_mask = labels < ids
-    mc = models.ModelConfig(
-        num_classes=ids, image_size=size, dense_features=(128, 128), dropout=0.0
-    )
+    images, labels, _ = synthetic.make_faces(ids + aux, 10, size, 1, seed=3)
+    known = labels < ids
+    mc = models.ModelConfig(num_classes=ids, image_size=size, dense_features=(64, 64), dropout=0.0)
     tc = ml_collections.ConfigDict(
         dict(
-            epochs=12, batch_size=16, optimizer="adam", learning_rate=3e-3,
+            epochs=8, batch_size=16, optimizer="adam", learning_rate=3e-3,
             schedule="constant", warmup_epochs=0, weight_decay=0.0, augment=False,
             checkpoint_every=100, keep_checkpoints=1,
         )
     )  # fmt: skip
     graphdef, params, history = train.fit(
-        mc, tc, images[train_mask], labels[train_mask], key=jax.random.key(0)
+        mc, tc, images[known], labels[known], key=jax.random.key(0)
     )
-    assert history[-1]["train_accuracy"] > 0.9
+    assert history[-1]["train_accuracy"] >= 0.8
     clones = 4
     keys = jax.random.split(jax.random.key(1), ids * clones)
-    start = seeds.make_seeds(
-        "mean_noise", keys, (*size, 1), pool=images[~train_mask], noise_scale=0.05
-    )
+    # The paper's seed (per-clone means of auxiliary faces) and loss; a rate tuned for 32x32.
+    start = seeds.make_seeds("subset_mean", keys, (*size, 1), pool=images[~known], subset_size=256)
     target = jnp.repeat(jnp.arange(ids), clones)
     apply_fn = inv.recognizer_apply(graphdef)
-    cfg = inv.InversionConfig(
-        loss="least_squares", optimizer="sgd", learning_rate=1.0, stop_confidence=0.99
-    )
-    before = jax.nn.softmax(apply_fn(params, start))[jnp.arange(ids * clones), target]
+    cfg = inv.InversionConfig(learning_rate=0.3, stop_confidence=0.95)
+    _, before = inv.evaluate(apply_fn, params, start, target, cfg)
     rec = inv.invert_batch(apply_fn, params, start, target, keys, cfg, 300)
-    per_identity = rec.confidence.reshape(ids, clones).mean(1)
-    assert np.all(per_identity > 0.9), per_identity
-    assert np.all(per_identity > np.asarray(before).reshape(ids, clones).mean(1))
+    after = rec.confidence.reshape(ids, clones).mean(1)
+    assert np.all(after > 0.9), after
+    assert np.all(after > before.reshape(ids, clones).mean(1) + 0.3)
     assert not rec.diverged.any()
 
 

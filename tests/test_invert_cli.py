@@ -1,3 +1,4 @@
+import itertools
 import json
 import os
 
@@ -180,3 +181,38 @@ def test_every_clone_diverging_is_reported_and_fails(tmp_path, capsys):
 def test_infinite_learning_rate_is_refused(ckpt, tmp_path, capsys):
     assert _invert(ckpt, tmp_path, "--config.inversion.learning_rate=1e999") == 2
     _one_line_error(capsys, "inversion.learning_rate=inf", "finite")
+
+
+def test_seed_from_the_checkpoints_auxiliary_identities(tmp_path):
+    """The default seed: per-clone means of faces of the split's auxiliary people."""
+    from jaxmia import synthetic
+
+    names = ("synthetic_0000", "synthetic_0001", "synthetic_0002")
+    aux = ["synthetic_0003", "synthetic_0004"]
+    synth = {"num_identities": 5, "images_per_identity": 4, "seed": 7}
+    meta = {
+        "data": {"source": "synthetic", "synthetic": synth},
+        "split": {"attacked": ["synthetic_0002", "synthetic_0000"], "aux_identities": aux},
+    }
+    _, params = models.init(MODEL, jax.random.key(0))
+    path = str(tmp_path / "rt")
+    checkpoint.save_recognizer(path, params, MODEL, names, meta)
+    out = tmp_path / "out"
+    argv = ["invert", "--checkpoint", path, "--workdir", str(out), "--clones", "3", "--steps", "2"]
+    argv += ["--config.inversion.seed_subset_size=256", f"--config.data.cache_dir={tmp_path}"]
+    assert cli.main(argv) == 0
+    images, labels, _ = synthetic.make_faces(5, 4, (16, 16), 1, seed=7)
+    pool = images[labels >= 3]  # 8 faces: each seed is the mean of 4 of them (half the pool)
+    with np.load(out / "inversions.npz") as z:
+        assert z["identities"].tolist() == ["synthetic_0002", "synthetic_0000"]  # the attacked
+        seeds = z["seeds"].reshape(6, -1)
+    for s in seeds:
+        # the mean of 4 of the 8 aux faces: some 4-subset matches to float tolerance
+        best = min(
+            np.abs(pool[list(c)].mean(0).reshape(-1) - s).max()
+            for c in itertools.combinations(range(8), 4)
+        )
+        assert best < 1e-5
+    assert np.abs(seeds[0] - seeds[1]).max() > 1e-3
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["seed_from"].startswith("synthetic (2 identities, 8 faces)")
