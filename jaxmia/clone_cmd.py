@@ -328,20 +328,25 @@ def write_plots(workdir: Path, rows: list[dict], roc: dict, cfg: ml_collections.
     import matplotlib.pyplot as plt
 
     rates = sorted({r["p"] for r in rows if r["p"] > 0}) or [0.0]
+    most = max(r["queries"] for r in rows)
     fig, axes = plt.subplots(
-        1, len(rates), figsize=(6 * len(rates), 4.5), squeeze=False, layout="constrained"
+        1, len(rates), figsize=(8 * len(rates), 4.8), squeeze=False, layout="constrained"
     )
     for ax, p in zip(axes[0], rates, strict=True):
         for name in cfg.scenarios:
+            spec = cloning.SCENARIOS[name]
             pts = sorted(
-                (r["queries"], r["clone_accuracy"])
+                (r["queries"], r["clone_accuracy"], r.get("clone_accuracy_std", 0.0))
                 for r in rows
-                if r["scenario"] == name
-                and r["p"] in (p, 0.0)
-                and (r["p"] == p or cloning.SCENARIOS[name].get("p", True) is False)
+                if r["scenario"] == name and (r["p"] == p or spec.get("p", True) is False)
             )
-            if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", label=name)
+            if not pts:
+                continue
+            q, acc, std = zip(*pts, strict=True)
+            line = ax.errorbar(q, acc, yerr=std, marker="o", capsize=3, label=name)
+            if spec["attack"] == "plain" and q[-1] < most:
+                # The plain attacker has run out of pool images: more budget buys nothing.
+                ax.plot([q[-1], most], [acc[-1]] * 2, ls=":", color=line[0].get_color())
         for i, name in enumerate(cfg.adaptive):
             pts = [
                 (r["queries"], r["clone_accuracy"])
@@ -355,10 +360,10 @@ def write_plots(workdir: Path, rows: list[dict], roc: dict, cfg: ml_collections.
         ax.set(
             xlabel="queries",
             ylabel="clone accuracy on the service's test faces",
-            title=f"misrecognition p = {p:g}",
+            title=f"misrecognition p = {p:g} (dotted: pool exhausted; bars: spread over repeats)",
         )
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
     _save(fig, workdir / "accuracy.png")
 
     est = [r for r in rows if r["attack"] != "plain" and r["p"] > 0]
@@ -400,10 +405,12 @@ def write_plots(workdir: Path, rows: list[dict], roc: dict, cfg: ml_collections.
     )
     axes[1].set(title="embedding (penultimate features), cosine threshold")
     for ax in axes:
+        # FPR is what matters at the low end: a linear scale near 0, logarithmic above 1%.
+        ax.set_xscale("symlog", linthresh=0.01)
         ax.set(
             xlabel="false positives: other photos of the same person",
             ylabel="detected near-duplicates",
-            xlim=(-0.02, 1.02),
+            xlim=(0, 1.05),
             ylim=(-0.02, 1.02),
         )
         ax.plot([0, 1], [0, 1], color="grey", lw=0.5)
