@@ -151,7 +151,7 @@ def torch_run(net, mc: models.ModelConfig, batch: int, steps: int) -> dict:
                 x = (x - LR * g).clamp_(0, 1)
         return x
 
-    loop(x, 1)  # warm-up
+    loop(x, 2)  # warm-up
     t = time.perf_counter()
     loop(x, steps)
     run_s = time.perf_counter() - t
@@ -207,6 +207,7 @@ def loop_study(quick: bool) -> list[dict]:
         (0, "one while_loop"),
     ]:
         cfg = inv.InversionConfig(loss="least_squares", learning_rate=LR, steps_per_call=k)
+        inv.make_program.cache_clear()  # compile times of fresh programs
         r = jax_run(apply_fn, params, mc, batch, 4 if quick else 40, cfg)
         rows.append({"variant": name, "steps_per_call": k, "batch": batch, **r})
         print(f"  loop study {name}: {r['per_s']:.0f}/s", flush=True)

@@ -68,7 +68,9 @@ class InversionConfig:
     denoise_size: int = 3  # odd filter width
     jitter: int = 0  # random shift of up to this many pixels per step (edge padded)
     flip: bool = False  # random horizontal flip per step
-    stop_confidence: float = 0.0  # stop a clone once its target confidence >= this; 0: off
+    # Stop a clone once its target confidence >= this (of the image as the step saw it, i.e.
+    # transformed when jitter/flip are on); 0: off.
+    stop_confidence: float = 0.0
     patience: int = (
         0  # stop a clone once its best loss has not improved for this many steps; 0: off
     )
