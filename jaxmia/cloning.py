@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxmia import dedup, train
+from jaxmia import dedup, models, train
 from jaxmia import service as service_lib
 from jaxmia.errors import JaxmiaError
 
@@ -470,8 +470,6 @@ def clone_scores(
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
 def _predict(graphdef, params, x):
-    from jaxmia import models
-
     return models.logits(graphdef, params, x).argmax(-1)
 
 
@@ -528,13 +526,14 @@ def detector_roc(
     }
 
 
-def _features(service: service_lib.Service, images: np.ndarray) -> np.ndarray:
-    from jaxmia import models
+_features_fn = jax.jit(models.features, static_argnums=0)
 
-    fn = jax.jit(models.features, static_argnums=0)
+
+def _features(service: service_lib.Service, images: np.ndarray) -> np.ndarray:
+    """The service recognizer's penultimate features, 256 images per call. # [n, d]"""
     return np.concatenate(
         [
-            np.asarray(fn(service.graphdef, service.params, images[s : s + 256]))
+            np.asarray(_features_fn(service.graphdef, service.params, images[s : s + 256]))
             for s in range(0, len(images), 256)
         ]
     )

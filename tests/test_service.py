@@ -283,3 +283,17 @@ def test_policy_is_a_frozen_record():
     pol = service.Policy(misrecognition=0.2)
     with pytest.raises(dataclasses.FrozenInstanceError):
         pol.misrecognition = 0.5
+
+
+def test_service_from_a_checkpoint_answers_like_the_saved_model(tmp_path):
+    from jaxmia import checkpoint
+
+    checkpoint.save_recognizer(
+        tmp_path / "rec", PARAMS, CONFIG, [f"id{i}" for i in range(N_CLASSES)]
+    )
+    svc = service.Service.from_checkpoint(
+        str(tmp_path / "rec"), policy=service.Policy(), key=jax.random.key(0)
+    )
+    assert svc.image_shape == SHAPE and svc.num_classes == N_CLASSES
+    x = images(5, seed=11)
+    np.testing.assert_array_equal(svc.query("a", x).labels, make().true_labels(x))
