@@ -19,6 +19,7 @@ COMMANDS = {
     "train": ("jaxmia.train", "train the recognizer (or R_T and R_E of a split) into checkpoints"),
     "invert": ("jaxmia.invert", "make clone faces of identities by model inversion of a recognizer"),
     "evaluate": ("jaxmia.evaluate_cmd", "score an inversion run's clones with R_E: JSON, CSV, report"),
+    "experiment": ("jaxmia.experiment", "the paper's protocol end to end: split, R_T, R_E, invert, report"),
     "clone": ("jaxmia.clone_cmd", "cloning attack vs intentional misrecognition and near-duplicate detection"),
 }
 

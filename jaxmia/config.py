@@ -67,6 +67,21 @@ def default_config() -> ml_collections.ConfigDict:
     c.inversion = _inversion_defaults()
 
     c.cloning = _cloning_defaults()
+    c.experiment = _experiment_defaults()
+    return c
+
+
+def _experiment_defaults() -> ml_collections.ConfigDict:
+    """``jaxmia experiment``: restarts of the inversion ranked by R_T (see jaxmia/experiment.py)."""
+    c = ml_collections.ConfigDict()
+    # Invert restarts x inversion.clones per identity and keep the inversion.clones best by R_T.
+    c.restarts = 1
+    # "confidence": R_T's softmax score of the target; "robust": its mean over random shifts (up
+    # to select_jitter pixels) and flips, which favours clones that are not adversarial patterns.
+    c.select = "robust"
+    c.select_jitter = 2
+    c.select_flip = True
+    c.select_samples = 8
     return c
 
 

@@ -1,0 +1,318 @@
+"""jaxmia experiment end to end on tiny synthetic faces: outputs, skip, resume, redo, bad input."""
+
+from __future__ import annotations
+
+import html
+import json
+import re
+import shutil
+
+import jax
+import numpy as np
+import pytest
+
+from jaxmia import checkpoint, cli, config, evaluation, experiment, files, train
+from jaxmia import data as data_lib
+from jaxmia import inversion as inv
+from jaxmia.errors import JaxmiaError
+
+TINY = [
+    "--config.data.source=synthetic",
+    "--config.data.image_size=(32,32)",
+    "--config.data.synthetic.num_identities=10",
+    "--config.data.synthetic.images_per_identity=6",
+    "--config.split.num_attacked=2",
+    "--config.split.test_per_identity=2",
+    "--config.model.conv_features=(4,8,8,8)",
+    "--config.model.dense_features=(32,32)",
+    "--config.train.batch_size=16",
+    "--config.train.epochs=2",
+    "--config.train.checkpoint_every=1",
+    "--config.inversion.clones=2",
+    "--config.inversion.steps=4",
+    "--config.inversion.seed=mean",
+    "--config.inversion.loss=cross_entropy",
+    "--config.inversion.optimizer=adam",
+    "--config.inversion.learning_rate=0.05",
+    "--config.inversion.max_batch=2",
+]
+
+
+@pytest.fixture(autouse=True)
+def only_experiment(monkeypatch):
+    monkeypatch.setattr(cli, "COMMANDS", {"experiment": cli.COMMANDS["experiment"]})
+
+
+def run_cli(capsys, workdir, *extra):
+    rc = cli.main(["experiment", "--workdir", str(workdir), *TINY, *map(str, extra)])
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def one_line_error(err, *words):
+    """One line of error (besides progress bars, which redraw with carriage returns)."""
+    lines = [line for line in err.strip().splitlines() if "\r" not in line and "%|" not in line]
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert lines[0].startswith("jaxmia experiment: error:"), err
+    for w in words:
+        assert w in lines[0], err
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    """One run (restarts 2: selection by R_T is part of it), killed twice on the way.
+
+    First in R_E's training, then in the inversion's second chunk; each rerun resumes.
+    Returns the workdir and what the three runs printed.
+    """
+    work = tmp_path_factory.mktemp("exp") / "run"
+    argv = ["experiment", "--workdir", str(work), *TINY, "--config.experiment.restarts=2"]
+    outs = []
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli, "COMMANDS", {"experiment": cli.COMMANDS["experiment"]})
+        real_step, steps = train.train_step, []
+
+        def interrupted_step(*args, **kwargs):
+            steps.append(1)
+            if len(steps) == 6:  # R_T: 2 epochs x 2 batches; then R_E's second epoch
+                raise KeyboardInterrupt
+            return real_step(*args, **kwargs)
+
+        mp.setattr(train, "train_step", interrupted_step)
+        outs.append((cli.main(argv), _records(work), _epochs(work)))
+
+    with pytest.MonkeyPatch.context() as mp:
+        real_batch, batches = inv.invert_batch, []
+
+        def interrupted_batch(*args, **kwargs):
+            batches.append(1)
+            if len(batches) == 2:
+                raise KeyboardInterrupt
+            return real_batch(*args, **kwargs)
+
+        mp.setattr(cli, "COMMANDS", {"experiment": cli.COMMANDS["experiment"]})
+        mp.setattr(inv, "invert_batch", interrupted_batch)
+        rc = cli.main(argv)
+        chunks = len(list((work / "inversions" / "chunks").glob("chunk_*.npz")))
+        outs.append((rc, _records(work), _epochs(work), chunks))
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(cli, "COMMANDS", {"experiment": cli.COMMANDS["experiment"]})
+        outs.append((cli.main(argv), _records(work)))
+    return work, outs
+
+
+def _records(work):
+    return {k: v["status"] for k, v in json.loads((work / "stages.json").read_text()).items()}
+
+
+def _epochs(work):
+    return [m["epoch"] for m in files.read_jsonl(work / "evaluation" / "metrics.jsonl")]
+
+
+def test_interrupted_stages_resume(finished):
+    work, (first, second, third) = finished
+    rc, records, epochs = first
+    assert rc == 130
+    assert records == {"split": "done", "target": "done", "evaluation": "running"}
+    assert epochs == [1]  # R_E's first epoch is checkpointed
+    rc, records, epochs, chunks = second
+    assert rc == 130 and records["inversions"] == "running" and chunks == 1
+    assert epochs == [1, 2]  # resumed after epoch 1 rather than started over
+    rc, records = third
+    assert rc == 0 and set(records.values()) == {"done"}
+    summary = json.loads((work / "inversions" / "summary.json").read_text())
+    assert summary["timing"]["chunks"] == 4 and summary["timing"]["chunks_resumed"] == 1
+
+
+def test_outputs_and_report_numbers_equal_json(finished):
+    w = finished[0]
+    for name in ("split.json", "config.json", "stages.json", "experiment.json"):
+        assert (w / name).is_file(), name
+    for name in ("report.html", "evaluation.json", "clones.csv", "identities.csv", "cmc.png"):
+        assert (w / "report" / name).is_file(), name
+    assert checkpoint.load_recognizer(w / "target").step == 2
+    assert checkpoint.load_recognizer(w / "evaluation").step == 2
+    records = json.loads((w / "stages.json").read_text())
+    assert [records[s]["status"] for s in experiment.STAGES] == ["done"] * 5
+
+    summary = json.loads((w / "report" / "evaluation.json").read_text())
+    assert summary["num_identities"] == 2 and summary["clones_per_identity"] == 2
+    assert summary["inversions"].endswith("selected/inversions.npz")
+    page = (w / "report" / "report.html").read_text()
+    o, s = summary["overall"], summary["overall"]["seed"]
+    head = re.search(r"Top-1 attack accuracy by R_E: ([\d.]+)%</b>\s*\(top-5 ([\d.]+)%\)", page)
+    assert head and float(head[1]) == round(100 * o["top1"], 1)
+    assert float(head[2]) == round(100 * o["top5"], 1)
+    seed = re.search(r"the seed alone: ([\d.]+)%\s*\(top-5 ([\d.]+)%\)", page)
+    assert float(seed[1]) == round(100 * s["top1"], 1) and float(seed[2]) == round(
+        100 * s["top5"], 1
+    )
+    # The table's exact values (hover titles) are the JSON's.
+    overall_row = page[page.index('<tr class="overall">') :].split("</tr>")[0]
+    titles = dict(re.findall(r'data-key="(\w+)" title="([^"]*)"', overall_row))
+    assert float(html.unescape(titles["top1"])) == o["top1"]
+    assert float(html.unescape(titles["top5"])) == o["top5"]
+    head_json = json.loads((w / "experiment.json").read_text())["headline"]
+    assert head_json["top1"] == o["top1"] and head_json["seed_top1"] == s["top1"]
+
+
+def test_selection_keeps_the_best_by_r_t(finished):
+    finished = finished[0]
+    sel = finished / "inversions" / "selected" / "inversions.npz"
+    with np.load(finished / "inversions" / "inversions.npz") as z, np.load(sel) as k:
+        assert z["clones"].shape[:2] == (2, 4) and k["clones"].shape[:2] == (2, 2)
+        for i in range(2):
+            picked = k["selected"][i]
+            np.testing.assert_array_equal(k["clones"][i], z["clones"][i, picked])
+            np.testing.assert_array_equal(k["confidence"][i], z["confidence"][i, picked])
+            # best first, and nothing left out scores higher than what was kept
+            assert np.all(np.diff(k["select_score"][i]) <= 0)
+    rec_t = checkpoint.load_recognizer(finished / "target")
+    with np.load(finished / "inversions" / "inversions.npz") as z:
+        flat = z["clones"].reshape(-1, *z["clones"].shape[2:])
+        labels = np.repeat(z["labels"], z["clones"].shape[1])
+    cfg = config.default_config()
+    scores = experiment.robust_scores(
+        rec_t, flat, labels, jitter=2, flip=True, samples=8,
+        key=jax.random.fold_in(jax.random.key(cfg.inversion.rng_seed), 2),
+    ).reshape(2, 4)  # fmt: skip
+    with np.load(sel) as k:
+        for i in range(2):
+            np.testing.assert_allclose(
+                k["select_score"][i], np.sort(scores[i])[::-1][:2], rtol=1e-6
+            )
+
+
+def test_robust_scores_without_transforms_are_plain_scores(finished):
+    rec_t = checkpoint.load_recognizer(finished[0] / "target")
+    x = np.random.default_rng(0).uniform(size=(3, 32, 32, 1)).astype(np.float32)
+    y = np.array([0, 1, 0])
+    plain = evaluation.score_images(rec_t, x, y).score
+    robust = experiment.robust_scores(
+        rec_t, x, y, jitter=0, flip=False, samples=3, key=jax.random.key(0)
+    )
+    np.testing.assert_allclose(robust, plain, rtol=1e-6)
+
+
+def test_rerun_skips_every_stage(finished, capsys, monkeypatch):
+    finished = finished[0]
+
+    def boom(run):
+        raise AssertionError("a finished stage ran again")
+
+    monkeypatch.setattr(experiment, "STAGE_FUNCTIONS", dict.fromkeys(experiment.STAGES, boom))
+    before = (finished / "report" / "evaluation.json").stat().st_mtime_ns
+    rc, out, err = run_cli(capsys, finished, "--config.experiment.restarts=2")
+    assert rc == 0, err
+    assert out.count("skipped") == 5
+    summary = json.loads((finished / "report" / "evaluation.json").read_text())
+    assert f"top-1 by R_E {100 * summary['overall']['top1']:.1f}%" in out
+    assert f"report: {finished / 'report' / 'report.html'}" in out
+    assert (finished / "report" / "evaluation.json").stat().st_mtime_ns == before
+
+
+def test_changed_setting_is_an_error_then_redo(finished, tmp_path, capsys, monkeypatch):
+    work = tmp_path / "copy"
+    shutil.copytree(finished[0], work)
+    rc, _, err = run_cli(
+        capsys, work, "--config.experiment.restarts=2", "--config.inversion.steps=5"
+    )
+    assert rc == 2
+    one_line_error(err, "'inversions'", "inversion.steps: 4 -> 5", "--redo")
+
+    called = []
+    real = dict(experiment.STAGE_FUNCTIONS)
+    monkeypatch.setattr(
+        experiment,
+        "STAGE_FUNCTIONS",
+        {s: (lambda run, s=s: called.append(s) or real[s](run)) for s in experiment.STAGES},
+    )
+    rc, out, err = run_cli(
+        capsys, work, "--config.experiment.restarts=2", "--config.inversion.steps=5", "--redo"
+    )
+    assert rc == 0, err
+    assert called == ["inversions", "report"]  # the recognizers were kept
+    with np.load(work / "inversions" / "inversions.npz") as z:
+        assert (z["steps"] == 5).all()
+
+
+@pytest.mark.parametrize(
+    "extra,words",
+    [
+        (["--config.experiment.restarts=0"], ["experiment.restarts"]),
+        (["--config.experiment.select=best"], ["experiment.select", "robust"]),
+        (["--config.experiment.select_samples=0"], ["experiment.select_samples"]),
+        (["--config.inversion.clones=0"], ["inversion.clones"]),
+        (["--config.inversion.loss=l1"], ["inversion.loss"]),
+        (["--config.data.source=nowhere:x"], ["nowhere"]),
+        (["--config.split.num_aux=0", "--config.split.num_attacked=2"], ["split.num_aux=0"]),
+        (["--config.split.num_attacked=9", "--config.split.num_aux=2"], ["identities"]),
+        (["--config.experiment.bogus=1"], ["experiment.bogus"]),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, capsys, extra, words):
+    rc, _, err = run_cli(capsys, tmp_path / "w", *extra)
+    assert rc == 2
+    one_line_error(err, *words)
+
+
+def test_bad_workdir_and_record(tmp_path, capsys):
+    target = tmp_path / "file"
+    target.write_text("x")
+    rc, _, err = run_cli(capsys, target)
+    assert rc == 2
+    one_line_error(err, "not a folder")
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "stages.json").write_text("{not json")
+    rc, _, err = run_cli(capsys, tmp_path / "w")
+    assert rc == 2
+    one_line_error(err, "stages.json", "delete it")
+
+
+def _faces(identities: int, photos: int = 7) -> data_lib.FaceSet:
+    return data_lib.FaceSet(
+        images=np.zeros((identities * photos, 8, 8, 1), np.float32),
+        labels=np.repeat(np.arange(identities), photos).astype(np.int32),
+        names=tuple(f"p{i}" for i in range(identities)),
+        source="test",
+        synthetic=True,
+    )
+
+
+@pytest.mark.parametrize(
+    "identities,attacked,aux",
+    [(40, 5, 7), (8, 2, 1), (4, 1, 1), (6, 1, 1)],
+)
+def test_split_scales_down_to_small_data_sets(identities, attacked, aux):
+    cfg = config.default_config()
+    split, used, notes = experiment.make_split(cfg, _faces(identities))
+    assert len(split.attacked) == attacked and len(split.aux_identities) == aux
+    assert used.split.num_attacked == attacked
+    assert len(split.evaluation.identities) > attacked  # R_E also knows others
+    scaled = any("too few for split.num_attacked=5" in n for n in notes)
+    assert scaled == (attacked < 5)
+    assert any(f"{aux * 7} faces" in n for n in notes)
+    assert any("SYNTHETIC" in n for n in notes)
+
+
+def test_split_needs_four_identities():
+    with pytest.raises(JaxmiaError, match="3 identities; the experiment needs at least 4"):
+        experiment.make_split(config.default_config(), _faces(3))
+
+
+def test_stage_settings_chain():
+    cfg = config.default_config()
+    base = experiment.stage_settings(cfg)
+    cfg.inversion.steps = 7
+    after = experiment.stage_settings(cfg)
+    assert experiment.changed_stage({s: {"settings": base[s]} for s in base}, after) == (
+        "inversions",
+        ["inversion.steps"],
+    )
+    cfg.data.cache_dir = "/elsewhere"  # where the cache is does not change a result
+    assert experiment.stage_settings(cfg)["split"] == base["split"]
+    cfg.train.epochs = 1
+    changed = experiment.changed_stage(
+        {s: {"settings": base[s]} for s in base}, experiment.stage_settings(cfg)
+    )
+    assert changed[0] == "target"
