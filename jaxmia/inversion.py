@@ -12,10 +12,12 @@ untouched).
 The steps run as a host loop over a jitted call of ``steps_per_call`` steps (a ``fori_loop``
 inside, state donated), or with ``steps_per_call=0`` as one ``while_loop`` over all steps that
 also exits once every clone has stopped. The host loop never waits on the device except every
-``check_every`` steps, to leave early when all clones have stopped. Measured on the 2-core CPU
-(shared, noisy), paper CNN at 64x64x1, 40 classes, batch 128, SGD (``python -m
-benchmarks.inversion_cpu --loop-study``): see ``benchmarks/inversion_cpu.md``; the default
-``steps_per_call=1`` was the fastest there.
+``check_every`` steps, to leave early when all clones have stopped. Measured on the shared
+2-core CPU (paper CNN, 64x64x1, 40 classes, batch 128, SGD; ``python -m benchmarks.inversion_cpu``,
+``benchmarks/inversion_cpu.md``): a host loop of a jitted single step 397 image-gradients/s, 10
+steps per call in a ``fori_loop`` 177/s, one ``while_loop`` 177/s, hence ``steps_per_call=1``.
+Writing one clone and vmapping it costs nothing against a hand-batched step (807-894/s vs
+859-876/s at batch 128 in one run).
 
 A batch larger than ``max_batch`` clones (or than an estimate of what fits in memory) runs in
 equal chunks; the last is padded, so every chunk has one shape and compiles once.
@@ -36,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxmia import models
+from jaxmia import models, sharding
 from jaxmia.errors import JaxmiaError
 
 LOSSES = ("least_squares", "cross_entropy", "max_margin", "poincare")
@@ -77,6 +79,8 @@ class InversionConfig:
     min_delta: float = 0.0  # an improvement must exceed this
     steps_per_call: int = 1  # steps per jitted call of the host loop; 0: one while_loop
     check_every: int = 50  # steps between host checks whether every clone has stopped
+    # Split the clones over every device JAX sees when there are several (jaxmia.sharding).
+    shard: bool = True
 
     def __post_init__(self):
         choices = {"loss": LOSSES, "optimizer": OPTIMIZERS, "denoise": DENOISERS}
@@ -352,12 +356,17 @@ def recognizer_apply(graphdef: Any) -> ApplyFn:
 def _compiled(program: Program, name: str, *args) -> tuple[Callable, float]:
     """A jitted piece compiled ahead of time once per input shape; returns (fn, compile seconds)."""
     leaves, treedef = jax.tree.flatten(args)
-    sig = (name, treedef, tuple((jnp.shape(a), jnp.result_type(a)) for a in leaves))
+    sig = (name, treedef, tuple((jnp.shape(a), jnp.result_type(a), _sharding(a)) for a in leaves))
     if sig in program.compiled:
         return program.compiled[sig], 0.0
     t = time.perf_counter()
     program.compiled[sig] = getattr(program, name).lower(*args).compile()
     return program.compiled[sig], time.perf_counter() - t
+
+
+def _sharding(a: Any) -> Any:
+    # Committed arrays compile for their placement; Python scalars and uncommitted arrays follow.
+    return a.sharding if isinstance(a, jax.Array) and a.committed else None
 
 
 @dataclasses.dataclass
@@ -404,11 +413,18 @@ def invert_batch(
     program = make_program(apply_fn, cfg)
     seeds = jnp.asarray(seeds, jnp.float32)
     labels = jnp.asarray(labels, jnp.int32)
+    n = seeds.shape[0]
+    mesh = sharding.clone_mesh(n) if cfg.shard else None
+    if mesh is not None:  # padded to a multiple of the devices; the padding is dropped below
+        seeds, labels, keys = sharding.shard_clones(mesh, (seeds, labels, keys))
+        params = sharding.replicate(mesh, params)
     max_steps = jnp.int32(steps)
     per_call = cfg.steps_per_call or steps
 
     init, c0 = _compiled(program, "init", seeds)
     state = init(seeds)
+    if mesh is not None:  # constants such as `best` would otherwise come out replicated
+        state = sharding.shard_clones(mesh, state)
     run, c1 = _compiled(program, "steps", params, state, keys, labels, jnp.int32(0), max_steps)
     evaluate, c2 = _compiled(program, "evaluate", params, state.x, labels)
     jax.block_until_ready(state)
@@ -422,13 +438,14 @@ def invert_batch(
         if (done // per_call) % calls_per_check == 0 and not bool(jnp.any(state.reason == RUNNING)):
             break
     loss, conf = evaluate(params, state.x, labels)
-    x, taken, loss, conf, reason = jax.device_get((state.x, state.steps, loss, conf, state.reason))
+    out = sharding.to_host((state.x, state.steps, loss, conf, state.reason))
+    x, taken, loss, conf, reason = (np.asarray(a)[:n] for a in out)
     if timing is not None:
         timing.run_s += time.perf_counter() - t
         timing.compile_s += c0 + c1 + c2
         # A while_loop program runs until every clone stopped, so its longest clone counts.
         executed = min(done, steps) if cfg.steps_per_call else int(taken.max())
-        timing.gradients += seeds.shape[0] * executed
+        timing.gradients += n * executed
     reason = np.where(reason == RUNNING, STEPS, reason).astype(np.int32)
     return Records(np.asarray(x), taken, loss, conf, reason)
 
