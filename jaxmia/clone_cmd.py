@@ -142,6 +142,7 @@ def run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:
             "pool": split.pool,
         },
     )
+    _check_resume(workdir / "config.json", config)
     files.write_json(workdir / "config.json", config.to_dict())
 
     model_config = train.model_config_for(
@@ -222,6 +223,35 @@ def run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:
         write_plots(workdir, rows, roc, cfg)
     print(_text_table(rows))
     print(json.dumps(summary, indent=1))
+
+
+# Fields a rerun may change: they add cells to the table, saved cells stay valid.
+_GRID = ("budgets", "rates", "scenarios", "adaptive")
+
+
+def _check_resume(path: Path, config: ml_collections.ConfigDict) -> None:
+    """Refuses to mix cells of different settings in one workdir."""
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    new = json.loads(json.dumps(config.to_dict(), default=list))
+    for c in (old, new):
+        for name in _GRID:
+            c.get("cloning", {}).pop(name, None)
+    if old != new:
+        changed = sorted(_diff(old, new))
+        raise JaxmiaError(
+            f"workdir {path.parent}: holds a run with other settings ({', '.join(changed[:4])}); "
+            f"use a new --workdir (only cloning.{'/'.join(_GRID)} may change on a rerun)"
+        )
+
+
+def _diff(a: Any, b: Any, prefix: str = "config") -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [
+            d for k in sorted(set(a) | set(b)) for d in _diff(a.get(k), b.get(k), f"{prefix}.{k}")
+        ]
+    return [] if a == b else [prefix]
 
 
 def _with_size(config: ml_collections.ConfigDict, size, dense) -> ml_collections.ConfigDict:

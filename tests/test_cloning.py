@@ -359,6 +359,10 @@ def test_clone_command_writes_the_table_and_resumes(tmp_path, monkeypatch, capsy
     assert cli.main(argv) == 0
     assert [c.stat().st_mtime_ns for c in sorted((tmp_path / "cells").iterdir())] == stamps
     assert "countermeasure" in capsys.readouterr().out
+    # Other settings in the same workdir: refused, nothing overwritten.
+    assert cli.main([*argv, "--config.cloning.clone_epochs=3"]) == 2
+    assert "config.cloning.clone_epochs" in capsys.readouterr().err
+    assert [c.stat().st_mtime_ns for c in sorted((tmp_path / "cells").iterdir())] == stamps
 
 
 @pytest.mark.parametrize(
