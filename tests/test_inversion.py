@@ -245,12 +245,11 @@ def test_stopping_rules_by_hand():
 
 def test_jit_equals_eager_step():
     cfg = inv.InversionConfig(
-        loss="cross_entropy", optimizer="adam", learning_rate=0.05, jitter=1, flip=True,
-        denoise="median", denoise_every=3, patience=2, tv_weight=0.1,
-    )  # fmt: skip
+        loss="cross_entropy", optimizer="adam", learning_rate=0.05, jitter=1, patience=2
+    )
     x = jax.random.uniform(jax.random.key(0), (1, 6, 6, 1))
     state = jax.tree.map(lambda a: a[0], inv.make_program(_toy, cfg).init(x))
-    for step in range(4):  # step 2 applies the median filter
+    for step in range(2):
         args = (
             cfg,
             _toy,
@@ -265,7 +264,7 @@ def test_jit_equals_eager_step():
             eager = inv.clone_step(*args)
         state = jax.jit(inv.clone_step, static_argnums=(0, 1))(*args)
         jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6), eager, state)
-    assert int(state.steps) == 4
+    assert int(state.steps) == 2
 
 
 def _log_toy(params, x):
