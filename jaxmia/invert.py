@@ -16,7 +16,8 @@ identities if the checkpoint records a split, else all) with the settings of the
 - ``grid_<name>.png`` per identity: the seed, then the clones titled with their confidence.
 - ``run.json`` (the settings the chunks belong to) and ``chunks/chunk_NNNNN.npz``: finished chunks,
   written atomically. A rerun with the same settings skips them (resume); other settings in the
-  same workdir are an error naming the differing fields.
+  same workdir are an error naming the differing fields (except those in ``HOW_NOT_WHAT``, which
+  do not change the results).
 
 Clones that diverge (NaN/Inf) are frozen at their last finite image and reported on stderr and
 in the summary's ``warnings``. If every clone diverges the outputs are still written and the
@@ -47,6 +48,8 @@ from jaxmia.errors import JaxmiaError
 GRID_COLUMNS = 10
 MAX_GRID_CLONES = 100
 PER_CLONE = ("steps", "loss", "confidence", "seed_confidence", "reason")
+# Settings that change how the program runs, not its results: a resumed run may change them.
+HOW_NOT_WHAT = ("steps_per_call", "check_every", "shard")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -201,7 +204,7 @@ def _fingerprint(args, rec, config, labels, clones, steps) -> dict[str, Any]:
         "steps": steps,
     }
     for k, v in config.inversion.to_dict().items():
-        if k not in ("clones", "steps"):
+        if k not in ("clones", "steps", *HOW_NOT_WHAT):
             run[f"inversion.{k}"] = v
     return json.loads(json.dumps(run))  # tuples as lists, as they read back
 

@@ -102,10 +102,11 @@ def test_resume_skips_finished_chunks(ckpt, tmp_path):
     os.utime(kept, (1, 1))  # an old mtime shows whether the rerun rewrote it
     (tmp_path / "chunks" / "chunk_00001.npz").unlink()
     (tmp_path / "inversions.npz").unlink()
-    assert _invert(ckpt, tmp_path) == 0
+    # how the steps run is not part of the run's identity: results are the same
+    assert _invert(ckpt, tmp_path, "--config.inversion.steps_per_call=2") == 0
     assert kept.stat().st_mtime == 1
     with np.load(tmp_path / "inversions.npz") as z:
-        np.testing.assert_array_equal(z["clones"], first)
+        np.testing.assert_allclose(z["clones"], first, atol=1e-6)
     assert json.loads((tmp_path / "summary.json").read_text())["timing"]["chunks_resumed"] == 1
 
 
