@@ -5,10 +5,13 @@
 100 clones per identity, each starting from the mean of 256 faces of the auxiliary pool (people
 the recognizer never saw; drawn per clone, and at most half the pool, so that the clones differ),
 updated by plain gradient descent x <- clip(x - 0.1 * grad) of the least-squares distance between
-R_T's softmax and the target's one-hot, no regulariser, a fixed 600 steps. On a recognizer trained
-on 35 AT&T identities (64x64 grey, 96.6% test accuracy) this took every identity's mean target
-confidence from 0.02 (seed) to above 0.97; 300 steps left two identities near 0 (the
-least-squares gradient vanishes while the target's softmax is near 0).
+R_T's softmax and the target's one-hot, no regulariser, a fixed 600 steps.
+
+Measured with this file: R_T of the default AT&T split (19 identities, 64x64 grey, 94% test
+accuracy; `jaxmia train --recognizer target`), its 5 attacked identities x 100 clones: mean target
+confidence 0.053 (seed) -> 0.967, every identity >= 0.92, in 10.7 minutes on the shared 2-core
+CPU. With 300 steps some identities stayed near 0 in tuning (the least-squares gradient vanishes
+while the target's softmax is near 0); larger rates (1.0, 10) saturate pixels and do worse.
 """
 
 from jaxmia.config import default_config
