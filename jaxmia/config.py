@@ -184,6 +184,9 @@ def _inversion_defaults() -> ml_collections.ConfigDict:
     c.steps_per_call = 1  # host loop of jitted single steps: measured fastest on CPU
     c.check_every = 50
     c.max_batch = 256  # clones per compiled chunk (fewer if memory says so)
+    # Split each chunk's clones over every device JAX sees (jaxmia/sharding.py); on CPU,
+    # `jaxmia invert` first splits the host into one JAX device per core.
+    c.shard = True
     return c
 
 

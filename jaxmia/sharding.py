@@ -1,0 +1,107 @@
+"""The inversion batch sharded over a device mesh: N devices run N times the clones.
+
+Clones are independent (the per-clone step is vmapped), so the flattened identities x clones
+axis is split over a one-axis mesh named ``"data"`` (``NamedSharding(mesh, P("data"))``) and the
+recognizer's parameters are replicated (``P()``). The jitted programs take their input shardings
+from the arrays, so XLA partitions the vmapped step with no communication inside a step; only the
+host's every-``check_every``-steps "is any clone still running" reduces across devices. Results
+equal one device's to float32 tolerance (a device's convolutions see a smaller batch, which may
+change XLA's blocking and so the last bits).
+
+On CPU, one JAX device runs a step's convolutions with few threads; splitting the host into one
+device per core (``use_all_cores``, before JAX starts its backend) and sharding over them keeps
+every core busy. ``jaxmia invert`` does that when ``inversion.shard`` is on.
+
+Multi-host: call ``jax.distributed.initialize()`` (coordinator address, process count and id from
+the cluster's environment, or as arguments) in every process before any other JAX call; then
+``jax.devices()`` lists every host's devices, ``clone_mesh`` spans them, each process computes
+the same full batch of seeds and keys (they are deterministic functions of the config), places
+only its own shards (``shard_clones``), and ``to_host`` gathers the results to every process.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax._src import xla_bridge
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+AXIS = "data"
+
+
+def use_all_cores(count: int | None = None) -> int:
+    """Splits the host CPU into ``count`` JAX devices (default: one per core); returns the count.
+
+    Only possible before JAX has started its backends; afterwards (or when ``XLA_FLAGS`` already
+    forces a host device count, the user's choice) nothing changes and the current CPU device
+    count is returned. Accelerator backends are unaffected.
+    """
+    count = count or os.cpu_count() or 1
+    forced = "xla_force_host_platform_device_count" in os.environ.get("XLA_FLAGS", "")
+    if forced or xla_bridge.backends_are_initialized():
+        return len(jax.devices("cpu"))
+    jax.config.update("jax_num_cpu_devices", count)
+    return count
+
+
+def clone_mesh(
+    clones: int | None = None, devices: Sequence[jax.Device] | None = None
+) -> Mesh | None:
+    """A one-axis ``"data"`` mesh over ``devices`` (default: every device JAX sees, all hosts).
+
+    Returns None for a single device, or fewer ``clones`` than devices (padding would cost more
+    than sharding gains): nothing to shard.
+    """
+    devices = list(jax.devices() if devices is None else devices)
+    if len(devices) < 2 or (clones is not None and clones < len(devices)):
+        return None
+    return Mesh(np.asarray(devices), (AXIS,))
+
+
+def padded_size(n: int, mesh: Mesh) -> int:
+    """``n`` rounded up to a multiple of the mesh's device count."""
+    d = mesh.devices.size
+    return -(-n // d) * d
+
+
+def shard_clones(mesh: Mesh, tree: Any) -> Any:
+    """Every leaf's leading (clones) axis padded to a multiple of the devices and split over them.
+
+    Padding repeats the last clone (the caller drops the padded results); keys are padded as their
+    raw data. Every process must pass the same full values (multi-host).
+    """
+    sharding = NamedSharding(mesh, P(AXIS))
+
+    def place(a):
+        n = a.shape[0]
+        size = padded_size(n, mesh)
+        if size > n:
+            pad = lambda v: jnp.concatenate([v, jnp.repeat(v[-1:], size - n, 0)])  # noqa: E731
+            if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
+                a = jax.random.wrap_key_data(
+                    pad(jax.random.key_data(a)), impl=jax.random.key_impl(a)
+                )
+            else:
+                a = pad(jnp.asarray(a))
+        return jax.device_put(a, sharding)
+
+    return jax.tree.map(place, tree)
+
+
+def replicate(mesh: Mesh, tree: Any) -> Any:
+    """Every leaf copied whole to every device of the mesh (the recognizer's parameters)."""
+    return jax.device_put(tree, NamedSharding(mesh, P()))
+
+
+def to_host(tree: Any) -> Any:
+    """NumPy copies of (possibly sharded, possibly multi-host) arrays, whole on every process."""
+    if jax.process_count() > 1:
+        return multihost_utils.process_allgather(tree, tiled=True)
+    return jax.device_get(tree)
