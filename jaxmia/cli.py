@@ -18,10 +18,22 @@ from jaxmia.errors import JaxmiaError
 # name -> (module, one-line help)
 COMMANDS = {
     "train": ("jaxmia.train", "train the recognizer (or R_T and R_E of a split) into checkpoints"),
-    "invert": ("jaxmia.invert", "make clone faces of identities by model inversion of a recognizer"),
-    "evaluate": ("jaxmia.evaluate_cmd", "score an inversion run's clones with R_E: JSON, CSV, report"),
-    "experiment": ("jaxmia.experiment", "the paper's protocol end to end: split, R_T, R_E, invert, report"),
-    "clone": ("jaxmia.clone_cmd", "cloning attack vs intentional misrecognition and near-duplicate detection"),
+    "invert": (
+        "jaxmia.invert",
+        "make clone faces of identities by model inversion of a recognizer",
+    ),
+    "evaluate": (
+        "jaxmia.evaluate_cmd",
+        "score an inversion run's clones with R_E: JSON, CSV, report",
+    ),
+    "experiment": (
+        "jaxmia.experiment",
+        "the paper's protocol end to end: split, R_T, R_E, invert, report",
+    ),
+    "clone": (
+        "jaxmia.clone_cmd",
+        "cloning attack vs intentional misrecognition and near-duplicate detection",
+    ),
 }
 # Commands whose clone batches run faster split over one JAX CPU device per core.
 CPU_SHARDED = ("invert",)
@@ -37,7 +49,9 @@ def _parser() -> argparse.ArgumentParser:
             description=help_text,
             epilog="Override any config field with --config.FIELD=VALUE.",
         )
-        p.add_argument("--config", default=None, help="config file with get_config() (default: built-in)")
+        p.add_argument(
+            "--config", default=None, help="config file with get_config() (default: built-in)"
+        )
         p.add_argument("--workdir", required=True, help="output folder (runs resume from it)")
         importlib.import_module(module).add_arguments(p)
     return parser
@@ -62,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"jaxmia {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"jaxmia {args.command}: interrupted; rerun the same command to resume", file=sys.stderr)
+        print(
+            f"jaxmia {args.command}: interrupted; rerun the same command to resume", file=sys.stderr
+        )
         return 130
     return 0
 

@@ -196,7 +196,9 @@ def load(path: str | None) -> ml_collections.ConfigDict:
         return default_config()
     p = Path(path)
     if not p.is_file():
-        raise JaxmiaError(f"config file {path}: not found (expected a Python file with get_config())")
+        raise JaxmiaError(
+            f"config file {path}: not found (expected a Python file with get_config())"
+        )
     spec = importlib.util.spec_from_file_location(f"jaxmia_config_{p.stem}", p)
     module = importlib.util.module_from_spec(spec)
     try:

@@ -40,7 +40,9 @@ class ModelConfig:
         h, w = self.image_size
         scale = 2 ** len(self.conv_features)
         if h < scale or w < scale:
-            raise ValueError(f"image_size {self.image_size} is too small for {len(self.conv_features)} 2x2 pools")
+            raise ValueError(
+                f"image_size {self.image_size} is too small for {len(self.conv_features)} 2x2 pools"
+            )
 
     @property
     def flat_features(self) -> int:
@@ -121,7 +123,9 @@ class Recognizer(nnx.Module):
         for i, layer in enumerate(self.dense):
             h = jax.nn.relu(layer(h))
             if dropout_key is not None and cfg.dropout > 0:
-                keep = jax.random.bernoulli(jax.random.fold_in(dropout_key, i), 1 - cfg.dropout, h.shape)
+                keep = jax.random.bernoulli(
+                    jax.random.fold_in(dropout_key, i), 1 - cfg.dropout, h.shape
+                )
                 h = jnp.where(keep, h / (1 - cfg.dropout), 0)
         return h
 

@@ -31,28 +31,51 @@ RECOGNIZERS = ("all", "target", "evaluation", "both")
 EVAL_BATCH = 256
 
 
-def make_optimizer(cfg: ml_collections.ConfigDict, steps_per_epoch: int) -> optax.GradientTransformation:
+def make_optimizer(
+    cfg: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.GradientTransformation:
     """The optimizer and learning-rate schedule the train config names."""
     if cfg.optimizer not in OPTIMIZERS:
-        raise JaxmiaError(f"config field train.optimizer: expected one of {OPTIMIZERS}, got {cfg.optimizer!r}")
+        raise JaxmiaError(
+            f"config field train.optimizer: expected one of {OPTIMIZERS}, got {cfg.optimizer!r}"
+        )
     if cfg.schedule not in SCHEDULES:
-        raise JaxmiaError(f"config field train.schedule: expected one of {SCHEDULES}, got {cfg.schedule!r}")
+        raise JaxmiaError(
+            f"config field train.schedule: expected one of {SCHEDULES}, got {cfg.schedule!r}"
+        )
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = min(cfg.warmup_epochs * steps_per_epoch, total - 1)
-    if cfg.schedule == "cosine":
-        lr = optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, total)
+    return _optimizer(
+        cfg.optimizer,
+        cfg.schedule,
+        float(cfg.learning_rate),
+        warmup,
+        total,
+        float(cfg.weight_decay),
+    )
+
+
+# Cached so that equal settings give the same (hashable) transformation: the jitted train step
+# takes it as a static argument, and a fresh one per fit() would recompile the step every time.
+@functools.lru_cache(maxsize=64)
+def _optimizer(optimizer, schedule, learning_rate, warmup, total, weight_decay):
+    if schedule == "cosine":
+        lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, total)
     else:
         lr = optax.join_schedules(
-            [optax.linear_schedule(0.0, cfg.learning_rate, warmup), optax.constant_schedule(cfg.learning_rate)],
+            [
+                optax.linear_schedule(0.0, learning_rate, warmup),
+                optax.constant_schedule(learning_rate),
+            ],
             [warmup],
         )
-    if cfg.optimizer == "adam":
+    if optimizer == "adam":
         return optax.adam(lr)
-    if cfg.optimizer == "adamw":
-        return optax.adamw(lr, weight_decay=cfg.weight_decay)
-    if cfg.optimizer == "momentum":
-        return optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.sgd(lr, momentum=0.9))
-    return optax.chain(optax.add_decayed_weights(cfg.weight_decay), optax.sgd(lr))
+    if optimizer == "adamw":
+        return optax.adamw(lr, weight_decay=weight_decay)
+    if optimizer == "momentum":
+        return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(lr, momentum=0.9))
+    return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(lr))
 
 
 def augment(x: jax.Array, key: jax.Array, max_shift: int = 4) -> jax.Array:
@@ -109,7 +132,7 @@ def accuracy(graphdef: nnx.GraphDef, params, images: np.ndarray, labels: np.ndar
 
 
 def _epoch_batches(n: int, batch_size: int, key: jax.Array) -> np.ndarray:
-    """Index batches of one epoch: a permutation, wrapped round so every batch is full. # [steps, b]"""
+    """Index batches of one epoch, wrapped round so every batch is full. # [steps, b]"""
     perm = np.asarray(jax.random.permutation(key, n))
     steps = -(-n // batch_size)
     return np.resize(perm, steps * batch_size).reshape(steps, batch_size)
@@ -173,10 +196,17 @@ def fit(
             start_epoch = last
             # Epochs after the checkpoint will be redone, so their metrics are dropped.
             history = [m for m in files.read_jsonl(workdir / "metrics.jsonl") if m["epoch"] <= last]
-            files.write_text(workdir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history))
+            files.write_text(
+                workdir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history)
+            )
 
     bar = tqdm.trange(
-        start_epoch, train_config.epochs, desc="train", unit="epoch", disable=not progress, leave=False
+        start_epoch,
+        train_config.epochs,
+        desc="train",
+        unit="epoch",
+        disable=not progress,
+        leave=False,
     )
     for epoch in bar:
         t0 = time.perf_counter()
@@ -204,7 +234,9 @@ def fit(
         if test is not None:
             record["test_accuracy"] = accuracy(graphdef, params, *test)
         history.append(record)
-        bar.set_postfix(loss=f"{record['loss']:.3f}", test=f"{record.get('test_accuracy', float('nan')):.3f}")
+        bar.set_postfix(
+            loss=f"{record['loss']:.3f}", test=f"{record.get('test_accuracy', float('nan')):.3f}"
+        )
         if mngr is not None:
             files.append_jsonl(workdir / "metrics.jsonl", record)
             done = epoch + 1
@@ -344,7 +376,9 @@ def make_config_split(config: ml_collections.ConfigDict, faces: data.FaceSet) ->
 def run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:
     recognizer = args.recognizer or config.train.recognizer
     if recognizer not in RECOGNIZERS:
-        raise JaxmiaError(f"config field train.recognizer: expected one of {RECOGNIZERS}, got {recognizer!r}")
+        raise JaxmiaError(
+            f"config field train.recognizer: expected one of {RECOGNIZERS}, got {recognizer!r}"
+        )
     workdir = Path(args.workdir)
     faces = load_config_data(config)
     split = make_config_split(config, faces)
@@ -354,7 +388,12 @@ def run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:
     files.write_json(workdir / "split.json", record)
     if faces.synthetic:
         print(f"note: training on SYNTHETIC faces ({faces.source})")
-    roles = {"all": ["all"], "target": ["target"], "evaluation": ["evaluation"], "both": ["target", "evaluation"]}
+    roles = {
+        "all": ["all"],
+        "target": ["target"],
+        "evaluation": ["evaluation"],
+        "both": ["target", "evaluation"],
+    }
     for role in roles[recognizer]:
         out = workdir if role == "all" else workdir / role
         summary = train_part(config, faces, getattr(split, role), role, out, record)

@@ -18,8 +18,12 @@ def test_round_trip_bit_identical(tmp_path):
     rec = checkpoint.load_recognizer(tmp_path / "r")
     assert rec.config == cfg and rec.names == ("a", "b", "c") and rec.meta["role"] == "all"
     x = jax.random.uniform(jax.random.key(1), (5, 32, 32, 1))
-    np.testing.assert_array_equal(rec.logits(x), jax.jit(models.logits, static_argnums=0)(graphdef, params, x))
-    np.testing.assert_array_equal(rec.features(x), jax.jit(models.features, static_argnums=0)(graphdef, params, x))
+    np.testing.assert_array_equal(
+        rec.logits(x), jax.jit(models.logits, static_argnums=0)(graphdef, params, x)
+    )
+    np.testing.assert_array_equal(
+        rec.features(x), jax.jit(models.features, static_argnums=0)(graphdef, params, x)
+    )
 
 
 def test_latest_step_is_loaded(tmp_path):
@@ -31,7 +35,9 @@ def test_latest_step_is_loaded(tmp_path):
     rec = checkpoint.load_recognizer(tmp_path)
     assert rec.step == 2
     x = np.full((1, 32, 32, 1), 0.3, np.float32)
-    np.testing.assert_array_equal(rec.logits(x), models.logits(*models.init(cfg, jax.random.key(8)), x))
+    np.testing.assert_array_equal(
+        rec.logits(x), models.logits(*models.init(cfg, jax.random.key(8)), x)
+    )
     assert checkpoint.load_recognizer(tmp_path, step=1).step == 1
 
 

@@ -53,7 +53,11 @@ def test_load_file(tmp_path):
 
 @pytest.mark.parametrize(
     "text,message",
-    [(None, "not found"), ("x = 1\n", "expected a function get_config"), ("1/0\n", "failed to load")],
+    [
+        (None, "not found"),
+        ("x = 1\n", "expected a function get_config"),
+        ("1/0\n", "failed to load"),
+    ],
 )
 def test_load_bad_file(tmp_path, text, message):
     p = tmp_path / "bad.py"

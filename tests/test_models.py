@@ -9,7 +9,11 @@ from jaxmia import models
 
 @pytest.mark.parametrize(
     "size,channels,classes,flat",
-    [((128, 128), 3, 2041, 8 * 8 * 64), ((64, 64), 1, 40, 4 * 4 * 64), ((112, 92), 1, 7, 7 * 5 * 64)],
+    [
+        ((128, 128), 3, 2041, 8 * 8 * 64),
+        ((64, 64), 1, 40, 4 * 4 * 64),
+        ((112, 92), 1, 7, 7 * 5 * 64),
+    ],
 )
 def test_shapes(size, channels, classes, flat):
     cfg = models.ModelConfig(num_classes=classes, image_size=size, channels=channels)
@@ -35,7 +39,7 @@ def test_paper_architecture():
 
 
 def test_flops_match_hand_count():
-    # 128x128x3, the paper's layers: convs 12.29M + 16.38M + 9.44M + 9.44M, dense 8.39M + 2.10M + 4.18M.
+    # 128x128x3: convs 12.29M + 16.38M + 9.44M + 9.44M, dense 8.39M + 2.10M + 4.18M.
     cfg = models.ModelConfig(num_classes=2041, image_size=(128, 128), channels=3)
     hand = 2 * (
         128 * 128 * 25 * 3 * 5

@@ -32,7 +32,9 @@ MODEL = models.ModelConfig(num_classes=4, image_size=(32, 32), dense_features=(6
 
 def test_fit_learns():
     x, y = _blobs()
-    graphdef, params, history = train.fit(MODEL, _config(epochs=8), x, y, key=jax.random.key(0), test=(x, y))
+    graphdef, params, history = train.fit(
+        MODEL, _config(epochs=8), x, y, key=jax.random.key(0), test=(x, y)
+    )
     assert [h["epoch"] for h in history] == list(range(1, 9))
     assert history[-1]["loss"] < history[0]["loss"]
     assert history[-1]["test_accuracy"] == pytest.approx(train.accuracy(graphdef, params, x, y))
@@ -48,7 +50,9 @@ def test_same_seed_same_params():
 
 def test_interrupted_training_resumes_to_identical_params(tmp_path, monkeypatch):
     x, y = _blobs()
-    _, straight, _ = train.fit(MODEL, _config(), x, y, key=jax.random.key(2), workdir=tmp_path / "a")
+    _, straight, _ = train.fit(
+        MODEL, _config(), x, y, key=jax.random.key(2), workdir=tmp_path / "a"
+    )
 
     # Interrupt during epoch 4: the checkpoint of epoch 2 survives, epoch 3's metrics line too.
     real_step, calls = train.train_step, {"n": 0}
@@ -66,10 +70,19 @@ def test_interrupted_training_resumes_to_identical_params(tmp_path, monkeypatch)
     assert [m["epoch"] for m in files.read_jsonl(tmp_path / "b" / "metrics.jsonl")] == [1, 2, 3]
 
     monkeypatch.setattr(train, "train_step", real_step)
-    _, resumed, history = train.fit(MODEL, _config(), x, y, key=jax.random.key(2), workdir=tmp_path / "b")
+    _, resumed, history = train.fit(
+        MODEL, _config(), x, y, key=jax.random.key(2), workdir=tmp_path / "b"
+    )
     jax.tree.map(np.testing.assert_array_equal, straight, resumed)
     assert [m["epoch"] for m in history] == [1, 2, 3, 4, 5, 6]
-    assert [m["epoch"] for m in files.read_jsonl(tmp_path / "b" / "metrics.jsonl")] == [1, 2, 3, 4, 5, 6]
+    assert [m["epoch"] for m in files.read_jsonl(tmp_path / "b" / "metrics.jsonl")] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+    ]
     rec = checkpoint.load_recognizer(tmp_path / "b")
     assert rec.step == 6 and rec.meta["epoch"] == 6
 
@@ -87,7 +100,10 @@ def test_resume_with_other_model_config_is_an_error(tmp_path):
 def test_optimizers_step(optimizer, schedule):
     x, y = _blobs(per_class=4)
     _, _, history = train.fit(
-        MODEL, _config(epochs=1, optimizer=optimizer, schedule=schedule, warmup_epochs=0), x, y,
+        MODEL,
+        _config(epochs=1, optimizer=optimizer, schedule=schedule, warmup_epochs=0),
+        x,
+        y,
         key=jax.random.key(0),
     )
     assert np.isfinite(history[0]["loss"])
@@ -104,3 +120,11 @@ def test_augment_keeps_range_and_shape():
     out = train.augment(x, jax.random.key(1))
     assert out.shape == x.shape and float(out.min()) >= 0 and float(out.max()) <= 1
     assert not np.allclose(out, train.augment(x, jax.random.key(2)))
+
+
+def test_equal_settings_do_not_recompile():
+    x, y = _blobs(per_class=4)
+    train.fit(MODEL, _config(epochs=1), x, y, key=jax.random.key(0))
+    before = train.train_step._cache_size()
+    train.fit(MODEL, _config(epochs=1), x, y, key=jax.random.key(1))
+    assert train.train_step._cache_size() == before
