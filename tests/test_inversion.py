@@ -153,7 +153,9 @@ def test_vmapped_program_equals_reference_loop(tiny, cfg):
     moved = 0.0
     for i in range(3):
         want, taken, reason = reference(cfg, apply_fn, params, x[i], keys[i], labels[i], steps)
-        np.testing.assert_allclose(got.clones[i], want, atol=2e-6)
+        # float32: the batched and the single-clone convolutions round differently (1e-6 per
+        # step, amplified by a large learning rate over the steps).
+        np.testing.assert_allclose(got.clones[i], want, atol=1e-5)
         assert got.steps[i] == taken
         assert inv.STOP_REASONS[got.reason[i]] == reason
         moved = max(moved, float(jnp.abs(want - x[i]).max()))
