@@ -173,9 +173,12 @@ def _inversion_defaults() -> ml_collections.ConfigDict:
     c.margin = 5.0  # max_margin's flat point
     c.tv_weight = 0.0
     c.l2_weight = 0.0
-    c.denoise = "none"  # "none" or "median" (the paper's suggested denoising between steps)
+    # "none", "median" (the paper's suggested denoising between steps) or "gaussian" (a blur,
+    # which on AT&T makes clones that R_E recognises far more often: benchmarks/attack_levers.md)
+    c.denoise = "none"
     c.denoise_every = 10
-    c.denoise_size = 3
+    c.denoise_size = 3  # median: odd window width
+    c.denoise_sigma = 1.0  # gaussian: standard deviation in pixels
     c.jitter = 0  # random shift (pixels) per step: robust rather than adversarial clones
     c.flip = False
     c.stop_confidence = 0.0  # stop a clone at this target confidence; 0: off

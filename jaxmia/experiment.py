@@ -497,9 +497,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 
 def run_stages(
-    config: ml_collections.ConfigDict, workdir: Path, *, redo: bool = False, progress: bool = True
+    config: ml_collections.ConfigDict,
+    workdir: Path,
+    *,
+    redo: bool = False,
+    progress: bool = True,
+    until: str = STAGES[-1],
 ) -> dict:
-    """Runs (or resumes) every stage; returns the stage record."""
+    """Runs (or resumes) the stages up to ``until`` (all by default); returns the stage record."""
     check_config(config)
     if workdir.exists() and not workdir.is_dir():
         raise JaxmiaError(f"--workdir {workdir}: exists and is not a folder")
@@ -518,7 +523,7 @@ def run_stages(
         print(f"settings of stage {stage!r} changed ({what}): redoing it and the stages after it")
         _clear_from(workdir, records, stage)
     run = _Run(config, workdir, progress)
-    for n, stage in enumerate(STAGES, 1):
+    for n, stage in enumerate(STAGES[: STAGES.index(until) + 1], 1):
         record = records.get(stage, {})
         head = f"[{n}/{len(STAGES)}] {stage}: {WHAT[stage]}"
         if record.get("status") == "done":

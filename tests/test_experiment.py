@@ -316,3 +316,29 @@ def test_stage_settings_chain():
         {s: {"settings": base[s]} for s in base}, experiment.stage_settings(cfg)
     )
     assert changed[0] == "target"
+
+
+# The engine's Gaussian denoiser (added for the experiment's attack; see attack_levers.md).
+
+
+@pytest.mark.parametrize("sigma", [0.5, 1.0, 1.7])
+def test_gaussian_filter_matches_scipy(sigma):
+    from scipy import ndimage
+
+    x = np.random.default_rng(0).uniform(size=(12, 10, 2)).astype(np.float32)
+    got = np.asarray(jax.jit(inv.gaussian_filter, static_argnums=1)(x, sigma))
+    truncate = np.ceil(3 * sigma) / sigma  # the same kernel radius, ceil(3 sigma)
+    want = np.stack(
+        [
+            ndimage.gaussian_filter(x[..., c], sigma, mode="nearest", truncate=truncate)
+            for c in (0, 1)
+        ],
+        axis=-1,
+    )
+    np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_gaussian_denoise_settings():
+    assert inv.InversionConfig(denoise="gaussian", denoise_sigma=2.0).denoise_sigma == 2.0
+    with pytest.raises(JaxmiaError, match="denoise_sigma"):
+        inv.InversionConfig(denoise="gaussian", denoise_sigma=0.0)
