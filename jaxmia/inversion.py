@@ -66,7 +66,9 @@ class InversionConfig:
     tv_weight: float = 0.0  # total variation (mean absolute neighbour difference)
     l2_weight: float = 0.0  # mean squared pixel value
     denoise: str = "none"  # one of DENOISERS
-    denoise_every: int = 10  # apply the denoiser after every k-th step
+    # Denoise after the first step and every k-th after it: the first Adam step moves every
+    # pixel by +-lr, and removing that pattern at once mattered (benchmarks/attack_levers.md).
+    denoise_every: int = 10
     denoise_size: int = 3  # odd filter width (median)
     denoise_sigma: float = 1.0  # standard deviation in pixels (gaussian)
     jitter: int = 0  # random shift of up to this many pixels per step (edge padded)
@@ -289,7 +291,7 @@ def clone_step(
             "median": lambda v: median_filter(v, cfg.denoise_size),
             "gaussian": lambda v: gaussian_filter(v, cfg.denoise_sigma),
         }[cfg.denoise]
-        x = jax.lax.cond((step + 1) % cfg.denoise_every == 0, denoise, lambda v: v, x)
+        x = jax.lax.cond(step % cfg.denoise_every == 0, denoise, lambda v: v, x)
     finite = finite & jnp.all(jnp.isfinite(x))
 
     reason = jnp.select(

@@ -54,8 +54,10 @@ def reference(cfg, apply_fn, params, seed, key, label, steps):
             return x, t, "patience"
         updates, state = opt.update(g, state, x)
         new = jnp.clip(x + updates, 0, 1)
-        if cfg.denoise == "median" and (t + 1) % cfg.denoise_every == 0:
+        if cfg.denoise == "median" and t % cfg.denoise_every == 0:
             new = inv.median_filter(new, cfg.denoise_size)
+        if cfg.denoise == "gaussian" and t % cfg.denoise_every == 0:
+            new = inv.gaussian_filter(new, cfg.denoise_sigma)
         if not np.all(np.isfinite(new)):
             return x, t, "diverged"
         x = new
@@ -129,6 +131,13 @@ def test_random_transform_shifts_within_jitter():
         inv.InversionConfig(loss="cross_entropy", optimizer="momentum", learning_rate=0.2),
         inv.InversionConfig(loss="max_margin", optimizer="adam", learning_rate=0.02, margin=0.5),
         inv.InversionConfig(loss="poincare", optimizer="sgd", learning_rate=0.5),
+        inv.InversionConfig(
+            loss="cross_entropy",
+            optimizer="adam",
+            learning_rate=0.05,
+            denoise="gaussian",
+            denoise_every=3,
+        ),
         inv.InversionConfig(
             loss="cross_entropy",
             optimizer="adam",
