@@ -75,30 +75,40 @@ def padded_size(n: int, mesh: Mesh) -> int:
 def shard_clones(mesh: Mesh, tree: Any) -> Any:
     """Every leaf's leading (clones) axis padded to a multiple of the devices and split over them.
 
-    Padding repeats the last clone (the caller drops the padded results); keys are padded as their
+    Padding repeats the last clone (the caller drops the padded results); keys travel as their
     raw data. Every process must pass the same full values (multi-host).
     """
     sharding = NamedSharding(mesh, P(AXIS))
 
     def place(a):
-        n = a.shape[0]
+        key = jnp.issubdtype(a.dtype, jax.dtypes.prng_key)
+        v = jax.random.key_data(a) if key else a
+        n = v.shape[0]
         size = padded_size(n, mesh)
         if size > n:
-            pad = lambda v: jnp.concatenate([v, jnp.repeat(v[-1:], size - n, 0)])  # noqa: E731
-            if jnp.issubdtype(a.dtype, jax.dtypes.prng_key):
-                a = jax.random.wrap_key_data(
-                    pad(jax.random.key_data(a)), impl=jax.random.key_impl(a)
-                )
-            else:
-                a = pad(jnp.asarray(a))
-        return jax.device_put(a, sharding)
+            v = jnp.concatenate([v, jnp.repeat(v[-1:], size - n, 0)])
+        v = _global(v, sharding)
+        return jax.random.wrap_key_data(v, impl=jax.random.key_impl(a)) if key else v
 
     return jax.tree.map(place, tree)
 
 
 def replicate(mesh: Mesh, tree: Any) -> Any:
     """Every leaf copied whole to every device of the mesh (the recognizer's parameters)."""
-    return jax.device_put(tree, NamedSharding(mesh, P()))
+    sharding = NamedSharding(mesh, P())
+    return jax.tree.map(lambda a: _global(a, sharding), tree)
+
+
+def _global(a: Any, sharding: NamedSharding) -> jax.Array:
+    """``a`` laid out as ``sharding`` across every process's devices.
+
+    A host value (the same on every process) becomes each device's slice of it; an array that
+    already spans processes is resharded on the devices.
+    """
+    if isinstance(a, jax.Array) and not a.is_fully_addressable:
+        return jax.device_put(a, sharding)
+    host = np.asarray(a)
+    return jax.make_array_from_callback(host.shape, sharding, lambda index: host[index])
 
 
 def to_host(tree: Any) -> Any:

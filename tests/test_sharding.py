@@ -132,3 +132,62 @@ def test_shard_flag_off_on_one_device_is_the_plain_program():
         for s in (True, False)
     )
     np.testing.assert_allclose(a.clones, b.clones, atol=1e-5)
+
+
+# Two processes on this machine (one CPU device each, gloo collectives) as two hosts would run:
+# jax.distributed.initialize, the same full batch in each, results gathered to both.
+TWO_HOSTS = r"""
+import json, sys
+import jax
+jax.config.update("jax_cpu_collectives_implementation", "gloo")
+jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
+import jax.numpy as jnp
+from jaxmia import inversion as inv, models
+mc = models.ModelConfig(num_classes=10, image_size=(16, 16), channels=3, conv_features=(4, 8),
+                        kernel_sizes=(5, 3), dense_features=(32,))
+graphdef, params = models.init(mc, jax.random.key(0))
+x = jax.random.uniform(jax.random.key(1), (5, 16, 16, 3))
+keys = jax.random.split(jax.random.key(2), 5)
+cfg = inv.InversionConfig(learning_rate=0.5, shard=int(sys.argv[2]) >= 0)
+r = inv.invert_batch(inv.recognizer_apply(graphdef), params, x, jnp.arange(5), keys, cfg, 6)
+json.dump({"devices": len(jax.devices()), "clones": r.clones.tolist()}, sys.stdout)
+"""
+
+
+def test_two_processes_as_two_hosts_equal_one_device(tmp_path):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+    # Output to files: a full pipe would block one process while the other waits on it.
+    logs = [(tmp_path / f"out{i}", tmp_path / f"err{i}") for i in range(2)]
+    procs = []
+    for i, (out, err) in enumerate(logs):
+        with out.open("w") as o, err.open("w") as e:
+            cmd = [sys.executable, "-c", TWO_HOSTS, address, str(i)]
+            procs.append(subprocess.Popen(cmd, env=env, stdout=o, stderr=e))
+    try:
+        for p, (_, err) in zip(procs, logs, strict=True):
+            assert p.wait(timeout=120) == 0, err.read_text()[-3000:]
+    finally:
+        for p in procs:
+            p.kill()
+    hosts = [json.loads(out.read_text().strip().splitlines()[-1]) for out, _ in logs]
+    assert [h["devices"] for h in hosts] == [2, 2]  # one mesh over both processes' devices
+    x, labels = jax.random.uniform(jax.random.key(1), (5, 16, 16, 3)), np.arange(5)
+    mc = models.ModelConfig(
+        num_classes=10,
+        image_size=(16, 16),
+        channels=3,
+        conv_features=(4, 8),
+        kernel_sizes=(5, 3),
+        dense_features=(32,),
+    )
+    graphdef, params = models.init(mc, jax.random.key(0))
+    keys = jax.random.split(jax.random.key(2), 5)
+    cfg = inv.InversionConfig(learning_rate=0.5, shard=False)
+    one = inv.invert_batch(inv.recognizer_apply(graphdef), params, x, labels, keys, cfg, 6)
+    for h in hosts:  # every process holds the whole result
+        np.testing.assert_allclose(np.asarray(h["clones"]), one.clones, atol=1e-5)
