@@ -18,6 +18,8 @@ the cluster's environment, or as arguments) in every process before any other JA
 ``jax.devices()`` lists every host's devices, ``clone_mesh`` spans them, each process computes
 the same full batch of seeds and keys (they are deterministic functions of the config), places
 only its own shards (``shard_clones``), and ``to_host`` gathers the results to every process.
+Tested with two processes on one machine as two hosts (CPU, which needs
+``jax.config.update("jax_cpu_collectives_implementation", "gloo")`` before initialising).
 """
 
 from __future__ import annotations
