@@ -11,7 +11,9 @@ path (measured: after 20 steps at 64x64, 121 of 129 clones within 1 ulp, 8 withi
 
 On CPU, one JAX device runs a step's convolutions with few threads; splitting the host into one
 device per core (``use_all_cores``, before JAX starts its backend) and sharding over them keeps
-every core busy. ``jaxmia invert`` does that when ``inversion.shard`` is on.
+more cores busy. ``jaxmia invert`` does that when ``inversion.shard`` is on. Measured on the
+shared 2-core CPU (``benchmarks/results/inversion.md``): 1.27-1.39x at 64x64x1, batch 128; no
+gain at 128x128x3, batch 64 (0.93-0.95x).
 
 Multi-host: call ``jax.distributed.initialize()`` (coordinator address, process count and id from
 the cluster's environment, or as arguments) in every process before any other JAX call; then
