@@ -76,8 +76,10 @@ def _experiment_defaults() -> ml_collections.ConfigDict:
     c = ml_collections.ConfigDict()
     # Invert restarts x inversion.clones per identity and keep the inversion.clones best by R_T.
     c.restarts = 1
-    # "confidence": R_T's softmax score of the target; "robust": its mean over random shifts (up
-    # to select_jitter pixels) and flips, which favours clones that are not adversarial patterns.
+    # By "confidence": R_T's softmax score of the target (rounds to 1.0 for most clones of a
+    # long run, and ties keep the first clones); "margin": R_T's logit of the target minus its
+    # highest other logit; "robust": that margin's mean over random shifts (up to select_jitter
+    # pixels) and flips, favouring clones that are not adversarial pixel patterns.
     c.select = "robust"
     c.select_jitter = 2
     c.select_flip = True

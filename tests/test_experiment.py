@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxmia import checkpoint, cli, config, evaluation, experiment, files, train
+from jaxmia import checkpoint, cli, config, experiment, files, train
 from jaxmia import data as data_lib
 from jaxmia import inversion as inv
 from jaxmia.errors import JaxmiaError
@@ -172,26 +172,31 @@ def test_selection_keeps_the_best_by_r_t(finished):
         flat = z["clones"].reshape(-1, *z["clones"].shape[2:])
         labels = np.repeat(z["labels"], z["clones"].shape[1])
     cfg = config.default_config()
-    scores = experiment.robust_scores(
+    scores = experiment.robust_margins(
         rec_t, flat, labels, jitter=2, flip=True, samples=8,
         key=jax.random.fold_in(jax.random.key(cfg.inversion.rng_seed), 2),
     ).reshape(2, 4)  # fmt: skip
     with np.load(sel) as k:
         for i in range(2):
             np.testing.assert_allclose(
-                k["select_score"][i], np.sort(scores[i])[::-1][:2], rtol=1e-6
+                k["select_score"][i], np.sort(scores[i])[::-1][:2], rtol=1e-5
             )
 
 
-def test_robust_scores_without_transforms_are_plain_scores(finished):
+def test_logit_margins_by_hand(finished):
     rec_t = checkpoint.load_recognizer(finished[0] / "target")
-    x = np.random.default_rng(0).uniform(size=(3, 32, 32, 1)).astype(np.float32)
-    y = np.array([0, 1, 0])
-    plain = evaluation.score_images(rec_t, x, y).score
-    robust = experiment.robust_scores(
-        rec_t, x, y, jitter=0, flip=False, samples=3, key=jax.random.key(0)
+    x = np.random.default_rng(0).uniform(size=(300, 32, 32, 1)).astype(np.float32)  # 2 batches
+    y = np.arange(300) % rec_t.config.num_classes
+    z = np.asarray(rec_t.logits(x), np.float64)
+    others = z.copy()
+    others[np.arange(300), y] = -np.inf
+    want = z[np.arange(300), y] - others.max(axis=1)
+    np.testing.assert_allclose(experiment.logit_margins(rec_t, x, y), want, rtol=1e-4, atol=1e-4)
+    # Without transforms the robust margin is the plain one.
+    robust = experiment.robust_margins(
+        rec_t, x[:3], y[:3], jitter=0, flip=False, samples=2, key=jax.random.key(0)
     )
-    np.testing.assert_allclose(robust, plain, rtol=1e-6)
+    np.testing.assert_allclose(robust, want[:3], rtol=1e-4, atol=1e-4)
 
 
 def test_rerun_skips_every_stage(finished, capsys, monkeypatch):
