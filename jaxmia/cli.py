@@ -36,7 +36,7 @@ COMMANDS = {
     ),
 }
 # Commands whose clone batches run faster split over one JAX CPU device per core.
-CPU_SHARDED = ("invert",)
+CPU_SHARDED = ("invert", "experiment")
 
 
 def _parser() -> argparse.ArgumentParser:
