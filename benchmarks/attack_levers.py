@@ -1,7 +1,7 @@
 """Which levers make clones that R_E recognises? AT&T at 64x64 grey, one lever at a time.
 
     python -m benchmarks.attack_levers --setup many --workdir runs/levers
-    python -m benchmarks.attack_levers --setup k5 --workdir runs/levers --only baseline,best
+    python -m benchmarks.attack_levers --setup k5 --clones 20 --only "Adam 0.02;Adam 0.1"
 
 R_T and R_E are trained once per setup (``jaxmia experiment``'s first three stages, into
 WORKDIR/SETUP); every trial then inverts R_T's attacked identities with ``jaxmia invert``'s code
@@ -13,6 +13,7 @@ select_clones``) and scores them with R_E (``evaluation.evaluate``). Setups:
   4 to R_T and 4 to R_E (disjoint). Chance: 1/33.
 - ``k5``: the default split: 5 attacked, 14 target-only, 14 evaluation-only, 7 auxiliary; 5
   test photos per person, an attacked person's other 5 split 3 to R_T and 2 to R_E. Chance 1/19.
+- ``many-seed1``: ``many`` drawn with split.seed 1 (another auxiliary pool, other photos).
 
 A trial is one row of TRIALS: config overrides on top of the defaults (the paper's inversion
 settings), optionally restarts. Results go to WORKDIR/SETUP/levers.jsonl (a rerun skips the
@@ -41,6 +42,8 @@ SETUPS = {
     },
     "k5": {},
 }
+# The "many" split drawn with split.seed 1: another auxiliary pool, other photos for R_T and R_E.
+SETUPS["many-seed1"] = {**SETUPS["many"], "split.seed": 1}
 
 
 def _t(restarts: int = 1, **fields) -> tuple[dict, int]:
