@@ -60,12 +60,13 @@ OUTPUTS = {
     "inversions": ("inversions",),
     "report": ("report", "experiment.json"),
 }
-# Fields that do not change a stage's result (paths, checkpoint bookkeeping).
+# Fields that do not change a stage's result (paths, bookkeeping, how the inversion runs).
 NOT_SETTINGS = {
     "data.cache_dir",
     "train.recognizer",
     "train.checkpoint_every",
     "train.keep_checkpoints",
+    *(f"inversion.{k}" for k in invert.HOW_NOT_WHAT),
 }
 PAPER_AUX_FACES = 256  # the paper's seed: the mean of 256 auxiliary faces
 MIN_IDENTITIES = 4  # attacked, target-only, evaluation-only, auxiliary: one each at least

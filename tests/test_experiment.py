@@ -315,7 +315,10 @@ def test_stage_settings_chain():
         ["inversion.steps"],
     )
     cfg.data.cache_dir = "/elsewhere"  # where the cache is does not change a result
+    cfg.inversion.shard = not cfg.inversion.shard  # nor how the inversion runs
+    cfg.inversion.steps = config.default_config().inversion.steps
     assert experiment.stage_settings(cfg)["split"] == base["split"]
+    assert experiment.stage_settings(cfg)["inversions"] == base["inversions"]
     cfg.train.epochs = 1
     changed = experiment.changed_stage(
         {s: {"settings": base[s]} for s in base}, experiment.stage_settings(cfg)
