@@ -67,8 +67,14 @@ def manager(path: str | Path, keep: int | None = None) -> ocp.CheckpointManager:
 
 
 def abstract_params(config: models.ModelConfig) -> dict:
-    """Shapes and dtypes of the params pure dict for ``config``, without allocating them."""
-    return jax.eval_shape(lambda: nnx.to_pure_dict(models.init(config, jax.random.key(0))[1]))
+    """Shapes and dtypes of the params pure dict for ``config``, without allocating them.
+
+    Placed on this process's first device: in a multi-process run each process restores its own
+    whole copy (orbax would otherwise look for the topology the checkpoint was saved on).
+    """
+    here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    shapes = jax.eval_shape(lambda: nnx.to_pure_dict(models.init(config, jax.random.key(0))[1]))
+    return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=here), shapes)
 
 
 def _pure(params: nnx.State | dict) -> dict:

@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+import jax
+
 from jaxmia import config as config_lib
 from jaxmia import sharding
 from jaxmia.errors import JaxmiaError
@@ -74,6 +76,16 @@ def main(argv: list[str] | None = None) -> int:
         module.run(args, config)
     except JaxmiaError as e:
         print(f"jaxmia {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except jax.errors.JaxRuntimeError as e:
+        if not jax.distributed.is_initialized():
+            raise  # a failure of this process alone is a bug: keep its traceback
+        first = str(e).strip().splitlines()[0][:300]
+        print(
+            f"jaxmia {args.command}: error: the multi-process run failed; another process "
+            f"stopped or is unreachable (see its own error): {first}",
+            file=sys.stderr,
+        )
         return 2
     except KeyboardInterrupt:
         print(

@@ -218,6 +218,8 @@ def load(path: str | None) -> ml_collections.ConfigDict:
 def _parse_value(text: str, current):
     if isinstance(current, str):
         return text
+    if isinstance(current, bool) and text.lower() in ("true", "false"):
+        return text.lower() == "true"  # absl's config_flags accept both spellings too
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):

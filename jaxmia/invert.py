@@ -14,10 +14,15 @@ identities if the checkpoint records a split, else all) with the settings of the
 - ``summary.json``: the checkpoint, settings, per-identity confidence before (seed) and after,
   steps, divergence, stop reasons; timings with compile time apart from run time.
 - ``grid_<name>.png`` per identity: the seed, then the clones titled with their confidence.
-- ``run.json`` (the settings the chunks belong to) and ``chunks/chunk_NNNNN.npz``: finished chunks,
-  written atomically. A rerun with the same settings skips them (resume); other settings in the
-  same workdir are an error naming the differing fields (except those in ``HOW_NOT_WHAT``, which
-  do not change the results).
+- ``run.json`` (the settings the chunks belong to, and their size) and
+  ``chunks/chunk_NNNNN.npz``: finished chunks, written atomically. A rerun with the same
+  settings skips them (resume; a different machine keeps the recorded chunk size); other
+  settings in the same workdir are an error naming the differing fields (except those in
+  ``HOW_NOT_WHAT``, which do not change the results).
+
+Multi-host (``--distributed``): the same command in every process; the clones are sharded over
+every process's devices, process 0 alone reads and writes the workdir (the others need the
+checkpoint and seed data, not the workdir) and decides which chunks are still to run.
 
 Clones that diverge (NaN/Inf) are frozen at their last finite image and reported on stderr and
 in the summary's ``warnings``. If every clone diverges the outputs are still written and the
@@ -41,7 +46,7 @@ import numpy as np
 import tqdm
 from matplotlib.figure import Figure
 
-from jaxmia import checkpoint, files, report, seeds
+from jaxmia import checkpoint, files, report, seeds, sharding
 from jaxmia import inversion as inv
 from jaxmia.errors import JaxmiaError
 
@@ -66,6 +71,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--steps", type=int, default=None, help="most steps (config: inversion.steps)"
     )
+    group = parser.add_argument_group(
+        "multi-host", "run the same command in every process; process 0 writes the outputs"
+    )
+    group.add_argument(
+        "--distributed",
+        action="store_true",
+        help="join a multi-process JAX run (jax.distributed.initialize) and shard the clones "
+        "over every process's devices; where the coordinator is comes from the cluster "
+        "(Slurm, Open MPI, Cloud TPU) or the three options below",
+    )
+    group.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
+    group.add_argument("--num-processes", type=int, default=None, help="processes in the run")
+    group.add_argument("--process-id", type=int, default=None, help="this process, 0..N-1")
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -209,34 +227,45 @@ def _fingerprint(args, rec, config, labels, clones, steps) -> dict[str, Any]:
     return json.loads(json.dumps(run))  # tuples as lists, as they read back
 
 
-def _claim_workdir(workdir: Path, run: dict[str, Any]) -> None:
-    """Records the run's settings, or checks that the workdir's chunks belong to the same ones."""
+def _claim_workdir(workdir: Path, run: dict[str, Any], size: int) -> int:
+    """Records the run's settings and chunk size, or checks that the workdir's chunks belong to
+    the same settings; returns the chunk size to use (a resumed run keeps the recorded one, which
+    may differ here, e.g. on a machine with other devices, so its chunk files stay valid)."""
     path = workdir / "run.json"
     if path.exists():
         old = json.loads(path.read_text())
+        size = int(old.pop("chunk_size", size))
         differ = sorted(k for k in run.keys() | old.keys() if run.get(k) != old.get(k))
         if differ:
             raise JaxmiaError(
                 f"workdir {workdir}: holds a run with other settings ({', '.join(differ)}); "
                 "use another --workdir or delete that one"
             )
-    files.write_json(path, run)
+    files.write_json(path, run | {"chunk_size": size})
+    return size
 
 
 def _invert_chunks(
-    rec, config, start, keys, targets, steps, workdir
+    rec, config, start, keys, targets, steps, workdir, size
 ) -> tuple[dict, inv.Timing, int]:
     """Runs (or loads) every chunk: (per-clone arrays [n], total timing, chunks resumed)."""
     cfg = inv.InversionConfig.from_config(config.inversion)
     apply_fn = inv.recognizer_apply(rec.graphdef)
     n = start.shape[0]
-    size = inv.chunk_size(n, config.inversion.max_batch, inv.bytes_per_clone(rec.config, cfg))
     parts, total, resumed = [], inv.Timing(), 0
     bounds = list(inv.chunks(n, size))
-    bar = tqdm.tqdm(bounds, desc="invert", unit="chunk", disable=None, leave=False)
-    for i, sl in bar:
-        path = workdir / "chunks" / f"chunk_{i:05d}.npz"
-        if path.exists():
+    paths = [workdir / "chunks" / f"chunk_{i:05d}.npz" for i, _ in bounds]
+    # Multi-host: every process computes the chunks process 0 has not got (the collectives
+    # need all of them); only process 0 reads and writes files.
+    done = sharding.agree(np.array([p.exists() for p in paths]))
+    main = sharding.is_main()
+    bar = tqdm.tqdm(
+        bounds, desc="invert", unit="chunk", disable=None if main else True, leave=False
+    )
+    for (i, sl), path in zip(bar, paths, strict=True):
+        if done[i]:
+            if not main:
+                continue
             with np.load(path) as z:
                 part = {k: z[k] for k in z.files}
             resumed += 1
@@ -253,11 +282,15 @@ def _invert_chunks(
                 "run_s": timing.run_s,
                 "gradients": timing.gradients,
             }
+            if not main:
+                continue
             files.savez(path, **part)
         total.compile_s += float(part["compile_s"])
         total.run_s += float(part["run_s"])
         total.gradients += int(part["gradients"])
         parts.append(part)
+    if not main:
+        return {}, total, resumed
     merged = {k: np.concatenate([p[k] for p in parts]) for k in ("clones", *PER_CLONE)}
     return merged | {"chunk_size": size, "chunks": len(bounds)}, total, resumed
 
@@ -323,15 +356,25 @@ def run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:
     if config.inversion.max_batch < 1:
         raise JaxmiaError(f"inversion.max_batch={config.inversion.max_batch}: expected >= 1")
     inv.InversionConfig.from_config(config.inversion)  # bad settings fail before any loading
+    if getattr(args, "distributed", False):
+        sharding.initialize(args.coordinator, args.num_processes, args.process_id)
     rec = checkpoint.load_recognizer(args.checkpoint)
     labels = parse_identities(args.identities, rec.names, rec.meta)
     names = [rec.names[i] for i in labels]
     workdir = Path(args.workdir)
-    _claim_workdir(workdir, _fingerprint(args, rec, config, labels, clones, steps))
+    cfg = inv.InversionConfig.from_config(config.inversion)
+    size = inv.chunk_size(
+        len(labels) * clones, config.inversion.max_batch, inv.bytes_per_clone(rec.config, cfg)
+    )
+    if sharding.is_main():
+        size = _claim_workdir(workdir, _fingerprint(args, rec, config, labels, clones, steps), size)
+    size = int(sharding.agree(np.int32(size)))
 
     start, keys, seed_from = make_start(rec, config, labels, clones)
     targets = jnp.repeat(jnp.asarray(labels, jnp.int32), clones)
-    r, timing, resumed = _invert_chunks(rec, config, start, keys, targets, steps, workdir)
+    r, timing, resumed = _invert_chunks(rec, config, start, keys, targets, steps, workdir, size)
+    if not sharding.is_main():
+        return
 
     ids = len(labels)
     shape = start.shape[1:]

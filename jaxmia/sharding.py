@@ -16,7 +16,8 @@ shared 2-core CPU (``benchmarks/results/inversion.md``): 1.27-1.39x at 64x64x1, 
 gain at 128x128x3, batch 64 (0.93-0.95x).
 
 Multi-host: call ``jax.distributed.initialize()`` (coordinator address, process count and id from
-the cluster's environment, or as arguments) in every process before any other JAX call; then
+the cluster's environment, or as arguments; ``initialize`` here, or ``jaxmia invert
+--distributed``) in every process before any other JAX call; then
 ``jax.devices()`` lists every host's devices, ``clone_mesh`` spans them, each process computes
 the same full batch of seeds and keys (they are deterministic functions of the config), places
 only its own shards (``shard_clones``), and ``to_host`` gathers the results to every process.
@@ -38,6 +39,8 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxmia.errors import JaxmiaError
+
 AXIS = "data"
 
 
@@ -54,6 +57,46 @@ def use_all_cores(count: int | None = None) -> int:
         return len(jax.devices("cpu"))
     jax.config.update("jax_num_cpu_devices", count)
     return count
+
+
+def initialize(
+    coordinator: str | None = None, num_processes: int | None = None, process_id: int | None = None
+) -> None:
+    """Joins a multi-process JAX run (``jax.distributed.initialize``), before any computation.
+
+    Without arguments the cluster's environment says where the coordinator is and which process
+    this is (Slurm, Open MPI, Cloud TPU); otherwise give all three. CPU hosts exchange over gloo.
+    """
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    given = (coordinator, num_processes, process_id)
+    if any(v is not None for v in given) and any(v is None for v in given):
+        raise JaxmiaError(
+            "--coordinator, --num-processes and --process-id: expected all three or none "
+            "(none: from the cluster's environment)"
+        )
+    try:
+        jax.distributed.initialize(coordinator, num_processes, process_id)
+        jax.devices()  # every process's backend joins here, or this fails after JAX's timeout
+    except (RuntimeError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise JaxmiaError(
+            f"--distributed: could not join the multi-process run ({first}); expected a "
+            "Slurm, Open MPI or Cloud TPU environment, or --coordinator HOST:PORT "
+            "--num-processes N --process-id I in every process"
+        ) from None
+
+
+def is_main() -> bool:
+    """True in the process that writes outputs (process 0; the only one outside multi-host)."""
+    return jax.process_index() == 0
+
+
+def agree(value: Any) -> Any:
+    """Process 0's ``value`` (a NumPy-able tree) in every process: decisions every process must
+    share, such as which chunks are already done. The value itself outside multi-host."""
+    if jax.process_count() == 1:
+        return value
+    return multihost_utils.broadcast_one_to_all(value)
 
 
 def clone_mesh(

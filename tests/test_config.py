@@ -13,6 +13,8 @@ from jaxmia.errors import JaxmiaError
         ("--config.data.image_size=(32,40)", ("data", "image_size"), (32, 40)),
         ("--config.data.image_size=[32,40]", ("data", "image_size"), (32, 40)),
         ("--config.train.augment=False", ("train", "augment"), False),
+        ("--config.train.augment=false", ("train", "augment"), False),
+        ("--config.inversion.shard=TRUE", ("inversion", "shard"), True),
         ("--config.data.synthetic.num_identities=7", ("data", "synthetic", "num_identities"), 7),
     ],
 )
@@ -33,6 +35,7 @@ def test_overrides(override, field, expected):
         ("--config.trian.epochs=5", "unknown config field config.trian"),
         ("--config.train.epochs=many", "config field config.train.epochs: expected int"),
         ("--config.train=3", "is a group"),
+        ("--config.train.augment=yes", "config field config.train.augment: expected bool"),
         ("--config.train.epochs", "expected --config.FIELD=VALUE"),
     ],
 )

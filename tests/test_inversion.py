@@ -333,10 +333,15 @@ def test_second_run_of_a_shape_compiles_nothing(tiny):
     assert first > 0 and len(compiles) == first
 
 
-def test_chunk_size_caps_by_batch_and_memory():
+def test_chunk_size_caps_by_batch_memory_and_cache():
     assert inv.chunk_size(1000, 256, 1000, memory_bytes=10**12) == 250  # 4 equal chunks
     assert inv.chunk_size(100, 256, 1000, memory_bytes=10**12) == 100
     assert inv.chunk_size(100, 256, 1000, memory_bytes=4 * 30 * 1000) == 25  # 30 fit -> 4 x 25
+    # the cache budget caps like memory does; None lifts it
+    assert inv.chunk_size(100, 256, 1000, memory_bytes=10**12, cache_bytes=30 * 1000) == 25
+    assert inv.chunk_size(1000, 256, 1000, memory_bytes=10**12, cache_bytes=None) == 250
+    cpu = inv.CPU_CACHE_BYTES * len(jax.devices()) // 1000  # the default on CPU
+    assert inv.chunk_size(10**6, 10**6, 1000, memory_bytes=10**12) <= cpu
     paper = models.ModelConfig(num_classes=2041, image_size=(128, 128), channels=3)
     per = inv.bytes_per_clone(paper, inv.InversionConfig(optimizer="adam"))
     assert 1e6 < per < 2e7

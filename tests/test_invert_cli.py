@@ -9,6 +9,7 @@ from flax import nnx
 from PIL import Image
 
 from jaxmia import checkpoint, cli, models
+from jaxmia import inversion as inv
 
 MODEL = models.ModelConfig(
     num_classes=3,
@@ -108,6 +109,21 @@ def test_resume_skips_finished_chunks(ckpt, tmp_path):
     with np.load(tmp_path / "inversions.npz") as z:
         np.testing.assert_allclose(z["clones"], first, atol=1e-6)
     assert json.loads((tmp_path / "summary.json").read_text())["timing"]["chunks_resumed"] == 1
+
+
+def test_resume_keeps_the_recorded_chunk_size(ckpt, tmp_path, monkeypatch):
+    """Chunk files hold fixed clone ranges: a rerun where chunk_size would now come out
+    otherwise (another machine's devices or memory) keeps the workdir's size."""
+    assert _invert(ckpt, tmp_path) == 0
+    with np.load(tmp_path / "inversions.npz") as z:
+        first = z["clones"]
+    (tmp_path / "chunks" / "chunk_00001.npz").unlink()
+    monkeypatch.setattr(inv, "chunk_size", lambda *a, **k: 2)
+    assert _invert(ckpt, tmp_path) == 0
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["timing"]["chunk_size"] == 3 and summary["timing"]["chunks_resumed"] == 1
+    with np.load(tmp_path / "inversions.npz") as z:
+        np.testing.assert_allclose(z["clones"], first, atol=1e-6)
 
 
 def test_other_settings_in_the_same_workdir_is_an_error(ckpt, tmp_path, capsys):
@@ -217,3 +233,76 @@ def test_seed_from_the_checkpoints_auxiliary_identities(tmp_path):
     assert np.abs(seeds[0] - seeds[1]).max() > 1e-3
     summary = json.loads((out / "summary.json").read_text())
     assert summary["seed_from"].startswith("synthetic (2 identities, 8 faces)")
+
+
+def _two_processes(tmp_path, checkpoints, workdirs) -> list[tuple[int, str]]:
+    """``jaxmia invert --distributed`` in two processes on this machine (gloo), as on two hosts:
+    (exit code, stderr) of each."""
+    import socket
+    import subprocess
+    import sys
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{s.getsockname()[1]}"
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+    procs, logs = [], []
+    for i, (ckpt, workdir) in enumerate(zip(checkpoints, workdirs, strict=True)):
+        cmd = [sys.executable, "-m", "jaxmia", "invert", "--workdir", str(workdir),
+               "--checkpoint", ckpt, "--clones", "3", "--steps", "5", "--identities", "0,s5",
+               *FAST, "--distributed", "--coordinator", address, "--num-processes", "2",
+               "--process-id", str(i)]  # fmt: skip
+        logs.append(tmp_path / f"err{i}")
+        with logs[-1].open("w") as err:  # files, not pipes: a full pipe would block a process
+            procs.append(subprocess.Popen(cmd, env=env, stdout=err, stderr=err))
+    try:
+        return [(p.wait(timeout=180), log.read_text()) for p, log in zip(procs, logs, strict=True)]
+    finally:
+        for p in procs:
+            p.kill()
+
+
+def test_two_processes_as_two_hosts_write_what_one_process_does(ckpt, tmp_path):
+    """Process 0 writes the clones a single process makes; process 1 (given a workdir of its
+    own to show it) writes nothing."""
+    shared, other = tmp_path / "shared", tmp_path / "other"
+    for code, log in _two_processes(tmp_path, [ckpt, ckpt], [shared, other]):
+        assert code == 0, log[-3000:]
+    assert not other.exists()
+    summary = json.loads((shared / "summary.json").read_text())
+    assert summary["timing"]["chunk_size"] == 3 and summary["timing"]["chunks"] == 2
+    single = tmp_path / "single"
+    assert _invert(ckpt, single, "--config.inversion.shard=false") == 0
+    with np.load(shared / "inversions.npz") as a, np.load(single / "inversions.npz") as b:
+        np.testing.assert_allclose(a["clones"], b["clones"], atol=1e-5)
+        assert (a["steps"] == 5).all()
+
+
+def test_a_failing_process_stops_the_other_with_one_line(ckpt, tmp_path):
+    """Process 1 is given a checkpoint that is not there: both stop with one-line errors
+    (process 0 once JAX's collectives time out, about 30 s) and nothing is written."""
+    (code0, log0), (code1, log1) = _two_processes(
+        tmp_path, [ckpt, str(tmp_path / "missing")], [tmp_path / "w", tmp_path / "w"]
+    )
+    assert code1 == 2 and "checkpoint" in log1 and "not found" in log1, log1[-3000:]
+    assert code0 == 2 and "another process stopped or is unreachable" in log0, log0[-3000:]
+    for log in (log0, log1):
+        assert "Traceback" not in log
+    assert not (tmp_path / "w" / "inversions.npz").exists()
+
+
+@pytest.mark.parametrize(
+    "extra, words",
+    [
+        ([], ["--distributed", "could not join", "--coordinator HOST:PORT"]),
+        (["--coordinator", "127.0.0.1:1"], ["expected all three or none"]),
+    ],
+)
+def test_distributed_without_a_cluster_is_a_one_line_error(
+    ckpt, tmp_path, capsys, monkeypatch, extra, words
+):
+    for k in [k for k in os.environ if k.startswith(("SLURM_", "OMPI_", "PMI_"))]:
+        monkeypatch.delenv(k)  # no cluster to detect
+    assert _invert(ckpt, tmp_path, "--distributed", *extra) == 2
+    _one_line_error(capsys, *words)
+    assert not (tmp_path / "inversions.npz").exists()
