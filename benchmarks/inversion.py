@@ -87,8 +87,14 @@ def _batch(mc, batch: int):
     return x, jnp.arange(batch) % mc.num_classes, jax.random.split(jax.random.key(2), batch)
 
 
-def _steps_for(rate: float, batch: int, seconds: float) -> int:
-    return max(2, int(seconds * rate / batch))
+# jaxmia's runs take at least this many steps: a run's fixed costs (placing the batch, the
+# final evaluation, copying results to the host) come once per inversion of hundreds of steps
+# in real use, and a timing of 2-3 steps would charge them several times over.
+JAX_MIN_STEPS = 10
+
+
+def _steps_for(rate: float, batch: int, seconds: float, least: int = 2) -> int:
+    return max(least, int(seconds * rate / batch))
 
 
 def jax_run(mc, apply_fn, params, batch: int, seconds: float, shard: bool = True) -> dict:
@@ -99,7 +105,7 @@ def jax_run(mc, apply_fn, params, batch: int, seconds: float, shard: bool = True
     x, labels, keys = _batch(mc, batch)
     warm = inv.Timing()
     inv.invert_batch(apply_fn, params, x, labels, keys, cfg, 2, warm)
-    steps = _steps_for(warm.gradients_per_s, batch, seconds)
+    steps = _steps_for(warm.gradients_per_s, batch, seconds, JAX_MIN_STEPS)
     t = inv.Timing()
     inv.invert_batch(apply_fn, params, x, labels, keys, cfg, steps, t)
     step_program = [c for sig, c in inv.make_program(apply_fn, cfg).compiled.items()
@@ -133,7 +139,7 @@ def chunked_run(mc, apply_fn, params, batch: int, seconds: float, one: dict) -> 
     x, labels, keys = _batch(mc, batch)
     warm = inv.Timing()
     inv.invert(apply_fn, params, x, labels, keys, cfg, 2, size=size, timing=warm)
-    steps = _steps_for(warm.gradients_per_s, batch, seconds)
+    steps = _steps_for(warm.gradients_per_s, batch, seconds, JAX_MIN_STEPS)
     t = inv.Timing()
     inv.invert(apply_fn, params, x, labels, keys, cfg, steps, size=size, timing=t)
     return {"chunk_size": size, "compile_s": warm.compile_s, "steps": steps, "run_s": t.run_s,
@@ -159,6 +165,51 @@ def loop_run(mc, apply_fn, params, clones: int, seconds: float) -> dict:
         inv.invert_batch(apply_fn, params, x[i : i + 1], labels[i : i + 1], keys[i : i + 1],
                          cfg, steps, t)  # fmt: skip
     return {"clones": clones, "steps": steps, "run_s": t.run_s, "per_s": t.gradients_per_s}
+
+
+def layer_times(mc, model, batch: int, reps: int = 20) -> list[dict]:
+    """Where a step's time goes: each layer's forward + backward to its input, timed alone on
+    one device (jitted, warm, ``block_until_ready``), with its FLOP rate."""
+    import jax
+    import jax.numpy as jnp
+
+    from jaxmia import fastconv
+
+    def timed(f, x):
+        def forward_backward(v):
+            y, vjp = jax.vjp(f, v)
+            return vjp(jnp.ones_like(y))[0]
+
+        step = jax.jit(forward_backward)
+        jax.block_until_ready(step(x))
+        t = time.perf_counter()
+        for _ in range(reps):
+            out = step(x)
+        jax.block_until_ready(out)
+        return (time.perf_counter() - t) / reps
+
+    h = jax.random.uniform(jax.random.key(0), (batch, *mc.image_size, mc.channels))
+    rows = []
+    for i, conv in enumerate(model.convs):
+        k, b = conv.kernel[...], conv.bias[...]
+        f = functools.partial(fastconv.conv_relu_pool, kernel=k, bias=b)
+        kh, kw, cin, cout = k.shape
+        flops = 2 * 2 * batch * h.shape[1] * h.shape[2] * kh * kw * cin * cout
+        seconds = timed(f, h)
+        rows.append({"layer": f"conv{i + 1} {cin}->{cout}, {kh}x{kw} at "
+                     f"{h.shape[1]}x{h.shape[2]}", "seconds": seconds, "flops": flops})  # fmt: skip
+        h = f(h)
+
+    def dense(v):
+        v = v.reshape(v.shape[0], -1)
+        for layer in model.dense:
+            v = jax.nn.relu(layer(v))
+        return model.head(v)
+
+    dims = [mc.flat_features, *mc.dense_features, mc.num_classes]
+    flops = 2 * 2 * batch * sum(a * b for a, b in zip(dims[:-1], dims[1:], strict=False))
+    rows.append({"layer": "dense layers", "seconds": timed(dense, h), "flops": flops})
+    return rows
 
 
 def peak_flops(seconds: float = 1.0) -> dict:
@@ -366,6 +417,7 @@ def main() -> None:
     sharding.use_all_cores()  # as `jaxmia invert` runs: one JAX CPU device per core
     import jax
     import torch
+    from flax import nnx
 
     from benchmarks.inversion_cpu import torch_model
     from jaxmia import models
@@ -422,9 +474,13 @@ def main() -> None:
                   f"(compile {j['compile_s']:.1f}s), torch {t['per_s']:.0f}/s, "
                   f"1 thread {t1['per_s']:.0f}/s", flush=True)  # fmt: skip
         hb = min(HEADLINE_BATCH, max(batches))
-        plain_fn = functools.partial(models.logits, apply_fn.args[0])
+        graphdef = apply_fn.args[0]
+        plain_fn = functools.partial(models.logits, graphdef)
         plain = {"batch": hb, **jax_run(mc, plain_fn, params, hb, args.seconds)}
         print(f"{name}: plain convolutions, batch {hb}: {plain['per_s']:.0f}/s", flush=True)
+        per_device = next(r for r in reversed(rows) if r["batch"] <= HEADLINE_BATCH)["jaxmia"]
+        layer_batch = max(1, per_device["chunk_size"] // len(jax.devices()))
+        layers = layer_times(mc, nnx.merge(graphdef, params), layer_batch)
         loop = loop_run(mc, apply_fn, params, 4 if args.quick else 8, args.seconds)
         print(f"{name}: Python loop over clones {loop['per_s']:.0f}/s", flush=True)
         art_row = art_mixed = None
@@ -444,6 +500,7 @@ def main() -> None:
             "rows": rows,
             "first_batch_out_of_memory": too_large,
             "python_loop": loop,
+            "layers": {"batch": layer_batch, "rows": layers},
             "plain_convolutions": plain,
             "art": art_row,
             "art_mixed": art_mixed,
@@ -513,7 +570,9 @@ def markdown(r: dict, png: str) -> str:
         "invert` does: clones sharded over every device JAX sees, the small-channel "
         "convolutions rewritten on the space-to-depth image (`jaxmia/fastconv.py`), a batch "
         "larger than fits in cache (on CPU: `inversion.CPU_CACHE_BYTES` per device) run in "
-        "equal chunks (`inversion.chunk_size`); 'one program' is the whole batch in one.",
+        "equal chunks (`inversion.chunk_size`); 'one program' is the whole batch in one. jaxmia's "
+        f"timings run at least {JAX_MIN_STEPS} steps (its fixed costs per run come once per "
+        "inversion of hundreds of steps in real use).",
         "",
         "**Ceiling vs ART**: the measured peak FLOP rate over ART's FLOP rate (its "
         "image-gradients/s x FLOPs per image-gradient): the most any engine could run ahead of "
@@ -570,6 +629,22 @@ def markdown(r: dict, png: str) -> str:
                 f"{one['xla_flops_per_gradient'] / s['flops_per_gradient']:.2f} | "
                 f"{one['compile_s']:.1f} | {mib} |"
             )
+        if s.get("layers"):
+            total = sum(r["seconds"] for r in s["layers"]["rows"])
+            lines += [
+                "",
+                f"Where a step's time goes (each layer's forward + backward to its "
+                f"input timed alone on one device, batch {s['layers']['batch']}, the "
+                f"per-device chunk; sum {1e3 * total:.1f} ms):",
+                "",
+                "| layer | ms | share | GFLOP/s | % of peak |",
+                "|---|---:|---:|---:|---:|",
+            ]
+            for lr in s["layers"]["rows"]:
+                rate = lr["flops"] / lr["seconds"]
+                lines.append(f"| {lr['layer']} | {1e3 * lr['seconds']:.2f} | "
+                             f"{100 * lr['seconds'] / total:.0f}% | {rate / 1e9:.0f} | "
+                             f"{100 * rate / pk['one_device']:.0f} |")  # fmt: skip
         lines.append(f"\nProcess RSS high-water after this setting: "
                      f"{s['peak_rss_bytes_so_far'] / 2**30:.2f} GiB.")  # fmt: skip
         if s.get("first_batch_out_of_memory"):
@@ -612,8 +687,10 @@ def plot(r: dict, path: Path) -> None:
                ylabel="image-gradients / s")  # fmt: skip
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"Inversion throughput, {r['machine']['cpu']} ({r['machine']['jax_devices']} "
-                 f"JAX devices); one run, shared machine", fontsize=9)  # fmt: skip
+    m = r["machine"]
+    fig.suptitle(f"Inversion throughput, {m['cpu']} ({m['jax_devices']} JAX devices); one run, "
+                 f"load average {m['load_average_at_start'][0]:.1f} at its start",
+                 fontsize=9)  # fmt: skip
     with files.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=110)
 

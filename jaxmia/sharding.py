@@ -12,8 +12,8 @@ path (measured: after 20 steps at 64x64, 121 of 129 clones within 1 ulp, 8 withi
 On CPU, one JAX device runs a step's convolutions with few threads; splitting the host into one
 device per core (``use_all_cores``, before JAX starts its backend) and sharding over them keeps
 more cores busy. ``jaxmia invert`` does that when ``inversion.shard`` is on. Measured on the
-shared 2-core CPU (``benchmarks/results/inversion.md``): 1.27-1.39x at 64x64x1, batch 128; no
-gain at 128x128x3, batch 64 (0.93-0.95x).
+2-core CPU (``benchmarks/results/inversion.md``, one program per batch): 1.72-1.88x at 64x64x1,
+batch 128; 1.23-1.28x at 128x128x3, batch 64.
 
 Multi-host: call ``jax.distributed.initialize()`` (coordinator address, process count and id from
 the cluster's environment, or as arguments; ``initialize`` here, or ``jaxmia invert

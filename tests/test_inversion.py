@@ -340,8 +340,9 @@ def test_chunk_size_caps_by_batch_memory_and_cache():
     # the cache budget caps like memory does; None lifts it
     assert inv.chunk_size(100, 256, 1000, memory_bytes=10**12, cache_bytes=30 * 1000) == 25
     assert inv.chunk_size(1000, 256, 1000, memory_bytes=10**12, cache_bytes=None) == 250
-    cpu = inv.CPU_CACHE_BYTES * len(jax.devices()) // 1000  # the default on CPU
-    assert inv.chunk_size(10**6, 10**6, 1000, memory_bytes=10**12) <= cpu
+    # the default on CPU: per device a power of two of clones within CPU_CACHE_BYTES
+    per = inv.CPU_CACHE_BYTES // 100  # 100 fit -> 64 per device
+    assert inv.chunk_size(6400, 10**6, per, memory_bytes=10**12) == 64 * len(jax.devices())
     paper = models.ModelConfig(num_classes=2041, image_size=(128, 128), channels=3)
     per = inv.bytes_per_clone(paper, inv.InversionConfig(optimizer="adam"))
     assert 1e6 < per < 2e7
