@@ -79,7 +79,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="join a multi-process JAX run (jax.distributed.initialize) and shard the clones "
         "over every process's devices; where the coordinator is comes from the cluster "
-        "(Slurm, Open MPI, Cloud TPU) or the three options below",
+        "(Slurm, Open MPI, Cloud TPU) or the three options below (which imply it)",
     )
     group.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
     group.add_argument("--num-processes", type=int, default=None, help="processes in the run")
@@ -356,8 +356,9 @@ def run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:
     if config.inversion.max_batch < 1:
         raise JaxmiaError(f"inversion.max_batch={config.inversion.max_batch}: expected >= 1")
     inv.InversionConfig.from_config(config.inversion)  # bad settings fail before any loading
-    if getattr(args, "distributed", False):
-        sharding.initialize(args.coordinator, args.num_processes, args.process_id)
+    where = [getattr(args, k, None) for k in ("coordinator", "num_processes", "process_id")]
+    if getattr(args, "distributed", False) or any(v is not None for v in where):
+        sharding.initialize(*where)
     rec = checkpoint.load_recognizer(args.checkpoint)
     labels = parse_identities(args.identities, rec.names, rec.meta)
     names = [rec.names[i] for i in labels]

@@ -296,6 +296,7 @@ def test_a_failing_process_stops_the_other_with_one_line(ckpt, tmp_path):
     [
         ([], ["--distributed", "could not join", "--coordinator HOST:PORT"]),
         (["--coordinator", "127.0.0.1:1"], ["expected all three or none"]),
+        (["--process-id", "0"], ["expected all three or none"]),  # without --distributed
     ],
 )
 def test_distributed_without_a_cluster_is_a_one_line_error(
@@ -303,6 +304,7 @@ def test_distributed_without_a_cluster_is_a_one_line_error(
 ):
     for k in [k for k in os.environ if k.startswith(("SLURM_", "OMPI_", "PMI_"))]:
         monkeypatch.delenv(k)  # no cluster to detect
-    assert _invert(ckpt, tmp_path, "--distributed", *extra) == 2
+    flags = extra if "--process-id" in extra else ["--distributed", *extra]
+    assert _invert(ckpt, tmp_path, *flags) == 2
     _one_line_error(capsys, *words)
     assert not (tmp_path / "inversions.npz").exists()
