@@ -355,7 +355,7 @@ def run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:
         raise JaxmiaError(f"--steps {steps}: expected a positive number of steps")
     if config.inversion.max_batch < 1:
         raise JaxmiaError(f"inversion.max_batch={config.inversion.max_batch}: expected >= 1")
-    inv.InversionConfig.from_config(config.inversion)  # bad settings fail before any loading
+    cfg = inv.InversionConfig.from_config(config.inversion)  # bad settings fail before loading
     where = [getattr(args, k, None) for k in ("coordinator", "num_processes", "process_id")]
     if getattr(args, "distributed", False) or any(v is not None for v in where):
         sharding.initialize(*where)
@@ -363,7 +363,6 @@ def run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:
     labels = parse_identities(args.identities, rec.names, rec.meta)
     names = [rec.names[i] for i in labels]
     workdir = Path(args.workdir)
-    cfg = inv.InversionConfig.from_config(config.inversion)
     size = inv.chunk_size(
         len(labels) * clones, config.inversion.max_batch, inv.bytes_per_clone(rec.config, cfg)
     )
