@@ -97,23 +97,31 @@ def _steps_for(rate: float, batch: int, seconds: float, least: int = 2) -> int:
     return max(least, int(seconds * rate / batch))
 
 
-def jax_run(mc, apply_fn, params, batch: int, seconds: float, shard: bool = True) -> dict:
-    """The engine on ``batch`` clones: compile + warm-up, then about ``seconds`` of steps."""
+def jax_run(
+    mc, apply_fn, params, batch: int, seconds: float, shard: bool = True, size: int | None = None
+) -> dict:
+    """The engine on ``batch`` clones in chunks of ``size`` (default: the whole batch as one
+    program): compile + warm-up, then about ``seconds`` of steps."""
     from jaxmia import inversion as inv
 
     cfg = inv.InversionConfig(loss="least_squares", learning_rate=LR, shard=shard)
+    size = size or batch
     x, labels, keys = _batch(mc, batch)
     warm = inv.Timing()
-    inv.invert_batch(apply_fn, params, x, labels, keys, cfg, 2, warm)
+    inv.invert(apply_fn, params, x, labels, keys, cfg, 2, size=size, timing=warm)
     steps = _steps_for(warm.gradients_per_s, batch, seconds, JAX_MIN_STEPS)
     t = inv.Timing()
-    inv.invert_batch(apply_fn, params, x, labels, keys, cfg, steps, t)
-    step_program = [c for sig, c in inv.make_program(apply_fn, cfg).compiled.items()
-                    if sig[0] == "steps"][-1]  # fmt: skip
+    inv.invert(apply_fn, params, x, labels, keys, cfg, steps, size=size, timing=t)
+    devices = _devices_used(size) if shard else 1
+    rows = -(-size // devices) * devices  # the chunk as placed: padded to the devices
+    image = (rows, *mc.image_size, mc.channels)
+    step_program = next(c for sig, c in inv.make_program(apply_fn, cfg).compiled.items()
+                        if sig[0] == "steps" and any(v[0] == image for v in sig[2]))  # fmt: skip
     mem = step_program.memory_analysis()
     cost = step_program.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return {
+        "chunk_size": size,
         "compile_s": warm.compile_s,
         "steps": steps,
         "run_s": t.run_s,
@@ -123,7 +131,7 @@ def jax_run(mc, apply_fn, params, batch: int, seconds: float, shard: bool = True
             + mem.temp_size_in_bytes - mem.alias_size_in_bytes
         ),
         # XLA's FLOP count of the compiled step, per clone (one device's share x devices).
-        "xla_flops_per_gradient": float(cost.get("flops", 0.0)) * _devices_used(batch) / batch,
+        "xla_flops_per_gradient": float(cost.get("flops", 0.0)) * devices / rows,
     }  # fmt: skip
 
 
@@ -134,16 +142,7 @@ def chunked_run(mc, apply_fn, params, batch: int, seconds: float, one: dict) -> 
 
     cfg = inv.InversionConfig(loss="least_squares", learning_rate=LR)
     size = inv.chunk_size(batch, batch, inv.bytes_per_clone(mc, cfg))
-    if size >= batch:
-        return {"chunk_size": batch, **one}
-    x, labels, keys = _batch(mc, batch)
-    warm = inv.Timing()
-    inv.invert(apply_fn, params, x, labels, keys, cfg, 2, size=size, timing=warm)
-    steps = _steps_for(warm.gradients_per_s, batch, seconds, JAX_MIN_STEPS)
-    t = inv.Timing()
-    inv.invert(apply_fn, params, x, labels, keys, cfg, steps, size=size, timing=t)
-    return {"chunk_size": size, "compile_s": warm.compile_s, "steps": steps, "run_s": t.run_s,
-            "per_s": t.gradients_per_s}  # fmt: skip
+    return one if size >= batch else jax_run(mc, apply_fn, params, batch, seconds, size=size)
 
 
 def _devices_used(batch: int) -> int:

@@ -520,7 +520,7 @@ def chunk_size(
     max_batch: int,
     per_clone_bytes: int,
     memory_bytes: int | None = None,
-    cache_bytes: int | None = -1,
+    cpu_cache: bool = True,
 ) -> int:
     """Clones per chunk: at most ``max_batch``, a quarter of the memory and (on CPU) what stays
     in cache; chunks equal-sized.
@@ -531,19 +531,16 @@ def chunk_size(
       per_clone_bytes: from ``bytes_per_clone``.
       memory_bytes: memory available to the program; None reads the device's limit or, on CPU,
         the host's available memory.
-      cache_bytes: the working set that keeps a step fast, over all devices; None: no such
-        limit; -1 (default): on CPU, per device the largest power of two of clones within
-        ``CPU_CACHE_BYTES``; no limit elsewhere.
+      cpu_cache: on CPU, also cap each device's share at the largest power of two of clones
+        within ``CPU_CACHE_BYTES``.
     """
     if memory_bytes is None:
         memory_bytes = _available_memory()
     per = max(1, per_clone_bytes)
     cap = min(max_batch, memory_bytes // 4 // per)
-    if cache_bytes == -1 and jax.default_backend() == "cpu":
+    if cpu_cache and jax.default_backend() == "cpu":
         fit = max(1, CPU_CACHE_BYTES // per)
         cap = min(cap, 2 ** (fit.bit_length() - 1) * len(jax.devices()))
-    elif cache_bytes not in (None, -1):
-        cap = min(cap, cache_bytes // per)
     chunks = math.ceil(total / max(1, cap))
     return math.ceil(total / chunks)
 

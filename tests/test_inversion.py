@@ -334,13 +334,11 @@ def test_second_run_of_a_shape_compiles_nothing(tiny):
 
 
 def test_chunk_size_caps_by_batch_memory_and_cache():
-    assert inv.chunk_size(1000, 256, 1000, memory_bytes=10**12) == 250  # 4 equal chunks
-    assert inv.chunk_size(100, 256, 1000, memory_bytes=10**12) == 100
-    assert inv.chunk_size(100, 256, 1000, memory_bytes=4 * 30 * 1000) == 25  # 30 fit -> 4 x 25
-    # the cache budget caps like memory does; None lifts it
-    assert inv.chunk_size(100, 256, 1000, memory_bytes=10**12, cache_bytes=30 * 1000) == 25
-    assert inv.chunk_size(1000, 256, 1000, memory_bytes=10**12, cache_bytes=None) == 250
-    # the default on CPU: per device a power of two of clones within CPU_CACHE_BYTES
+    big = dict(memory_bytes=10**12, cpu_cache=False)
+    assert inv.chunk_size(1000, 256, 1000, **big) == 250  # 4 equal chunks
+    assert inv.chunk_size(100, 256, 1000, **big) == 100
+    assert inv.chunk_size(100, 256, 1000, memory_bytes=4 * 30 * 1000, cpu_cache=False) == 25
+    # on CPU (these tests' backend): per device a power of two of clones within CPU_CACHE_BYTES
     per = inv.CPU_CACHE_BYTES // 100  # 100 fit -> 64 per device
     assert inv.chunk_size(6400, 10**6, per, memory_bytes=10**12) == 64 * len(jax.devices())
     paper = models.ModelConfig(num_classes=2041, image_size=(128, 128), channels=3)
