@@ -4,9 +4,9 @@
     python -m benchmarks.attack_levers --setup k5 --clones 20 --only "Adam 0.02;Adam 0.1"
 
 R_T and R_E are trained once per setup (``jaxmia experiment``'s first three stages, into
-WORKDIR/SETUP); every trial then inverts R_T's attacked identities with ``jaxmia invert``'s code
-(``invert.run``), keeps the best clones by R_T when it makes restarts (``experiment.
-select_clones``) and scores them with R_E (``evaluation.evaluate``). Setups:
+WORKDIR/SETUP); every trial then inverts R_T's attacked identities with the ``jaxmia invert``
+stage (``invert.run``), keeps the best clones by R_T when it makes restarts
+(``selection.select_clones``) and scores them with R_E (``evaluation.evaluate``). Setups:
 
 - ``many``: as many attacked identities as the split allows: 33 attacked, 7 auxiliary (the
   seed's pool), no target-only or evaluation-only; 2 test photos per person, the other 8 split
@@ -29,7 +29,7 @@ from pathlib import Path
 
 import ml_collections
 
-from jaxmia import checkpoint, evaluation, experiment, files, invert
+from jaxmia import checkpoint, evaluation, experiment, files, invert, selection
 from jaxmia import config as config_lib
 
 SETUPS = {
@@ -113,19 +113,12 @@ def run_trial(
     clones = cfg.inversion.clones
     out = base / "trials" / f"{slug}_c{clones}_s{cfg.inversion.steps}_r{cfg.inversion.rng_seed}"
     t0 = time.perf_counter()
-    args = argparse.Namespace(
-        checkpoint=str(base / "target"),
-        identities=None,
-        clones=clones * restarts,
-        steps=cfg.inversion.steps,
-        workdir=str(out),
-    )
-    invert.run(args, cfg)
+    invert.run(cfg, out, checkpoint_dir=base / "target", clones=clones * restarts)
     run_dir = out
     if restarts > 1:
         cfg.experiment.restarts = restarts
-        experiment.select_clones(out, out / experiment.SELECTED, rec_t, cfg)
-        run_dir = out / experiment.SELECTED
+        selection.select_clones(out, out / selection.SELECTED, rec_t, cfg)
+        run_dir = out / selection.SELECTED
     seconds = time.perf_counter() - t0
     ev = evaluation.evaluate(evaluation.load_inversions(run_dir), rec_e)
     o = ev.summary["overall"]

@@ -87,10 +87,35 @@ def _batch(mc, batch: int):
     return x, jnp.arange(batch) % mc.num_classes, jax.random.split(jax.random.key(2), batch)
 
 
+def jaxmia_config(shard: bool = True):
+    """The engine's settings of the jaxmia timings (``steps_per_call`` the backend's default)."""
+    from jaxmia import inversion as inv
+
+    return inv.InversionConfig(loss="least_squares", learning_rate=LR, shard=shard)
+
+
 # jaxmia's runs take at least this many steps: a run's fixed costs (placing the batch, the
 # final evaluation, copying results to the host) come once per inversion of hundreds of steps
 # in real use, and a timing of 2-3 steps would charge them several times over.
 JAX_MIN_STEPS = 10
+
+
+def step_loop(cfg) -> dict:
+    """How the engine runs ``cfg``'s steps on this backend: steps per jitted call and the loop
+    (``inversion.resolved_steps_per_call``: by default 1 on CPU, check_every on GPU/TPU)."""
+    import jax
+
+    from jaxmia import inversion as inv
+
+    k = inv.resolved_steps_per_call(cfg)
+    if k == 1:
+        loop = "host loop of a jitted single step"
+    elif k > 1:
+        loop = f"host loop of jitted calls of {k} steps (fori_loop)"
+    else:
+        loop = "one while_loop over all steps"
+    return {"backend": jax.default_backend(), "setting": cfg.steps_per_call,
+            "steps_per_call": k, "check_every": cfg.check_every, "loop": loop}  # fmt: skip
 
 
 def _steps_for(rate: float, batch: int, seconds: float, least: int = 2) -> int:
@@ -104,7 +129,7 @@ def jax_run(
     program): compile + warm-up, then about ``seconds`` of steps."""
     from jaxmia import inversion as inv
 
-    cfg = inv.InversionConfig(loss="least_squares", learning_rate=LR, shard=shard)
+    cfg = jaxmia_config(shard)
     size = size or batch
     x, labels, keys = _batch(mc, batch)
     warm = inv.Timing()
@@ -122,6 +147,7 @@ def jax_run(
     cost = cost[0] if isinstance(cost, list) else cost
     return {
         "chunk_size": size,
+        "steps_per_call": inv.resolved_steps_per_call(cfg),
         "compile_s": warm.compile_s,
         "steps": steps,
         "run_s": t.run_s,
@@ -140,7 +166,7 @@ def chunked_run(mc, apply_fn, params, batch: int, seconds: float, one: dict) -> 
     (on CPU, what stays in cache); ``one`` (the ``jax_run`` of the whole batch) if that is one."""
     from jaxmia import inversion as inv
 
-    cfg = inv.InversionConfig(loss="least_squares", learning_rate=LR)
+    cfg = jaxmia_config()
     size = inv.chunk_size(batch, batch, inv.bytes_per_clone(mc, cfg))
     return one if size >= batch else jax_run(mc, apply_fn, params, batch, seconds, size=size)
 
@@ -154,7 +180,7 @@ def loop_run(mc, apply_fn, params, clones: int, seconds: float) -> dict:
     """Peer (b): the engine with vmap replaced by a Python loop over clones (one at a time)."""
     from jaxmia import inversion as inv
 
-    cfg = inv.InversionConfig(loss="least_squares", learning_rate=LR, shard=False)
+    cfg = jaxmia_config(shard=False)
     x, labels, keys = _batch(mc, clones)
     warm = inv.Timing()
     inv.invert_batch(apply_fn, params, x[:1], labels[:1], keys[:1], cfg, 2, warm)
@@ -433,6 +459,8 @@ def main() -> None:
         [""] + [a for a in sys.argv[1:]]
     )  # fmt: skip
     result = {"machine": machine(), "command": command, "settings": {}}
+    # jax_run's settings: the step loop this backend resolves them to
+    result["jaxmia_step_loop"] = step_loop(jaxmia_config())
     print(f"devices: {jax.devices()}", flush=True)
     result["peak_flops"] = peak_flops()
     print(f"peak {result['peak_flops']['peak'] / 1e9:.1f} GFLOP/s", flush=True)
@@ -536,6 +564,15 @@ def _headline(s: dict, peak: float) -> dict:
     return out
 
 
+def _step_loop_line(loop: dict | None) -> str:
+    if loop is None:  # a result written before the field existed
+        return "jaxmia's step loop: not recorded."
+    setting = "auto" if loop["setting"] is None else loop["setting"]
+    return (f"jaxmia's step loop on this backend ({loop['backend']}; "
+            f"`inversion.steps_per_call={setting}` -> {loop['steps_per_call']}, "
+            f"check_every {loop['check_every']}): {loop['loop']}.")  # fmt: skip
+
+
 def markdown(r: dict, png: str) -> str:
     m, pk = r["machine"], r["peak_flops"]
     lines = [
@@ -546,6 +583,8 @@ def markdown(r: dict, png: str) -> str:
         f"seen: {m['device_kind']}), torch {m['torch']} ({m['torch_threads']} threads). Load "
         f"average at start {m['load_average_at_start'][0]:.1f}, at end "
         f"{r['load_average_at_end'][0]:.1f}.",
+        "",
+        _step_loop_line(r.get("jaxmia_step_loop")),
         "",
         "**Absolute figures drift**: on a shared machine (a load average above the core count) "
         "they move up to 2x between runs; only ratios measured in this one run count.",

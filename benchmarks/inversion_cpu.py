@@ -211,7 +211,7 @@ def loop_study(quick: bool) -> list[dict]:
         (0, "one while_loop"),
     ]:
         cfg = inv.InversionConfig(loss="least_squares", learning_rate=LR, steps_per_call=k)
-        inv.make_program.cache_clear()  # compile times of fresh programs
+        inv.build_program.cache_clear()  # compile times of fresh programs
         r = jax_run(apply_fn, params, mc, batch, 4 if quick else 40, cfg)
         rows.append({"variant": name, "steps_per_call": k, "batch": batch, **r})
         print(f"  loop study {name}: {r['per_s']:.0f}/s", flush=True)
@@ -234,6 +234,7 @@ def main() -> None:
     }
     cfg = inv.InversionConfig(loss="least_squares", optimizer="sgd", learning_rate=LR)
     result["engine_config"] = dataclasses.asdict(cfg)
+    result["engine_steps_per_call"] = inv.resolved_steps_per_call(cfg)  # steps_per_call None: auto
     for name, (mc, batches) in SETTINGS.items():
         if args.quick:
             batches = batches[:2]

@@ -96,30 +96,49 @@ def save(
     mngr.wait_until_finished()
 
 
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
+
+
 def restore(
     mngr: ocp.CheckpointManager,
     step: int,
     config: models.ModelConfig,
     abstract_opt_state: Any = None,
 ) -> tuple[dict, dict, Any]:
-    """Restores (params pure dict, meta, opt_state or None) of one step, checked against config."""
+    """Restores (params pure dict, meta, opt_state or None) of one step, checked against config.
+
+    The parameters and the optimizer state are restored apart, so that an error says which of
+    them does not fit: the parameters another model config, the optimizer state another optimizer.
+    """
     where = mngr.directory / str(step)
     items = {
         "params": ocp.args.StandardRestore(abstract_params(config)),
         "meta": ocp.args.JsonRestore(),
     }
-    if abstract_opt_state is not None:
-        items["opt_state"] = ocp.args.StandardRestore(abstract_opt_state)
     try:
         out = mngr.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError, TypeError) as e:
-        detail = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise JaxmiaError(
             f"checkpoint {where}: its arrays do not fit the model config "
             f"(num_classes={config.num_classes}, image_size={config.image_size}, "
-            f"channels={config.channels}): {detail}"
+            f"channels={config.channels}): {_first_line(e)}"
         ) from e
-    return out["params"], out["meta"], out.get("opt_state")
+    if abstract_opt_state is None:
+        return out["params"], out["meta"], None
+    try:
+        opt = mngr.restore(
+            step, args=ocp.args.Composite(opt_state=ocp.args.StandardRestore(abstract_opt_state))
+        )
+    except (ValueError, KeyError, TypeError) as e:
+        saved = (out["meta"].get("train") or {}).get("optimizer")
+        was = f" (it was saved by train.optimizer={saved!r})" if saved else ""
+        raise JaxmiaError(
+            f"checkpoint {where}: its optimizer state is missing or does not fit this run's "
+            f"optimizer{was}; the parameters fit, but training cannot resume from another "
+            f"optimizer's state: {_first_line(e)}"
+        ) from e
+    return out["params"], out["meta"], opt["opt_state"]
 
 
 def save_recognizer(

@@ -1,4 +1,4 @@
-"""The ``jaxmia`` command. Intentionally kept short: each command's logic lives in its module.
+"""The ``jaxmia`` command. Intentionally kept short: each command lives in ``jaxmia.commands``.
 
 A command module defines ``add_arguments(parser)`` and ``run(args, config)``; the config is the
 ``--config`` file's ``get_config()`` (the defaults when omitted) with ``--config.FIELD=VALUE``
@@ -19,21 +19,24 @@ from jaxmia.errors import JaxmiaError
 
 # name -> (module, one-line help)
 COMMANDS = {
-    "train": ("jaxmia.train", "train the recognizer (or R_T and R_E of a split) into checkpoints"),
+    "train": (
+        "jaxmia.commands.train",
+        "train the recognizer (or R_T and R_E of a split) into checkpoints",
+    ),
     "invert": (
-        "jaxmia.invert",
+        "jaxmia.commands.invert",
         "make clone faces of identities by model inversion of a recognizer",
     ),
     "evaluate": (
-        "jaxmia.evaluate_cmd",
+        "jaxmia.commands.evaluate",
         "score an inversion run's clones with R_E: JSON, CSV, report",
     ),
     "experiment": (
-        "jaxmia.experiment",
+        "jaxmia.commands.experiment",
         "the paper's protocol end to end: split, R_T, R_E, invert, report",
     ),
     "clone": (
-        "jaxmia.clone_cmd",
+        "jaxmia.commands.clone",
         "cloning attack vs intentional misrecognition and near-duplicate detection",
     ),
 }

@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxmia import dedup, models, train
+from jaxmia import batching, dedup, models, train
 from jaxmia import service as service_lib
 from jaxmia.errors import JaxmiaError
 
@@ -147,12 +147,12 @@ def perturb(x: jax.Array, key: jax.Array, p: jax.Array) -> jax.Array:
 
 
 @functools.partial(jax.jit, static_argnames=("m",))
-def _near_duplicates(images, first, key, p, *, m):
-    """Variants 1..m-1 of a chunk of images; image i of the chunk is image first + i."""
+def _near_duplicates(images, index, key, p, *, m):
+    """Variants 1..m-1 of a batch of images; ``index`` is each image's index in the whole set."""
     n = images.shape[0]
     i = jnp.repeat(jnp.arange(n), m - 1)  # [n * (m - 1)]
     j = jnp.tile(jnp.arange(1, m), n)
-    keys = jax.vmap(lambda a, b: jax.random.fold_in(jax.random.fold_in(key, first + a), b))(i, j)
+    keys = jax.vmap(lambda a, b: jax.random.fold_in(jax.random.fold_in(key, index[a]), b))(i, j)
     # One flat vmap (not one per axis): XLA compiles it several times faster on CPU.
     others = jax.vmap(lambda x, k: perturb(x, k, p))(images[i], keys)
     return jnp.concatenate([images[:, None], others.reshape(n, m - 1, *images.shape[1:])], axis=1)
@@ -163,7 +163,7 @@ def near_duplicates(
 ) -> np.ndarray:
     """m variants of each image: the image itself, then m - 1 random near-duplicates.
 
-    Runs in zero-padded chunks of ``_CHUNK`` images, so one compile serves every batch size.
+    Runs in padded batches of ``_CHUNK`` images, so one compile serves every batch size.
 
     Args:
       images: # [n, h, w, c]
@@ -173,13 +173,13 @@ def near_duplicates(
       # [n, m, h, w, c]
     """
     images = np.asarray(images, np.float32)
-    out = []
-    for start in range(0, len(images), _CHUNK):
-        chunk = images[start : start + _CHUNK]
-        pad = np.zeros((_CHUNK - len(chunk), *images.shape[1:]), np.float32)
-        v = _near_duplicates(np.concatenate([chunk, pad]), start, key, p.as_array(), m=m)
-        out.append(np.asarray(v)[: len(chunk)])
-    return np.concatenate(out) if out else np.zeros((0, m, *images.shape[1:]), np.float32)
+    strengths = p.as_array()
+    return batching.map_batches(
+        lambda x, index: _near_duplicates(x, index, key, strengths, m=m),
+        images,
+        np.arange(len(images), dtype=np.int32),
+        sizes=(_CHUNK,),
+    )
 
 
 def outside_radius(
@@ -457,20 +457,10 @@ def clone_scores(
     graphdef, params, service: service_lib.Service, test_images: np.ndarray, test_labels: np.ndarray
 ) -> tuple[float, float]:
     """(accuracy on the service's test faces, fidelity to the service's unaltered answers)."""
-    pred = np.concatenate(
-        [
-            np.asarray(_predict(graphdef, params, test_images[s : s + 256]))
-            for s in range(0, len(test_images), 256)
-        ]
-    )
+    pred = train.predict(graphdef, params, test_images)
     return float((pred == test_labels).mean()), float(
         (pred == service.true_labels(test_images)).mean()
     )
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
-def _predict(graphdef, params, x):
-    return models.logits(graphdef, params, x).argmax(-1)
 
 
 # -- detector ROC -----------------------------------------------------------------------------
@@ -530,12 +520,11 @@ _features_fn = jax.jit(models.features, static_argnums=0)
 
 
 def _features(service: service_lib.Service, images: np.ndarray) -> np.ndarray:
-    """The service recognizer's penultimate features, 256 images per call. # [n, d]"""
-    return np.concatenate(
-        [
-            np.asarray(_features_fn(service.graphdef, service.params, images[s : s + 256]))
-            for s in range(0, len(images), 256)
-        ]
+    """The service recognizer's penultimate features. # [n, h, w, c] -> [n, d]"""
+    return batching.map_batches(
+        lambda x: _features_fn(service.graphdef, service.params, x),
+        images,
+        sizes=batching.sizes_for(len(images), train.EVAL_BATCH),
     )
 
 

@@ -56,12 +56,16 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.recognizer = "all"
     c.train.epochs = 60
     c.train.batch_size = 32
-    c.train.optimizer = "adam"  # "adam", "adamw", "sgd", "momentum"
+    c.train.optimizer = "adam"  # "adam", "adamw", "sgd"
     c.train.learning_rate = 1e-3
-    c.train.schedule = "cosine"  # "constant", "cosine"
+    c.train.schedule = "cosine"  # "constant", "cosine"; both warm up linearly first
     c.train.warmup_epochs = 2
+    # adamw: decoupled weight decay; sgd: an L2 term; adam: refused (it would have no effect).
     c.train.weight_decay = 0.0
-    c.train.augment = True  # random shifts and brightness
+    c.train.momentum = 0.0  # sgd only (0.9 is the usual heavy ball)
+    c.train.nesterov = False  # sgd with momentum only
+    # Random shifts of up to 4 pixels, horizontal flips, brightness and contrast per image.
+    c.train.augment = True
     c.train.checkpoint_every = 5  # epochs
     c.train.keep_checkpoints = 2
     c.inversion = _inversion_defaults()
@@ -186,7 +190,7 @@ def _inversion_defaults() -> ml_collections.ConfigDict:
     c.stop_confidence = 0.0  # stop a clone at this target confidence; 0: off
     c.patience = 0  # stop a clone whose best loss has not improved for this many steps; 0: off
     c.min_delta = 0.0
-    c.steps_per_call = 1  # host loop of jitted single steps: measured fastest on CPU
+    c.steps_per_call = ml_collections.config_dict.placeholder(int)  # None: by backend (1 on CPU)
     c.check_every = 50
     c.max_batch = 256  # clones per compiled chunk (fewer if memory says so)
     # Split each chunk's clones over every device JAX sees (jaxmia/sharding.py); on CPU,

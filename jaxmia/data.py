@@ -42,6 +42,7 @@ import shutil
 import sys
 from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import tensorflow_datasets as tfds
@@ -143,6 +144,19 @@ def load_faces(
             "or 'synthetic'"
         )
     return _drop_small_identities(faces, min_images) if min_images > 1 else faces
+
+
+def faces_from_config(config: Any, *, progress: bool = True) -> FaceSet:
+    """The face set a jaxmia config's ``data`` section names."""
+    d = config.data
+    return load_faces(
+        d.source,
+        image_size=tuple(d.image_size),
+        channels=d.channels,
+        cache_dir=d.cache_dir or None,
+        synthetic=d.synthetic.to_dict(),
+        progress=progress,
+    )
 
 
 def cache_root(cache_dir: str | None = None) -> Path:

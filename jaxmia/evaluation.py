@@ -7,18 +7,18 @@ later papers report). Per identity and overall: top-1 and top-5 attack accuracy 
 curve (rank-k identification rate, k = 1..R_E's classes) and the best clone by R_E score.
 
 The recognizers run on the device in JAX (fixed-size batches, one compile per shape); the
-statistics of attack success are NumPy on the host. ``evaluate_run`` is the whole job on a folder
-written by ``jaxmia invert``; ``evaluate`` is the same on arrays in memory.
+statistics of attack success are NumPy on the host. ``evaluate`` scores arrays in memory;
+``evaluate_run`` does it for a folder written by ``jaxmia invert`` and writes the report
+(``jaxmia.report``); ``run`` is the ``jaxmia evaluate`` stage, which also loads the recognizers
+and the real faces.
 
 Identities are matched by name: R_T's and R_E's label orders differ.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
-import io
 import json
 from collections.abc import Mapping
 from pathlib import Path
@@ -26,10 +26,10 @@ from typing import TYPE_CHECKING, Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
-from tqdm.auto import tqdm
 
-from jaxmia import files, models
+from jaxmia import batching, models
 from jaxmia.errors import JaxmiaError
 
 if TYPE_CHECKING:
@@ -214,29 +214,15 @@ def score_images(
       progress: show a progress bar.
       desc: the progress bar's label.
     """
-    n = len(images)
-    b = max(1, min(batch_size, n))
-    score, rank, feats = [], [], []
-    for start in tqdm(range(0, n, b), desc=desc, disable=not progress, unit="batch", leave=False):
-        x = images[start : start + b]
-        t = targets[start : start + b]
-        pad = b - len(x)
-        if pad:
-            x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)])
-            t = np.concatenate([t, np.zeros(pad, t.dtype)])
-        s, r, f = _score_batch(
-            recognizer.graphdef, recognizer.params, jnp.asarray(x), jnp.asarray(t), with_features
-        )
-        keep = b - pad
-        score.append(np.asarray(s)[:keep])
-        rank.append(np.asarray(r)[:keep])
-        if with_features:
-            feats.append(np.asarray(f)[:keep])
-    return Scores(
-        score=np.concatenate(score),
-        rank=np.concatenate(rank),
-        features=np.concatenate(feats) if with_features else None,
+    score, rank, feats = batching.map_batches(
+        lambda x, t: _score_batch(recognizer.graphdef, recognizer.params, x, t, with_features),
+        np.asarray(images),
+        np.asarray(targets),
+        sizes=batching.sizes_for(len(images), batch_size),
+        progress=progress,
+        desc=desc,
     )
+    return Scores(score=score, rank=rank, features=feats)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,7 +339,7 @@ class Evaluation:
     """What ``evaluate`` found: the JSON-ready summary and the per-clone arrays behind it."""
 
     summary: dict[str, Any]
-    clones: dict[str, np.ndarray]  # name -> [ids, clones] (see CLONE_COLUMNS)
+    clones: dict[str, np.ndarray]  # name -> [ids, clones] (see report.CLONE_COLUMNS)
     real_face: dict[str, np.ndarray]  # identity name -> one real image [h, w, c] (for pictures)
 
 
@@ -504,73 +490,6 @@ def evaluate(
     return Evaluation(summary=summary, clones=per, real_face=real_face)
 
 
-CLONE_COLUMNS = (
-    "identity", "label_E", "clone", "score_T", "score_E", "rank_E", "top1", "top5",
-    "knn_distance", "diverged", "steps",
-    "seed_score_T", "seed_score_E", "seed_rank_E", "seed_knn_distance",
-)  # fmt: skip
-
-IDENTITY_COLUMNS = (
-    "identity", "count", "top1", "top5", "seed_top1", "seed_top5", "mean_rank", "seed_mean_rank",
-    "mean_score_T", "mean_score_E", "seed_mean_score_T", "seed_mean_score_E", "best_clone",
-    "best_score_E", "best_score_T", "best_rank_E", "knn_mean", "knn_min", "seed_knn_mean",
-    "diverged",
-)  # fmt: skip
-
-
-def _cell(v: Any) -> Any:
-    if v is None:
-        return ""
-    if isinstance(v, float | np.floating):
-        return "" if np.isnan(v) else repr(float(v))
-    if isinstance(v, np.bool_ | bool):
-        return int(v)
-    return v.item() if isinstance(v, np.generic) else v
-
-
-def _csv(header: tuple[str, ...], rows: list[list[Any]]) -> str:
-    buf = io.StringIO()
-    writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(header)
-    writer.writerows([[_cell(v) for v in row] for row in rows])
-    return buf.getvalue()
-
-
-def clones_csv(ev: Evaluation, inv: Inversions) -> str:
-    """One row per clone: its scores and its seed's (empty cell = not available)."""
-    c = ev.clones
-    rows = []
-    for i, ident in enumerate(ev.summary["identities"]):
-        for j in range(inv.clones.shape[1]):
-            rank = int(c["rank_E"][i, j])
-            rows.append([
-                ident["name"], ident["label_E"], j, c["score_T"][i, j], c["score_E"][i, j], rank,
-                int(rank <= 1), int(rank <= 5), c["knn_distance"][i, j], c["diverged"][i, j],
-                "" if inv.steps is None else inv.steps[i, j],
-                c["seed_score_T"][i, j], c["seed_score_E"][i, j], c["seed_rank_E"][i, j],
-                c["seed_knn_distance"][i, j],
-            ])  # fmt: skip
-    return _csv(CLONE_COLUMNS, rows)
-
-
-def identity_row(name: str, s: dict[str, Any]) -> dict[str, Any]:
-    """A row of identities.csv (and of the report's table), keyed by IDENTITY_COLUMNS."""
-    row = {"identity": name}
-    for key in IDENTITY_COLUMNS[1:]:
-        if key.startswith("seed_"):
-            row[key] = s["seed"][key.removeprefix("seed_")]
-        else:
-            row[key] = s.get(key)  # the overall group has no best clone
-    return row
-
-
-def identities_csv(summary: dict[str, Any]) -> str:
-    """One row per identity, then an ``(overall)`` row pooling every clone."""
-    groups = [(s["name"], s) for s in summary["identities"]] + [("(overall)", summary["overall"])]
-    rows = [list(identity_row(name, s).values()) for name, s in groups]
-    return _csv(IDENTITY_COLUMNS, rows)
-
-
 def evaluate_run(
     inversions: str | Path | Inversions,
     evaluator: LoadedRecognizer,
@@ -607,14 +526,121 @@ def evaluate_run(
         inv, evaluator, real_faces=real_faces, target=target, batch_size=batch_size,
         progress=progress,
     )  # fmt: skip
-    summary = ev.summary
-    summary["real_faces_note"] = real_faces_note
+    summary = dict(ev.summary, real_faces_note=real_faces_note)
     if inv.summary:
         summary["inversion_summary"] = inv.summary
-    out = Path(out_dir)
-    summary["files"] = report.write_pictures(out, ev, inv)
-    files.write_json(out / "evaluation.json", summary)
-    files.write_text(out / "clones.csv", clones_csv(ev, inv))
-    files.write_text(out / "identities.csv", identities_csv(summary))
-    report.write_html(out / "report.html", summary)
-    return summary
+    return report.write_all(
+        out_dir, summary, ev.clones, inv.clones, inv.seeds, ev.real_face, inv.steps
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage.
+
+
+def resolve_target(arg: str, inversions_dir: Path) -> LoadedRecognizer | None:
+    """R_T as ``--target`` asks: a path, 'none', or 'auto': the checkpoint the run recorded (as
+    given in summary.json, else resolved in run.json), if it is still there."""
+    from jaxmia import checkpoint
+
+    if arg == "none":
+        return None
+    if arg != "auto":
+        return checkpoint.load_recognizer(arg)
+    for record in (SUMMARY_FILE, "run.json"):
+        try:
+            found = json.loads((inversions_dir / record).read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+        path = found.get("checkpoint") if isinstance(found, dict) else None
+        if path is None and isinstance(found, dict):
+            path = (found.get("settings") or {}).get("checkpoint")
+        if isinstance(path, str) and (Path(path) / "checkpoints").is_dir():
+            return checkpoint.load_recognizer(path)
+    return None
+
+
+def real_faces_for(
+    evaluator: LoadedRecognizer,
+    identities: tuple[str, ...],
+    source: str | None,
+    *,
+    cache_dir: str | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, np.ndarray] | None, str]:
+    """Each attacked identity's real faces among R_E's training images, and where they came from.
+
+    The face set (the one R_E's checkpoint records, or ``source``; "none" skips them) is loaded
+    at R_E's input size, from the cache ``cache_dir`` (else the one recorded); see
+    ``real_faces_from`` for which of its photos count.
+    """
+    if source == "none":
+        return None, "none (--faces none)"
+    from jaxmia import data  # tensorflow_datasets is slow to import; only this path needs it
+
+    recorded = evaluator.meta.get("data") or {}
+    src = source or recorded.get("source")
+    if not src:
+        return None, "none: the evaluator's checkpoint records no data source (use --faces)"
+    cfg = evaluator.config
+    faces = data.load_faces(
+        src,
+        image_size=tuple(cfg.image_size),
+        channels=cfg.channels,
+        cache_dir=cache_dir or recorded.get("cache_dir") or None,
+        synthetic=recorded.get("synthetic"),
+        progress=progress,
+    )
+    return real_faces_from(faces, identities, evaluator.meta.get("train_files"))
+
+
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    inversions: str | Path,
+    evaluator: str | Path,
+    target: str = "auto",
+    faces: str | None = None,
+    batch_size: int = 256,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The ``jaxmia evaluate`` stage: an inversion run's clones judged by R_E into ``workdir``.
+
+    Args:
+      config: the jaxmia config (its ``data.cache_dir`` locates the real faces' cache).
+      workdir: where the report goes.
+      inversions: a ``jaxmia invert`` folder.
+      evaluator: R_E's checkpoint folder.
+      target: R_T's checkpoint, "auto" (the one the run recorded, if still there) or "none"
+        (the confidences the run recorded).
+      faces: the real faces' data source (default: R_E's training data as its checkpoint
+        records; "none": no KNN distances).
+      batch_size: images per compiled call.
+      progress: show progress bars.
+
+    Returns:
+      The summary written to ``workdir/evaluation.json``.
+    """
+    from jaxmia import checkpoint
+
+    if batch_size < 1:
+        raise JaxmiaError(f"--batch-size {batch_size}: expected a positive integer")
+    inv = load_inversions(inversions)  # fail fast, before loading any model
+    rec_e = checkpoint.load_recognizer(evaluator)
+    labels_by_name(inv.identities, rec_e, "evaluator")
+    check_image_shape(inv.clones, rec_e, inv.source, "evaluator")
+    rec_t = resolve_target(target, Path(inversions))
+    real, note = real_faces_for(
+        rec_e, inv.identities, faces, cache_dir=config.data.cache_dir, progress=progress
+    )
+    return evaluate_run(
+        inv,
+        rec_e,
+        workdir,
+        real_faces=real,
+        target=rec_t,
+        real_faces_note=note,
+        batch_size=batch_size,
+        progress=progress,
+    )

@@ -21,15 +21,19 @@ Resuming: ``OUT/stages.json`` records for each stage the settings it depends on 
 fields it reads, those of the stages before it included), when it started and whether it
 finished; it is rewritten atomically before and after every stage. A rerun skips finished stages
 with the same settings; an interrupted stage resumes through its own resume (training
-checkpoints, inversion chunks). A stage whose settings changed since it started is an error that
-names the changed fields, unless ``--redo`` is given: then that stage's outputs and those of
-every later stage are deleted and the stages run again. Erroring is the default because a changed
-field may be a typo, and the training stages of the paper's size take hours.
+checkpoints, inversion chunks, each claimed for its settings: ``jaxmia.workdir``). A finished
+stage whose settings changed, or an interrupted one that left outputs under other settings, is an
+error that names the changed fields, unless ``redo`` is given: then that stage's outputs and those
+of every later stage are deleted and the stages run again. Erroring is the default because a
+changed field may be a typo, and the training stages of the paper's size take hours. A stage that
+failed before writing anything (bad input) holds nothing against the corrected rerun.
+
+Every stage runs through the library function its own command calls (``train.run_job``,
+``invert.run``, ``evaluation.evaluate_run``); ``run`` is the ``jaxmia experiment`` stage.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import functools
 import json
@@ -38,21 +42,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import ml_collections
-import numpy as np
 
-from jaxmia import checkpoint, evaluation, files, invert, models, seeds, splits, train
-from jaxmia import inversion as inv
+from jaxmia import checkpoint, data, evaluation, files, invert, seeds, selection, splits, train
+from jaxmia import workdir as workdir_lib
 from jaxmia.errors import JaxmiaError
 
 STAGES = ("split", "target", "evaluation", "inversions", "report")
-SELECT = ("confidence", "margin", "robust")
-MARGIN_BATCH = 256
 RECORD = "stages.json"
-SELECTED = "selected"
-# Where each stage writes, relative to the workdir (deleted by --redo).
+# Where each stage writes, relative to the workdir (deleted by redo).
 OUTPUTS = {
     "split": ("split.json", "config.json"),
     "target": ("target",),
@@ -60,60 +58,25 @@ OUTPUTS = {
     "inversions": ("inversions",),
     "report": ("report", "experiment.json"),
 }
-# Fields that do not change a stage's result (paths, bookkeeping, how the inversion runs).
-NOT_SETTINGS = {
-    "data.cache_dir",
-    "train.recognizer",
-    "train.checkpoint_every",
-    "train.keep_checkpoints",
-    *(f"inversion.{k}" for k in invert.HOW_NOT_WHAT),
-}
 PAPER_AUX_FACES = 256  # the paper's seed: the mean of 256 auxiliary faces
 MIN_IDENTITIES = 4  # attacked, target-only, evaluation-only, auxiliary: one each at least
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--redo",
-        action="store_true",
-        help="redo a stage whose settings changed, and every stage after it (their outputs in "
-        "the workdir are deleted); without it such a change is an error",
-    )
 
 
 # --- settings and the stage record ------------------------------------------------------------
 
 
-def _flat(prefix: str, node: Any) -> dict[str, Any]:
-    if isinstance(node, ml_collections.ConfigDict | dict):
-        out: dict[str, Any] = {}
-        for k, v in node.items():
-            out |= _flat(f"{prefix}.{k}" if prefix else k, v)
-        return out
-    return {} if prefix in NOT_SETTINGS else {prefix: node}
-
-
 def stage_settings(config: ml_collections.ConfigDict) -> dict[str, dict[str, Any]]:
     """Per stage, the config fields its result depends on, earlier stages' included (JSON-ready)."""
-    c = config
-
-    def flat(*sections: str) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for name in sections:
-            out |= _flat(name, c[name])
-        return out
-
-    split = flat("data", "split")
-    recognizer = split | flat("model", "train") | {"seed": c.seed}
-    inversions = recognizer | flat("inversion", "experiment")
-    out = {
+    split = workdir_lib.settings_of(config, "data", "split")
+    recognizer = split | workdir_lib.settings_of(config, "model", "train") | {"seed": config.seed}
+    inversions = recognizer | workdir_lib.settings_of(config, "inversion", "experiment")
+    return {
         "split": split,
         "target": recognizer,
         "evaluation": recognizer,
         "inversions": inversions,
         "report": inversions,
     }
-    return json.loads(json.dumps(out))  # tuples as lists, as they read back
 
 
 def read_records(workdir: Path) -> dict[str, Any]:
@@ -133,23 +96,29 @@ def read_records(workdir: Path) -> dict[str, Any]:
 
 
 def changed_stage(
-    records: dict[str, Any], settings: dict[str, dict]
-) -> tuple[str, list[str]] | None:
-    """The first recorded stage whose settings differ from ``settings``; the differing fields."""
+    records: dict[str, Any], settings: dict[str, dict], workdir: Path
+) -> tuple[str, str, list[str]] | None:
+    """The first stage whose recorded settings differ from ``settings``: (stage, which record,
+    differing fields). A finished stage counts with its settings; an interrupted one only if it
+    left outputs behind (one that failed on bad input before writing anything holds nothing)."""
     for stage in STAGES:
-        old = records.get(stage, {}).get("settings")
+        record = records.get(stage, {})
+        if record.get("status") == "done":
+            old, which = record.get("settings", {}), "ran"
+        elif _has_outputs(workdir, stage):
+            old, which = record.get("attempted"), "was interrupted"
+        else:
+            continue
         if old is None:
             continue
-        new = settings[stage]
-        differ = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+        differ = workdir_lib.differing(old, settings[stage])
         if differ:
-            return stage, differ
+            return stage, which, differ
     return None
 
 
-def _describe(old: dict, new: dict, keys: list[str], most: int = 4) -> str:
-    shown = [f"{k}: {old.get(k, '(unset)')!r} -> {new.get(k, '(unset)')!r}" for k in keys[:most]]
-    return "; ".join(shown) + (f"; and {len(keys) - most} more" if len(keys) > most else "")
+def _has_outputs(workdir: Path, stage: str) -> bool:
+    return any((workdir / name).exists() for name in OUTPUTS[stage])
 
 
 def _clear_from(workdir: Path, records: dict[str, Any], stage: str) -> None:
@@ -189,7 +158,7 @@ def make_split(
     notes: list[str] = []
     defaults = (s.num_target_only, s.num_evaluation_only, s.num_aux) == (-1, -1, -1)
     try:
-        split = train.make_config_split(config, faces)
+        split = splits.from_config(config, faces)
         too_small = _resolved_counts(split)[3] == 0 and defaults
     except JaxmiaError:
         if not defaults:
@@ -204,7 +173,7 @@ def make_split(
         config = ml_collections.ConfigDict(config.to_dict())
         config.split.num_attacked = min(s.num_attacked, max(1, n // 4))
         config.split.num_aux = max(1, (n - config.split.num_attacked) // 5)
-        split = train.make_config_split(config, faces)
+        split = splits.from_config(config, faces)
         notes.append(
             f"the data set has {n} identities, too few for split.num_attacked="
             f"{s.num_attacked} and an auxiliary pool: {config.split.num_attacked} attacked instead"
@@ -238,138 +207,6 @@ def _seed_note(config: ml_collections.ConfigDict, pool: int) -> str:
     return f"the seed averages {min(cfg.seed_pool_size, pool)} of them"
 
 
-# --- stage 4: inversion and selection by R_T ----------------------------------------------------
-
-
-@functools.partial(jax.jit, static_argnames=("jitter", "flip"))
-def _transform(x: jax.Array, keys: jax.Array, *, jitter: int, flip: bool) -> jax.Array:
-    """Each image shifted and flipped as the inversion's jitter does. # [n, h, w, c]"""
-    return jax.vmap(lambda xi, k: inv.random_transform(xi, k, jitter, flip))(x, keys)
-
-
-@functools.partial(jax.jit, static_argnums=0)
-def _margin_batch(graphdef, params, x: jax.Array, labels: jax.Array) -> jax.Array:
-    z = models.logits(graphdef, params, x)  # [b, k]
-    target = jnp.take_along_axis(z, labels[:, None], axis=1)[:, 0]
-    others = jnp.where(jax.nn.one_hot(labels, z.shape[1]) > 0, -jnp.inf, z)
-    return target - jnp.max(others, axis=1)
-
-
-def logit_margins(
-    rec: checkpoint.LoadedRecognizer, images: np.ndarray, labels: np.ndarray
-) -> np.ndarray:
-    """Each image's logit for its label minus its highest other logit. # [n]
-
-    Unlike the softmax score, which rounds to 1.0 for most clones of a long inversion, the
-    margin keeps ordering them. Fixed-size batches (the last padded): one compile.
-    """
-    n = len(images)
-    b = max(1, min(MARGIN_BATCH, n))
-    out = []
-    for start in range(0, n, b):
-        x, y = images[start : start + b], labels[start : start + b]
-        pad = b - len(x)
-        if pad:
-            x = np.concatenate([x, np.repeat(x[-1:], pad, axis=0)])
-            y = np.concatenate([y, np.repeat(y[-1:], pad)])
-        m = _margin_batch(rec.graphdef, rec.params, jnp.asarray(x), jnp.asarray(y, jnp.int32))
-        out.append(np.asarray(m)[: b - pad])
-    return np.concatenate(out).astype(np.float64)
-
-
-def robust_margins(
-    rec: checkpoint.LoadedRecognizer,
-    images: np.ndarray,
-    labels: np.ndarray,
-    *,
-    jitter: int,
-    flip: bool,
-    samples: int,
-    key: jax.Array,
-) -> np.ndarray:
-    """The mean ``logit_margins`` of each image over random shifts and flips.
-
-    Args:
-      rec: the recognizer (R_T: the attacker's only judge).
-      images: in [0, 1]. # [n, h, w, c]
-      labels: the recognizer's label of each image's identity. # [n]
-      jitter: largest shift in pixels (edges replicated).
-      flip: also flip at random.
-      samples: transforms per image; sample s uses ``fold_in(key, s)`` split over the images.
-      key: PRNG key.
-
-    Returns:
-      Mean margins. # [n]
-    """
-    total = np.zeros(len(images))
-    for s in range(samples):
-        keys = jax.random.split(jax.random.fold_in(key, s), len(images))
-        moved = np.asarray(_transform(jnp.asarray(images), keys, jitter=jitter, flip=flip))
-        total += logit_margins(rec, moved, labels)
-    return total / samples
-
-
-def select_clones(
-    run_dir: Path,
-    out_dir: Path,
-    rec_t: checkpoint.LoadedRecognizer,
-    config: ml_collections.ConfigDict,
-) -> dict[str, Any]:
-    """Keeps the ``inversion.clones`` best clones per identity of a run by R_T's judgement.
-
-    Writes ``out_dir/inversions.npz`` in ``jaxmia invert``'s format (the kept clones, best
-    first) plus ``selected`` (indices into the run's clones) and ``select_score`` [ids, keep],
-    and ``out_dir/summary.json`` (the run's summary with a ``selection`` entry). A diverged clone
-    is never preferred to a finite one.
-    """
-    keep, exp = config.inversion.clones, config.experiment
-    with np.load(run_dir / evaluation.INVERSIONS_FILE) as z:
-        arrays = {k: z[k] for k in z.files}
-    clones = arrays["clones"]  # [ids, n, h, w, c]
-    ids, n = clones.shape[:2]
-    flat = clones.reshape(ids * n, *clones.shape[2:])
-    labels = np.repeat(arrays["labels"], n)
-    if exp.select == "confidence":
-        score = arrays["confidence"].astype(np.float64)
-    elif exp.select == "margin":
-        score = logit_margins(rec_t, flat, labels).reshape(ids, n)
-    else:
-        score = robust_margins(
-            rec_t,
-            flat,
-            labels,
-            jitter=exp.select_jitter,
-            flip=exp.select_flip,
-            samples=exp.select_samples,
-            key=jax.random.fold_in(jax.random.key(config.inversion.rng_seed), 2),
-        ).reshape(ids, n)
-    score = np.where(arrays["diverged"] | ~np.isfinite(score), -np.inf, score)
-    order = np.argsort(-score, axis=1, kind="stable")[:, :keep]  # [ids, keep]
-    out = dict(arrays)
-    for k, v in arrays.items():
-        if v.shape[:2] == (ids, n):
-            out[k] = np.take_along_axis(v, order.reshape(ids, keep, *[1] * (v.ndim - 2)), axis=1)
-    out["selected"] = order.astype(np.int32)
-    out["select_score"] = np.take_along_axis(score, order, axis=1)
-    files.savez(out_dir / evaluation.INVERSIONS_FILE, **out)
-    summary = json.loads((run_dir / evaluation.SUMMARY_FILE).read_text())
-    summary["clones"] = keep
-    summary["selection"] = {
-        "from": str(run_dir),
-        "inverted_per_identity": n,
-        "kept_per_identity": keep,
-        **{k: v for k, v in exp.to_dict().items() if k.startswith("select")},
-        "mean_score_kept": float(np.mean(out["select_score"][np.isfinite(out["select_score"])]))
-        if np.isfinite(out["select_score"]).any()
-        else None,
-        "mean_score_all": float(np.mean(score[np.isfinite(score)]))
-        if np.isfinite(score).any()
-        else None,
-    }
-    files.write_json(out_dir / evaluation.SUMMARY_FILE, summary)
-    return summary["selection"]
-
-
 # --- the stages ---------------------------------------------------------------------------------
 
 
@@ -383,8 +220,8 @@ class _Run:
     _split: tuple | None = None
 
     @functools.cached_property
-    def faces(self):
-        return train.load_config_data(self.config, progress=self.progress)
+    def faces(self) -> data.FaceSet:
+        return data.faces_from_config(self.config, progress=self.progress)
 
     def split(self) -> tuple[splits.Split, ml_collections.ConfigDict, list[str], dict]:
         if self._split is None:
@@ -394,7 +231,7 @@ class _Run:
 
     def inversions_dir(self) -> Path:
         base = self.workdir / "inversions"
-        return base / SELECTED if self.config.experiment.restarts > 1 else base
+        return base / selection.SELECTED if self.config.experiment.restarts > 1 else base
 
 
 def _stage_split(run: _Run) -> dict[str, Any]:
@@ -414,7 +251,7 @@ def _check_split(run: _Run) -> None:
         old = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise JaxmiaError(f"{path}: unreadable ({e}); rerun with --redo") from e
-    if old != json.loads(json.dumps(record)):
+    if old != workdir_lib.jsonable(record):
         raise JaxmiaError(
             f"{path}: the data ({run.config.data.source}) now gives another split than the "
             "finished stages used; rerun with --redo, or use another --workdir"
@@ -425,9 +262,8 @@ def _stage_recognizer(run: _Run, role: str) -> dict[str, Any]:
     split, used, _, record = run.split()
     part = getattr(split, role)
     print(f"  {len(part.identities)} identities, {len(part.train)} training photos")
-    summary = train.train_part(
-        used, run.faces, part, role, run.workdir / role, record, progress=run.progress
-    )
+    job = train.make_job(used, run.faces, part, role, run.workdir / role, record)
+    summary = train.run_job(job, used.train, progress=run.progress)
     print(f"  test accuracy {summary['test_accuracy']:.4f} after {summary['epochs']} epochs")
     return {"test_accuracy": summary["test_accuracy"], "epochs": summary["epochs"]}
 
@@ -435,24 +271,22 @@ def _stage_recognizer(run: _Run, role: str) -> dict[str, Any]:
 def _stage_inversions(run: _Run) -> dict[str, Any]:
     cfg = run.config
     out = run.workdir / "inversions"
-    args = argparse.Namespace(
-        checkpoint=str(run.workdir / "target"),
-        identities=None,
+    invert.run(
+        cfg,
+        out,
+        checkpoint_dir=run.workdir / "target",
         clones=cfg.inversion.clones * cfg.experiment.restarts,
-        steps=None,
-        workdir=str(out),
     )
-    invert.run(args, cfg)
     if cfg.experiment.restarts == 1:
         return {}
     rec_t = checkpoint.load_recognizer(run.workdir / "target")
-    selection = select_clones(out, out / SELECTED, rec_t, cfg)
+    chosen = selection.select_clones(out, out / selection.SELECTED, rec_t, cfg)
     print(
-        f"  kept {selection['kept_per_identity']} of {selection['inverted_per_identity']} clones "
+        f"  kept {chosen['kept_per_identity']} of {chosen['inverted_per_identity']} clones "
         f"per identity by R_T ({cfg.experiment.select}): mean score "
-        f"{selection['mean_score_all']:.3f} -> {selection['mean_score_kept']:.3f}"
+        f"{chosen['mean_score_all']:.3f} -> {chosen['mean_score_kept']:.3f}"
     )
-    return {"selection": selection}
+    return {"selection": chosen}
 
 
 def _stage_report(run: _Run) -> dict[str, Any]:
@@ -506,14 +340,14 @@ WHAT = {
 
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Bad settings fail before any work."""
-    e, i = config.experiment, config.inversion
+    e = config.experiment
     if not isinstance(e.restarts, int) or e.restarts < 1:
         raise JaxmiaError(
             f"config field experiment.restarts: expected an integer >= 1, got {e.restarts!r}"
         )
-    if e.select not in SELECT:
+    if e.select not in selection.SELECT:
         raise JaxmiaError(
-            f"config field experiment.select: expected one of {SELECT}, got {e.select!r}"
+            f"config field experiment.select: expected one of {selection.SELECT}, got {e.select!r}"
         )
     if e.select_samples < 1:
         raise JaxmiaError(
@@ -523,11 +357,8 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise JaxmiaError(
             f"config field experiment.select_jitter: expected >= 0, got {e.select_jitter}"
         )
-    for name in ("clones", "steps", "max_batch"):
-        if i[name] < 1:
-            raise JaxmiaError(f"config field inversion.{name}: expected >= 1, got {i[name]}")
-    inv.InversionConfig.from_config(i)
-    train.make_optimizer(config.train, 1)
+    invert.check_settings(config)
+    train.check_train_config(config.train)
 
 
 def run_stages(
@@ -540,18 +371,20 @@ def run_stages(
 ) -> dict:
     """Runs (or resumes) the stages up to ``until`` (all by default); returns the stage record."""
     check_config(config)
+    workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise JaxmiaError(f"--workdir {workdir}: exists and is not a folder")
     workdir.mkdir(parents=True, exist_ok=True)
     settings = stage_settings(config)
     records = read_records(workdir)
-    changed = changed_stage(records, settings)
+    changed = changed_stage(records, settings, workdir)
     if changed:
-        stage, keys = changed
-        what = _describe(records[stage]["settings"], settings[stage], keys)
+        stage, which, keys = changed
+        old = records[stage].get("settings") or records[stage].get("attempted")
+        what = workdir_lib.describe(old, settings[stage], keys)
         if not redo:
             raise JaxmiaError(
-                f"workdir {workdir}: stage {stage!r} ran with other settings ({what}); "
+                f"workdir {workdir}: stage {stage!r} {which} with other settings ({what}); "
                 f"pass --redo to redo it and the stages after it, or use another --workdir"
             )
         print(f"settings of stage {stage!r} changed ({what}): redoing it and the stages after it")
@@ -565,34 +398,51 @@ def run_stages(
             if stage == "split":
                 _check_split(run)
             continue
-        resumed = " (resuming)" if record.get("status") == "running" else ""
+        resumed = " (resuming)" if _has_outputs(workdir, stage) else ""
         print(f"{head}{resumed}", flush=True)
-        records[stage] = {"status": "running", "settings": settings[stage], "started": time.time()}
+        # Until it finishes, a stage's settings are only "attempted": they hold against a rerun
+        # only where the stage left outputs (changed_stage), never after a failure on bad input.
+        records[stage] = {"status": "running", "attempted": settings[stage], "started": time.time()}
         files.write_json(workdir / RECORD, records)
         t0 = time.perf_counter()
         result = STAGE_FUNCTIONS[stage](run)
-        records[stage] |= {"status": "done", "seconds": time.perf_counter() - t0, "result": result}
+        records[stage] = {
+            "status": "done",
+            "settings": settings[stage],
+            "started": records[stage]["started"],
+            "seconds": time.perf_counter() - t0,
+            "result": result,
+        }
         files.write_json(workdir / RECORD, records)
     return records
 
 
-def run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:
-    workdir = Path(args.workdir)
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    redo: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The ``jaxmia experiment`` stage: every stage, then ``workdir/experiment.json``.
+
+    Returns:
+      What ``experiment.json`` holds: the headline, notes, recognizers' accuracy, stage times.
+    """
+    workdir = Path(workdir)
     t0 = time.perf_counter()
-    records = run_stages(config, workdir, redo=args.redo, progress=True)
+    records = run_stages(config, workdir, redo=redo, progress=progress)
     h = records["report"]["result"]["headline"]
     stage_seconds = {s: records[s].get("seconds") for s in STAGES}
-    files.write_json(
-        workdir / "experiment.json",
-        {
-            "headline": h,
-            "notes": records["split"]["result"]["notes"],
-            "recognizers": {s: records[s]["result"] for s in ("target", "evaluation")},
-            "stage_seconds": stage_seconds,
-            "report": str(workdir / "report" / "report.html"),
-            "config": config.to_dict(),
-        },
-    )
+    summary = {
+        "headline": h,
+        "notes": records["split"]["result"]["notes"],
+        "recognizers": {s: records[s]["result"] for s in ("target", "evaluation")},
+        "stage_seconds": stage_seconds,
+        "report": str(workdir / "report" / "report.html"),
+        "config": config.to_dict(),
+    }
+    files.write_json(workdir / "experiment.json", summary)
     total = sum(v or 0 for v in stage_seconds.values())
     print(
         f"done: top-1 by R_E {100 * h['top1']:.1f}% (top-5 {100 * h['top5']:.1f}%) over "
@@ -602,3 +452,4 @@ def run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:
         f"(this run {time.perf_counter() - t0:.0f} s)"
     )
     print(f"report: {workdir / 'report' / 'report.html'}")
+    return summary

@@ -48,7 +48,7 @@ def write_text(path: str | os.PathLike, text: str) -> None:
 
 
 def write_json(path: str | os.PathLike, obj: Any) -> None:
-    write_text(path, json.dumps(obj, indent=2, default=_json_default) + "\n")
+    write_text(path, json.dumps(obj, indent=2, default=json_default) + "\n")
 
 
 def savez(path: str | os.PathLike, **arrays: np.ndarray) -> None:
@@ -61,7 +61,7 @@ def append_jsonl(path: str | os.PathLike, obj: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
-        f.write(json.dumps(obj, default=_json_default) + "\n")
+        f.write(json.dumps(obj, default=json_default) + "\n")
         f.flush()
         os.fsync(f.fileno())
 
@@ -80,7 +80,7 @@ def read_jsonl(path: str | os.PathLike) -> list[Any]:
     return out
 
 
-def _json_default(o: Any) -> Any:
+def json_default(o: Any) -> Any:
     if isinstance(o, np.generic):
         return o.item()
     if isinstance(o, np.ndarray):

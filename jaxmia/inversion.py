@@ -9,13 +9,24 @@ and optimizer state through masked updates, so shapes never change) and divergen
 in a clone's loss, gradient or image freezes that clone at its last finite image; other clones are
 untouched).
 
+The program is compiled for its structure only (``ProgramSpec``: loss, optimizer and denoiser
+kinds, the filters' and the jitter's sizes, flip, steps per call, which regularisers exist): that
+is the cache key of ``make_program``. The numeric settings (learning rate, momentum, margin,
+regulariser weights, stopping thresholds, denoising period: ``Hyper``) are traced arguments of
+the jitted step, so a sweep over them compiles once; ``check_every`` and ``shard`` only steer the
+host loop and placement (but the default steps per call on GPU/TPU is ``check_every``: below).
+
 The steps run as a host loop over a jitted call of ``steps_per_call`` steps (a ``fori_loop``
 inside, state donated), or with ``steps_per_call=0`` as one ``while_loop`` over all steps that
 also exits once every clone has stopped. The host loop never waits on the device except every
 ``check_every`` steps, to leave early when all clones have stopped. Measured on the shared
 2-core CPU (paper CNN, 64x64x1, 40 classes, batch 128, SGD; ``python -m benchmarks.inversion_cpu``,
 ``benchmarks/inversion_cpu.md``): a host loop of a jitted single step 397 image-gradients/s, 10
-steps per call in a ``fori_loop`` 177/s, one ``while_loop`` 177/s, hence ``steps_per_call=1``.
+steps per call in a ``fori_loop`` 177/s, one ``while_loop`` 177/s, hence on CPU the default
+(``steps_per_call=None``, see ``resolved_steps_per_call``) is 1 step per call. On a GPU or TPU
+the default is ``check_every`` steps per call (a ``fori_loop``): one dispatch per host check
+rather than one per step, so the device need not wait on the host between steps (a design
+choice, not measured in this repository).
 Writing one clone and vmapping it costs nothing against a hand-batched step (807-894/s vs
 859-876/s at batch 128 in one run).
 
@@ -39,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxmia import fastconv, models, sharding
+from jaxmia import fastconv, models, sharding, transforms
 from jaxmia.errors import JaxmiaError
 
 LOSSES = ("least_squares", "cross_entropy", "max_margin", "poincare")
@@ -59,10 +70,49 @@ ApplyFn = Callable[[Any, jax.Array], jax.Array]  # (params, images [b, h, w, c])
 
 
 @dataclasses.dataclass(frozen=True)
-class InversionConfig:
-    """Static settings of the inversion program (hashable: a new value compiles a new program).
+class ProgramSpec:
+    """What fixes the compiled program's structure: the cache key of ``make_program``.
 
-    The step count is not here: it is a run-time argument, so changing it does not recompile.
+    Settings a program cannot take as traced values: they choose branches, state structures,
+    array shapes or loop lengths. Built by ``InversionConfig.spec``, which drops the settings of
+    a denoiser that is off, so e.g. a ``denoise_sigma`` without Gaussian denoising compiles
+    nothing new.
+    """
+
+    loss: str  # one of LOSSES
+    optimizer: str  # one of OPTIMIZERS: decides the optimizer state's structure
+    denoise: str  # one of DENOISERS
+    denoise_size: int | None  # the median's window (its stack of size**2 shifted images)
+    denoise_sigma: float | None  # the Gaussian's kernel: its radius ceil(3 sigma) and its taps
+    jitter: int  # the width of the edge padding of the random shift
+    flip: bool
+    steps_per_call: int  # resolved (``resolved_steps_per_call``): >= 1, or 0: one while_loop
+    tv: bool  # the total variation term is in the objective (tv_weight != 0)
+    l2: bool  # the squared pixel term is in the objective (l2_weight != 0)
+
+
+class Hyper(NamedTuple):
+    """The numeric settings, traced arguments of the program: a new value compiles nothing."""
+
+    learning_rate: jax.Array  # [] float32
+    momentum: jax.Array  # [] float32 ("momentum" only)
+    margin: jax.Array  # [] float32 (max_margin only)
+    tv_weight: jax.Array  # [] float32
+    l2_weight: jax.Array  # [] float32
+    stop_confidence: jax.Array  # [] float32; 0: off
+    min_delta: jax.Array  # [] float32
+    patience: jax.Array  # [] int32; 0: off
+    denoise_every: jax.Array  # [] int32
+
+
+@dataclasses.dataclass(frozen=True)
+class InversionConfig:
+    """The settings of an inversion, validated.
+
+    The program sees them split: ``spec()``, the structure (a new value compiles a new program),
+    and ``hyper()``, the numeric values (traced: a sweep over them compiles once). ``check_every``
+    and ``shard`` are in neither: they steer the host loop and the placement of a run. The step
+    count is not here either: it is a run-time argument, so changing it does not recompile.
     """
 
     loss: str = "least_squares"  # one of LOSSES
@@ -87,7 +137,9 @@ class InversionConfig:
         0  # stop a clone once its best loss has not improved for this many steps; 0: off
     )
     min_delta: float = 0.0  # an improvement must exceed this
-    steps_per_call: int = 1  # steps per jitted call of the host loop; 0: one while_loop
+    # Steps per jitted call of the host loop; 0: one while_loop; None: by backend (1 on CPU,
+    # check_every on GPU/TPU; see resolved_steps_per_call).
+    steps_per_call: int | None = None
     check_every: int = 50  # steps between host checks whether every clone has stopped
     # Split the clones over every device JAX sees when there are several (jaxmia.sharding).
     shard: bool = True
@@ -111,14 +163,73 @@ class InversionConfig:
             if getattr(self, name) < 1:
                 raise JaxmiaError(f"inversion.{name}={getattr(self, name)}: expected >= 1")
         for name in ("jitter", "patience", "steps_per_call"):
-            if getattr(self, name) < 0:
-                raise JaxmiaError(f"inversion.{name}={getattr(self, name)}: expected >= 0")
+            value = getattr(self, name)
+            if value is not None and value < 0:
+                raise JaxmiaError(f"inversion.{name}={value}: expected >= 0")
 
     @classmethod
     def from_config(cls, section: Any) -> InversionConfig:
         """The engine's fields from a config section (e.g. ``config.inversion``); others ignored."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: section[k] for k in names if k in section})
+
+    def spec(self, backend: str | None = None) -> ProgramSpec:
+        """The program's structure for ``backend`` (None: JAX's default; it resolves
+        ``steps_per_call``)."""
+        return ProgramSpec(
+            loss=self.loss,
+            optimizer=self.optimizer,
+            denoise=self.denoise,
+            denoise_size=self.denoise_size if self.denoise == "median" else None,
+            denoise_sigma=self.denoise_sigma if self.denoise == "gaussian" else None,
+            jitter=self.jitter,
+            flip=bool(self.flip),
+            steps_per_call=resolved_steps_per_call(self, backend),
+            tv=self.tv_weight != 0,
+            l2=self.l2_weight != 0,
+        )
+
+    def hyper(self) -> Hyper:
+        """The numeric settings as scalars for the program's traced arguments.
+
+        float32 and int32, as the program used them when they were Python constants, so the
+        results do not change.
+        """
+        f32 = lambda v: jnp.asarray(v, jnp.float32)  # noqa: E731
+        i32 = lambda v: jnp.asarray(v, jnp.int32)  # noqa: E731
+        return Hyper(
+            learning_rate=f32(self.learning_rate),
+            momentum=f32(self.momentum),
+            margin=f32(self.margin),
+            tv_weight=f32(self.tv_weight),
+            l2_weight=f32(self.l2_weight),
+            stop_confidence=f32(self.stop_confidence),
+            min_delta=f32(self.min_delta),
+            patience=i32(self.patience),
+            denoise_every=i32(self.denoise_every),
+        )
+
+
+def resolved_steps_per_call(cfg: InversionConfig, backend: str | None = None) -> int:
+    """Steps per jitted call of the host loop: ``cfg.steps_per_call``, or by backend if None.
+
+    On CPU one step per call (a host loop of a jitted single step measured 2.2x the rate of 10
+    steps in a ``fori_loop`` or of one ``while_loop``: the module docstring). On an accelerator
+    ``check_every`` steps per call (a ``fori_loop``), so the host dispatches once per check of
+    whether every clone has stopped rather than once per step (not measured here). Under this
+    default on an accelerator ``check_every`` is thus part of the program's structure.
+
+    Args:
+      cfg: the settings.
+      backend: "cpu", "gpu", "tpu", ...; None: ``jax.default_backend()``.
+
+    Returns:
+      >= 1 steps per call (a ``fori_loop`` when > 1), or 0: one ``while_loop`` over all steps.
+    """
+    if cfg.steps_per_call is not None:
+        return cfg.steps_per_call
+    backend = backend or jax.default_backend()
+    return 1 if backend == "cpu" else cfg.check_every
 
 
 class Records(NamedTuple):
@@ -148,17 +259,30 @@ class _State(NamedTuple):
 # One clone: losses, regularisers, transforms, one step.
 
 
-def data_loss(kind: str, z: jax.Array, label: jax.Array, margin: float = 5.0) -> jax.Array:
+def logit_margin(z: jax.Array, label: jax.Array) -> jax.Array:
+    """One clone's target logit minus its highest other logit. # [n], [] -> []
+
+    Positive once the recognizer ranks the target first; unlike the softmax score it keeps
+    growing (and ordering clones) after that score rounds to 1.
+    """
+    others = jnp.where(jax.nn.one_hot(label, z.shape[-1]) > 0, -jnp.inf, z)  # [n]
+    return z[label] - jnp.max(others)
+
+
+def data_loss(
+    kind: str, z: jax.Array, label: jax.Array, margin: float | jax.Array = 5.0
+) -> jax.Array:
     """Loss between one clone's logits and its target's one-hot.
 
     Args:
       kind: "least_squares" (sum of squares between softmax and one-hot; the paper's default),
         "cross_entropy" (the paper's "Infomax"), "max_margin" (Carlini-Wagner:
-        ``max(max_{j != y} z_j - z_y, -margin)``) or "poincare" (Struppek et al. 2022: the
+        ``max(-logit_margin, -margin)``, i.e. ``max(max_{j != y} z_j - z_y, -margin)``: flat
+        once the target leads by ``margin``) or "poincare" (Struppek et al. 2022: the
         Poincare distance between the L1-normalised logits and the one-hot shrunk by 1e-5).
       z: logits. # [n]
       label: the target class, int scalar.
-      margin: for "max_margin".
+      margin: for "max_margin" (may be traced).
     """
     onehot = jax.nn.one_hot(label, z.shape[-1], dtype=z.dtype)  # [n]
     if kind == "least_squares":
@@ -166,8 +290,7 @@ def data_loss(kind: str, z: jax.Array, label: jax.Array, margin: float = 5.0) ->
     if kind == "cross_entropy":
         return -jax.nn.log_softmax(z)[label]
     if kind == "max_margin":
-        other = jnp.max(jnp.where(onehot > 0, -jnp.inf, z))
-        return jnp.maximum(other - z[label], -margin)
+        return jnp.maximum(-logit_margin(z, label), -margin)
     if kind == "poincare":
         u = z / jnp.sum(jnp.abs(z))
         v = jnp.clip(onehot, 0.0, 1.0 - 1e-5)
@@ -209,16 +332,13 @@ def random_transform(x: jax.Array, key: jax.Array, jitter: int, flip: bool) -> j
     """A random shift of up to ``jitter`` pixels (edges replicated) and optional h-flip.
 
     Optimising through it makes a clone that works under small shifts (a robust clone) rather
-    than an adversarial pattern tied to exact pixel positions. # [h, w, c] -> [h, w, c]
+    than an adversarial pattern tied to exact pixel positions. The key is split in two, for
+    ``transforms.random_shift`` and ``transforms.random_flip``. # [h, w, c] -> [h, w, c]
     """
-    h, w, c = x.shape
     kshift, kflip = jax.random.split(key)
-    if jitter > 0:
-        xp = jnp.pad(x, ((jitter, jitter), (jitter, jitter), (0, 0)), mode="edge")
-        dy, dx = jax.random.randint(kshift, (2,), 0, 2 * jitter + 1)
-        x = jax.lax.dynamic_slice(xp, (dy, dx, 0), (h, w, c))
+    x = transforms.random_shift(x, kshift, jitter)
     if flip:
-        x = jnp.where(jax.random.bernoulli(kflip), x[:, ::-1], x)
+        x = transforms.random_flip(x, kflip)
     return x
 
 
@@ -230,7 +350,7 @@ def objective(
     key: jax.Array | None,
     label: jax.Array,
 ) -> tuple[jax.Array, jax.Array]:
-    """One clone's objective and target confidence.
+    """One clone's objective and target confidence (``cfg``'s numbers as constants).
 
     Args:
       x: the clone. # [h, w, c]
@@ -240,22 +360,47 @@ def objective(
     Returns:
       (data loss + regularisers, softmax probability of ``label``), scalars.
     """
-    seen = x if key is None else random_transform(x, key, cfg.jitter, cfg.flip)
+    return _objective(cfg.spec(), cfg.hyper(), apply_fn, params, x, key, label)
+
+
+def _objective(
+    spec: ProgramSpec,
+    hyper: Hyper,
+    apply_fn: ApplyFn,
+    params: Any,
+    x: jax.Array,
+    key: jax.Array | None,
+    label: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """``objective`` with the numeric settings as (possibly traced) ``hyper``."""
+    seen = x if key is None else random_transform(x, key, spec.jitter, spec.flip)
     z = apply_fn(params, seen[None])[0]  # [n]
-    loss = data_loss(cfg.loss, z, label, cfg.margin)
-    if cfg.tv_weight:
-        loss = loss + cfg.tv_weight * total_variation(x)
-    if cfg.l2_weight:
-        loss = loss + cfg.l2_weight * jnp.mean(x**2)
+    loss = data_loss(spec.loss, z, label, hyper.margin)
+    if spec.tv:
+        loss = loss + hyper.tv_weight * total_variation(x)
+    if spec.l2:
+        loss = loss + hyper.l2_weight * jnp.mean(x**2)
     return loss, jax.nn.softmax(z)[label]
 
 
+def optimizer(
+    kind: str, learning_rate: float | jax.Array, momentum: float | jax.Array = 0.9
+) -> optax.GradientTransformation:
+    """The optax optimizer of ``kind`` (one of OPTIMIZERS); the values may be traced.
+
+    The kind alone fixes the state's structure (none for "sgd", a trace for "momentum", two
+    moments and a count for "adam"), so a state made with any values serves every value.
+    """
+    if kind == "sgd":
+        return optax.sgd(learning_rate)
+    if kind == "momentum":
+        return optax.sgd(learning_rate, momentum=momentum)
+    return optax.adam(learning_rate)
+
+
 def make_optimizer(cfg: InversionConfig) -> optax.GradientTransformation:
-    if cfg.optimizer == "sgd":
-        return optax.sgd(cfg.learning_rate)
-    if cfg.optimizer == "momentum":
-        return optax.sgd(cfg.learning_rate, momentum=cfg.momentum)
-    return optax.adam(cfg.learning_rate)
+    """``cfg``'s optimizer with its values as constants."""
+    return optimizer(cfg.optimizer, cfg.learning_rate, cfg.momentum)
 
 
 def _all_finite(tree: Any) -> jax.Array:
@@ -272,33 +417,49 @@ def clone_step(
     step: jax.Array,
     max_steps: jax.Array,
 ) -> _State:
-    """One step of one clone (state fields without the batch axis).
+    """One step of one clone (state fields without the batch axis; ``cfg``'s numbers as
+    constants).
 
     The objective and confidence are those of the current image: a clone that meets a stopping
     rule is frozen at that image, before any update.
     """
-    opt = make_optimizer(cfg)
+    return _step(cfg.spec(), cfg.hyper(), apply_fn, params, state, key, label, step, max_steps)
+
+
+def _step(
+    spec: ProgramSpec,
+    hyper: Hyper,
+    apply_fn: ApplyFn,
+    params: Any,
+    state: _State,
+    key: jax.Array,
+    label: jax.Array,
+    step: jax.Array,
+    max_steps: jax.Array,
+) -> _State:
+    """``clone_step`` with the numeric settings as (possibly traced) ``hyper``."""
+    opt = optimizer(spec.optimizer, hyper.learning_rate, hyper.momentum)
     running = (state.reason == RUNNING) & (step < max_steps)
     step_key = jax.random.fold_in(key, step)
     (loss, conf), grad = jax.value_and_grad(
-        lambda x: objective(cfg, apply_fn, params, x, step_key, label), has_aux=True
+        lambda x: _objective(spec, hyper, apply_fn, params, x, step_key, label), has_aux=True
     )(state.x)
     finite = jnp.isfinite(loss) & jnp.all(jnp.isfinite(grad))
 
-    improved = loss < state.best - cfg.min_delta
+    improved = loss < state.best - hyper.min_delta
     best = jnp.where(running & finite & improved, loss, state.best)
     since = jnp.where(running & finite, jnp.where(improved, 0, state.since + 1), state.since)
-    confident = (cfg.stop_confidence > 0) & (conf >= cfg.stop_confidence)
-    patient = (cfg.patience > 0) & (since >= cfg.patience)
+    confident = (hyper.stop_confidence > 0) & (conf >= hyper.stop_confidence)
+    patient = (hyper.patience > 0) & (since >= hyper.patience)
 
     updates, opt_state = opt.update(grad, state.opt_state, state.x)
     x = jnp.clip(state.x + updates, 0.0, 1.0)
-    if cfg.denoise != "none":
+    if spec.denoise != "none":
         denoise = {
-            "median": lambda v: median_filter(v, cfg.denoise_size),
-            "gaussian": lambda v: gaussian_filter(v, cfg.denoise_sigma),
-        }[cfg.denoise]
-        x = jax.lax.cond(step % cfg.denoise_every == 0, denoise, lambda v: v, x)
+            "median": lambda v: median_filter(v, spec.denoise_size),
+            "gaussian": lambda v: gaussian_filter(v, spec.denoise_sigma),
+        }[spec.denoise]
+        x = jax.lax.cond(step % hyper.denoise_every == 0, denoise, lambda v: v, x)
     finite = finite & jnp.all(jnp.isfinite(x))
 
     reason = jnp.select(
@@ -324,19 +485,30 @@ def clone_step(
 
 @dataclasses.dataclass(frozen=True)
 class Program:
-    """The jitted pieces for one (apply_fn, config); each compiles once per input shape."""
+    """The jitted pieces for one (apply_fn, spec); each compiles once per input shape."""
 
-    cfg: InversionConfig
+    spec: ProgramSpec
     init: Callable  # (seeds [b,h,w,c]) -> _State
-    steps: Callable  # (params, state, keys [b], labels [b], step0, max_steps) -> _State (donated)
-    evaluate: Callable  # (params, x [b,h,w,c], labels [b]) -> (loss [b], confidence [b])
+    # (params, state, keys [b], labels [b], step0, max_steps, hyper) -> _State (state donated)
+    steps: Callable
+    evaluate: Callable  # (params, x [b,h,w,c], labels [b], hyper) -> (loss [b], confidence [b])
     compiled: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
 
-@functools.lru_cache(maxsize=32)
 def make_program(apply_fn: ApplyFn, cfg: InversionConfig) -> Program:
-    """The program for ``apply_fn`` and ``cfg`` (cached: the same pair reuses its compilations)."""
-    opt = make_optimizer(cfg)
+    """The program for ``apply_fn`` and ``cfg``'s structure (``cfg.spec()``).
+
+    Cached (``build_program``): configs that differ only in numeric settings, ``check_every`` or
+    ``shard`` share one program and its compilations; its jitted pieces take ``cfg.hyper()``.
+    """
+    return build_program(apply_fn, cfg.spec())
+
+
+@functools.lru_cache(maxsize=32)
+def build_program(apply_fn: ApplyFn, spec: ProgramSpec) -> Program:
+    """The program for ``apply_fn`` and ``spec`` (cached: the same pair reuses its compilations)."""
+    # The state's structure depends on the optimizer's kind alone: the values are placeholders.
+    opt = optimizer(spec.optimizer, 1.0, 0.0)
 
     def init(seeds):
         b = seeds.shape[0]
@@ -350,15 +522,18 @@ def make_program(apply_fn: ApplyFn, cfg: InversionConfig) -> Program:
         )
 
     step_all = jax.vmap(
-        functools.partial(clone_step, cfg, apply_fn), in_axes=(None, 0, 0, 0, None, None)
+        lambda hyper, params, s, k, y, t, n: _step(spec, hyper, apply_fn, params, s, k, y, t, n),
+        in_axes=(None, None, 0, 0, 0, None, None),
     )
 
-    def steps(params, state, keys, labels, step0, max_steps):
-        body = lambda i, s: step_all(params, s, keys, labels, step0 + i, max_steps)  # noqa: E731
-        if cfg.steps_per_call == 1:
+    def steps(params, state, keys, labels, step0, max_steps, hyper):
+        def body(i, s):
+            return step_all(hyper, params, s, keys, labels, step0 + i, max_steps)
+
+        if spec.steps_per_call == 1:
             return body(0, state)
-        if cfg.steps_per_call > 1:
-            return jax.lax.fori_loop(0, cfg.steps_per_call, body, state)
+        if spec.steps_per_call > 1:
+            return jax.lax.fori_loop(0, spec.steps_per_call, body, state)
 
         def cond(carry):
             i, s = carry
@@ -366,11 +541,11 @@ def make_program(apply_fn: ApplyFn, cfg: InversionConfig) -> Program:
 
         return jax.lax.while_loop(cond, lambda c: (c[0] + 1, body(*c)), (0, state))[1]
 
-    def evaluate(params, x, labels):
-        one = lambda xi, yi: objective(cfg, apply_fn, params, xi, None, yi)  # noqa: E731
+    def evaluate(params, x, labels, hyper):
+        one = lambda xi, yi: _objective(spec, hyper, apply_fn, params, xi, None, yi)  # noqa: E731
         return jax.vmap(one)(x, labels)
 
-    return Program(cfg, jax.jit(init), jax.jit(steps, donate_argnums=1), jax.jit(evaluate))
+    return Program(spec, jax.jit(init), jax.jit(steps, donate_argnums=1), jax.jit(evaluate))
 
 
 @functools.lru_cache(maxsize=32)
@@ -431,7 +606,7 @@ def invert_batch(
       seeds: start images in [0, 1]. # [b, h, w, c]
       labels: target classes. # [b] int
       keys: one PRNG key per clone. # [b]
-      cfg: the static settings.
+      cfg: the settings (its ``spec()`` picks the program, its ``hyper()`` goes in traced).
       steps: the most updates per clone (> 0).
       timing: accumulates compile and run seconds if given.
 
@@ -441,6 +616,7 @@ def invert_batch(
     if steps < 1:
         raise JaxmiaError(f"steps={steps}: expected a positive number of steps")
     program = make_program(apply_fn, cfg)
+    hyper = cfg.hyper()
     seeds = jnp.asarray(seeds, jnp.float32)
     labels = jnp.asarray(labels, jnp.int32)
     n = seeds.shape[0]
@@ -449,32 +625,33 @@ def invert_batch(
         seeds, labels, keys = sharding.shard_clones(mesh, (seeds, labels, keys))
         params = sharding.replicate(mesh, params)
     max_steps = jnp.int32(steps)
-    per_call = cfg.steps_per_call or steps
+    per_call = program.spec.steps_per_call or steps
 
     init, c0 = _compiled(program, "init", seeds)
     state = init(seeds)
     if mesh is not None:  # constants such as `best` would otherwise come out replicated
         state = sharding.shard_clones(mesh, state)
-    run, c1 = _compiled(program, "steps", params, state, keys, labels, jnp.int32(0), max_steps)
-    evaluate, c2 = _compiled(program, "evaluate", params, state.x, labels)
+    step0 = jnp.int32(0)
+    run, c1 = _compiled(program, "steps", params, state, keys, labels, step0, max_steps, hyper)
+    evaluate, c2 = _compiled(program, "evaluate", params, state.x, labels, hyper)
     jax.block_until_ready(state)
 
     t = time.perf_counter()
     calls_per_check = max(1, cfg.check_every // per_call)
     done = 0
     while done < steps:
-        state = run(params, state, keys, labels, jnp.int32(done), max_steps)
+        state = run(params, state, keys, labels, jnp.int32(done), max_steps, hyper)
         done += per_call
         if (done // per_call) % calls_per_check == 0 and not bool(jnp.any(state.reason == RUNNING)):
             break
-    loss, conf = evaluate(params, state.x, labels)
+    loss, conf = evaluate(params, state.x, labels, hyper)
     out = sharding.to_host((state.x, state.steps, loss, conf, state.reason))
     x, taken, loss, conf, reason = (np.asarray(a)[:n] for a in out)
     if timing is not None:
         timing.run_s += time.perf_counter() - t
         timing.compile_s += c0 + c1 + c2
         # A while_loop program runs until every clone stopped, so its longest clone counts.
-        executed = min(done, steps) if cfg.steps_per_call else int(taken.max())
+        executed = min(done, steps) if program.spec.steps_per_call else int(taken.max())
         timing.gradients += n * executed
     reason = np.where(reason == RUNNING, STEPS, reason).astype(np.int32)
     return Records(np.asarray(x), taken, loss, conf, reason)
@@ -490,7 +667,8 @@ def evaluate(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Objective and target confidence of images as they are (e.g. seeds). # [b] each"""
     program = make_program(apply_fn, cfg)
-    args = (params, jnp.asarray(images, jnp.float32), jnp.asarray(labels, jnp.int32))
+    images, labels = jnp.asarray(images, jnp.float32), jnp.asarray(labels, jnp.int32)
+    args = (params, images, labels, cfg.hyper())
     fn, compile_s = _compiled(program, "evaluate", *args)
     if timing is not None:
         timing.compile_s += compile_s

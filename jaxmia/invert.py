@@ -1,6 +1,6 @@
-"""``jaxmia invert``: gray-box model inversion of a trained recognizer's identities.
+"""The ``jaxmia invert`` stage: gray-box model inversion of a trained recognizer's identities.
 
-  jaxmia invert --checkpoint RUN/target --identities 0,3,s5 --clones 100 --steps 300 --workdir OUT
+    invert.run(config, "OUT", checkpoint="RUN/target", identities="0,3,s5", clones=100, steps=300)
 
 Makes ``clones`` clone faces per identity (by label index or name; default: the split's attacked
 identities if the checkpoint records a split, else all) with the settings of the config's
@@ -14,27 +14,28 @@ identities if the checkpoint records a split, else all) with the settings of the
 - ``summary.json``: the checkpoint, settings, per-identity confidence before (seed) and after,
   steps, divergence, stop reasons; timings with compile time apart from run time.
 - ``grid_<name>.png`` per identity: the seed, then the clones titled with their confidence.
-- ``run.json`` (the settings the chunks belong to, and their size) and
-  ``chunks/chunk_NNNNN.npz``: finished chunks, written atomically. A rerun with the same
-  settings skips them (resume; a different machine keeps the recorded chunk size); other
-  settings in the same workdir are an error naming the differing fields (except those in
-  ``HOW_NOT_WHAT``, which do not change the results).
+- ``run.json`` (``jaxmia.workdir``: the settings the chunks belong to, and their size) and
+  ``chunks/chunk_NNNNN.npz``: finished chunks, written atomically. Every input is checked (the
+  checkpoint, the identities, the seed images) before the workdir is claimed, so a run that
+  fails on bad input leaves nothing that refuses its corrected rerun. A rerun with the same
+  settings skips finished chunks (resume; a different machine keeps the recorded chunk size);
+  other settings in the same workdir are an error naming the differing fields (except the
+  ``workdir.RUN_ONLY`` ones, which do not change the results).
 
-Multi-host (``--distributed``): the same command in every process; the clones are sharded over
-every process's devices, process 0 alone reads and writes the workdir (the others need the
-checkpoint and seed data, not the workdir) and decides which chunks are still to run.
+Multi-host (``jaxmia invert --distributed``, which joins the run before calling ``run``): the same
+command in every process; the clones are sharded over every process's devices, process 0 alone
+reads and writes the workdir (the others need the checkpoint and seed data, not the workdir) and
+decides which chunks are still to run.
 
 Clones that diverge (NaN/Inf) are frozen at their last finite image and reported on stderr and
 in the summary's ``warnings``. If every clone diverges the outputs are still written and the
-command then fails (exit 2). With the projection to [0, 1] a large but finite learning rate
+stage then fails (a JaxmiaError). With the projection to [0, 1] a large but finite learning rate
 saturates pixels rather than overflowing; divergence comes from losses that reach infinity
 (poincare on a one-hot-like output) or a recognizer whose outputs are not finite.
 """
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -44,46 +45,14 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import tqdm
-from matplotlib.figure import Figure
 
-from jaxmia import checkpoint, files, report, seeds, sharding
+from jaxmia import checkpoint, files, grids, seeds, sharding
 from jaxmia import inversion as inv
+from jaxmia import workdir as workdir_lib
 from jaxmia.errors import JaxmiaError
 
-GRID_COLUMNS = 10
-MAX_GRID_CLONES = 100
 PER_CLONE = ("steps", "loss", "confidence", "seed_confidence", "reason")
-# Settings that change how the program runs, not its results: a resumed run may change them.
-HOW_NOT_WHAT = ("steps_per_call", "check_every", "shard")
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--checkpoint", required=True, help="recognizer folder (from jaxmia train)")
-    parser.add_argument(
-        "--identities",
-        default=None,
-        help="comma-separated label indices or names (default: the split's attacked identities "
-        "recorded in the checkpoint, else all)",
-    )
-    parser.add_argument(
-        "--clones", type=int, default=None, help="per identity (config: inversion.clones)"
-    )
-    parser.add_argument(
-        "--steps", type=int, default=None, help="most steps (config: inversion.steps)"
-    )
-    group = parser.add_argument_group(
-        "multi-host", "run the same command in every process; process 0 writes the outputs"
-    )
-    group.add_argument(
-        "--distributed",
-        action="store_true",
-        help="join a multi-process JAX run (jax.distributed.initialize) and shard the clones "
-        "over every process's devices; where the coordinator is comes from the cluster "
-        "(Slurm, Open MPI, Cloud TPU) or the three options below (which imply it)",
-    )
-    group.add_argument("--coordinator", default=None, help="HOST:PORT of process 0")
-    group.add_argument("--num-processes", type=int, default=None, help="processes in the run")
-    group.add_argument("--process-id", type=int, default=None, help="this process, 0..N-1")
+RECORD = "run.json"
 
 
 # --- inputs ------------------------------------------------------------------------------------
@@ -212,37 +181,28 @@ def make_start(
 # --- the run ------------------------------------------------------------------------------
 
 
-def _fingerprint(args, rec, config, labels, clones, steps) -> dict[str, Any]:
+def _settings(
+    checkpoint_dir: Path,
+    rec: checkpoint.LoadedRecognizer,
+    config: ml_collections.ConfigDict,
+    labels: list[int],
+    clones: int,
+    steps: int,
+    seed_from: str,
+) -> dict[str, Any]:
     """The settings that fix a run's chunks, flat: ``inversion.*`` besides the run's shape."""
     run = {
-        "checkpoint": str(Path(args.checkpoint).resolve()),
+        "checkpoint": str(checkpoint_dir.resolve()),
         "checkpoint_step": rec.step,
         "labels": labels,
         "clones": clones,
         "steps": steps,
+        "seed_from": seed_from,
     }
-    for k, v in config.inversion.to_dict().items():
-        if k not in ("clones", "steps", *HOW_NOT_WHAT):
-            run[f"inversion.{k}"] = v
-    return json.loads(json.dumps(run))  # tuples as lists, as they read back
-
-
-def _claim_workdir(workdir: Path, run: dict[str, Any], size: int) -> int:
-    """Records the run's settings and chunk size, or checks that the workdir's chunks belong to
-    the same settings; returns the chunk size to use (a resumed run keeps the recorded one, which
-    may differ here, e.g. on a machine with other devices, so its chunk files stay valid)."""
-    path = workdir / "run.json"
-    if path.exists():
-        old = json.loads(path.read_text())
-        size = int(old.pop("chunk_size", size))
-        differ = sorted(k for k in run.keys() | old.keys() if run.get(k) != old.get(k))
-        if differ:
-            raise JaxmiaError(
-                f"workdir {workdir}: holds a run with other settings ({', '.join(differ)}); "
-                "use another --workdir or delete that one"
-            )
-    files.write_json(path, run | {"chunk_size": size})
-    return size
+    section = workdir_lib.flatten(config.inversion, "inversion")
+    return run | {
+        k: v for k, v in section.items() if k not in ("inversion.clones", "inversion.steps")
+    }
 
 
 def _invert_chunks(
@@ -299,26 +259,11 @@ def _grid(
     path: Path, name: str, seed: np.ndarray, clones: np.ndarray, conf: np.ndarray, before: float
 ) -> None:
     """The seed, then the clones titled with R_T's confidence in the target."""
-    shown = min(len(clones), MAX_GRID_CLONES)
-    cells = 1 + shown
-    cols = min(GRID_COLUMNS, cells)
-    rows = -(-cells // cols)
-    fig = Figure(figsize=(1.3 * cols, 1.45 * rows + 0.6), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax in axes[cells:]:
-        ax.axis("off")
-    for ax, image, title in [(axes[0], seed, f"seed {before:.2f}")] + [
-        (axes[1 + j], clones[j], f"#{j} {conf[j]:.2f}") for j in range(shown)
-    ]:
-        image = np.clip(np.nan_to_num(image), 0, 1)
-        ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=1)
-        ax.set_xticks([])
-        ax.set_yticks([])
-        ax.set_title(title, fontsize=7)
-    more = f" (first {shown} of {len(clones)})" if shown < len(clones) else ""
-    fig.suptitle(f"{name}: clones{more}; titles: R_T confidence in the target", fontsize=9)
-    with files.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+    shown = grids.shown_clones(len(clones))
+    cells = [grids.Cell(seed, f"seed {before:.2f}", "black")]
+    cells += [grids.Cell(clones[j], f"#{j} {grids.short(conf[j])}") for j in shown]
+    more = f" (first {len(shown)} of {len(clones)})" if len(shown) < len(clones) else ""
+    grids.draw(path, cells, f"{name}: clones{more}; titles: R_T confidence in the target")
 
 
 def _identity_summary(name: str, label: int, r: dict[str, np.ndarray]) -> dict[str, Any]:
@@ -346,35 +291,75 @@ def _identity_summary(name: str, label: int, r: dict[str, np.ndarray]) -> dict[s
     }
 
 
-def run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:
-    clones = config.inversion.clones if args.clones is None else args.clones
-    steps = config.inversion.steps if args.steps is None else args.steps
+def check_settings(
+    config: ml_collections.ConfigDict, clones: int | None = None, steps: int | None = None
+) -> tuple[inv.InversionConfig, int, int]:
+    """The engine's settings, clones per identity and steps, checked before anything is loaded.
+
+    ``clones`` and ``steps`` default to the config's ``inversion.clones`` and ``.steps``.
+    """
+    clones = config.inversion.clones if clones is None else clones
+    steps = config.inversion.steps if steps is None else steps
     if clones < 1:
-        raise JaxmiaError(f"--clones {clones}: expected a positive number of clones per identity")
+        raise JaxmiaError(
+            f"--clones {clones} (inversion.clones): expected a positive number per identity"
+        )
     if steps < 1:
-        raise JaxmiaError(f"--steps {steps}: expected a positive number of steps")
+        raise JaxmiaError(f"--steps {steps} (inversion.steps): expected a positive number")
     if config.inversion.max_batch < 1:
         raise JaxmiaError(f"inversion.max_batch={config.inversion.max_batch}: expected >= 1")
-    cfg = inv.InversionConfig.from_config(config.inversion)  # bad settings fail before loading
-    where = [getattr(args, k, None) for k in ("coordinator", "num_processes", "process_id")]
-    if getattr(args, "distributed", False) or any(v is not None for v in where):
-        sharding.initialize(*where)
-    rec = checkpoint.load_recognizer(args.checkpoint)
-    labels = parse_identities(args.identities, rec.names, rec.meta)
+    return inv.InversionConfig.from_config(config.inversion), clones, steps
+
+
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    checkpoint_dir: str | Path,
+    identities: str | None = None,
+    clones: int | None = None,
+    steps: int | None = None,
+) -> dict[str, Any] | None:
+    """Inverts a recognizer's identities into ``workdir`` (or resumes); see the module docstring.
+
+    Args:
+      config: the jaxmia config; its ``inversion`` section sets the attack.
+      workdir: the output folder.
+      checkpoint_dir: the recognizer (R_T) folder, as written by ``jaxmia train``.
+      identities: "0,3,s5": label indices or names (default: the split's attacked identities).
+      clones: per identity (default ``inversion.clones``).
+      steps: most steps per clone (default ``inversion.steps``).
+
+    Returns:
+      The summary written to ``summary.json`` (None in a multi-host run's other processes).
+
+    Raises:
+      JaxmiaError: bad input (before anything is written), a workdir that holds another run,
+        or every clone diverged (after the outputs are written).
+    """
+    cfg, clones, steps = check_settings(config, clones, steps)
+    checkpoint_dir, workdir = Path(checkpoint_dir), Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise JaxmiaError(f"--workdir {workdir}: exists and is not a folder")
+    rec = checkpoint.load_recognizer(checkpoint_dir)
+    labels = parse_identities(identities, rec.names, rec.meta)
     names = [rec.names[i] for i in labels]
-    workdir = Path(args.workdir)
+    start, keys, seed_from = make_start(rec, config, labels, clones)
     size = inv.chunk_size(
         len(labels) * clones, config.inversion.max_batch, inv.bytes_per_clone(rec.config, cfg)
     )
     if sharding.is_main():
-        size = _claim_workdir(workdir, _fingerprint(args, rec, config, labels, clones, steps), size)
+        settings = _settings(checkpoint_dir, rec, config, labels, clones, steps, seed_from)
+        record = workdir_lib.claim(workdir / RECORD, settings, {"chunk_size": size})
+        # A resumed run keeps its recorded chunk size (e.g. on a machine with other devices),
+        # so its chunk files stay valid.
+        size = int(record["chunk_size"])
     size = int(sharding.agree(np.int32(size)))
 
-    start, keys, seed_from = make_start(rec, config, labels, clones)
     targets = jnp.repeat(jnp.asarray(labels, jnp.int32), clones)
     r, timing, resumed = _invert_chunks(rec, config, start, keys, targets, steps, workdir, size)
     if not sharding.is_main():
-        return
+        return None
 
     ids = len(labels)
     shape = start.shape[1:]
@@ -401,7 +386,7 @@ def run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:
     taken: set[str] = set()
     seeds_full = np.broadcast_to(seed_arr, per_id["clones"].shape)
     for i, row in enumerate(rows):
-        row["grid"] = report.grid_filename(row["name"], taken)
+        row["grid"] = grids.filename(row["name"], taken)
         _grid(
             workdir / row["grid"],
             row["name"],
@@ -420,7 +405,7 @@ def run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:
             f"(now {config.inversion.learning_rate})"
         )
     summary = {
-        "checkpoint": str(Path(args.checkpoint)),
+        "checkpoint": str(checkpoint_dir),
         "checkpoint_step": rec.step,
         "synthetic": rec.meta.get("synthetic"),
         "data_source": rec.meta.get("data_source"),
@@ -445,6 +430,7 @@ def run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:
             "chunk_size": r["chunk_size"],
             "chunks_resumed": resumed,
             "device": str(jax.devices()[0].device_kind),
+            "steps_per_call": inv.resolved_steps_per_call(cfg),
         },
         "warnings": warnings,
     }
@@ -455,7 +441,7 @@ def run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:
         raise JaxmiaError(
             f"every clone diverged (NaN/Inf in loss, gradient or image): lower "
             f"inversion.learning_rate (now {config.inversion.learning_rate}) or check that the "
-            f"recognizer {args.checkpoint} gives finite outputs (outputs are in {workdir})"
+            f"recognizer {checkpoint_dir} gives finite outputs (outputs are in {workdir})"
         )
     o = summary["overall"]
     print(
@@ -463,3 +449,4 @@ def run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:
         f"(seed) -> {o['confidence_mean']:.3f}; {timing.gradients_per_s:.0f} image-gradients/s, "
         f"compile {timing.compile_s:.1f}s -> {workdir}"
     )
+    return summary

@@ -1,9 +1,11 @@
-"""Pictures and the HTML report of an evaluation.
+"""What people read of an evaluation: pictures, CSV tables and the HTML report.
 
 Pictures: per identity a grid of its clones beside a real face and the seed, the best clone by R_E
-framed; the CMC curves of every identity in one plot (as the paper's Fig. 11); a histogram of R_E
-scores of clones against seeds. The report is one self-contained HTML file (PNGs embedded as
-base64) whose table is built from the same summary dict that is written to ``evaluation.json``.
+framed (``jaxmia.grids``); the CMC curves of every identity in one plot (as the paper's Fig. 11);
+a histogram of R_E scores of clones against seeds. The report is one self-contained HTML file
+(PNGs embedded as base64) whose table is built from the same summary dict that is written to
+``evaluation.json``. Everything here takes plain summaries and arrays (``jaxmia.evaluation``
+computes them), so this module depends on no other stage.
 
 Uses matplotlib's object API (``Figure``, no pyplot), so it works without a display and does not
 touch the global backend.
@@ -12,46 +14,22 @@ touch the global backend.
 from __future__ import annotations
 
 import base64
+import csv
 import html
+import io
 import math
-import re
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
-from matplotlib.patches import Rectangle
 
-from jaxmia import files
-from jaxmia.evaluation import Evaluation, Inversions, identity_row
-
-MAX_GRID_CLONES = 100  # the paper's clones per identity; more make the cells too small to see
-GRID_COLUMNS = 10
-BEST_COLOUR = "#d62728"
-REAL_COLOUR = "#2ca02c"
+from jaxmia import files, grids
 
 
 def _save(fig: Figure, path: Path) -> None:
     with files.atomic_path(path) as tmp:
         fig.savefig(tmp, dpi=100, bbox_inches="tight")
-
-
-def _short(score: float) -> str:
-    """A score in a few characters that still tells 3e-04 from 2e-07."""
-    return f"{score:.2f}" if score >= 0.01 or score == 0 else f"{score:.0e}"
-
-
-def _rgb(image: np.ndarray) -> np.ndarray:
-    image = np.clip(np.nan_to_num(np.asarray(image, np.float32)), 0, 1)  # [h, w, c]
-    return np.repeat(image, 3, axis=-1) if image.shape[-1] == 1 else image
-
-
-def shown_clones(n: int, best: int | None) -> list[int]:
-    """The clones a grid shows: the first MAX_GRID_CLONES, the best always among them."""
-    shown = list(range(min(n, MAX_GRID_CLONES)))
-    if best is not None and best not in shown:
-        shown[-1] = best
-    return shown
 
 
 def clone_grid(
@@ -66,10 +44,7 @@ def clone_grid(
     seed_label: str = "seed",
 ) -> None:
     """One identity's clones, each titled with its R_E score and rank, after a real face and the
-    seed; the best clone framed red. At most MAX_GRID_CLONES clones (the best among them).
-
-    The cells are one mosaic image drawn once: a hundred matplotlib axes per identity took
-    seconds each.
+    seed; the best clone framed red. At most ``grids.MAX_CLONES`` clones (the best among them).
 
     Args:
       path: the PNG to write.
@@ -82,45 +57,33 @@ def clone_grid(
       best: index of the best clone, or None.
       seed_label: the seed's title.
     """
-    shown = shown_clones(len(clones), best)
-    # (image or None, title, title colour, frame colour or None) per cell
+    shown = grids.shown_clones(len(clones), best)
     cells = [
-        (real, "real" if real is not None else "no real face", REAL_COLOUR, REAL_COLOUR),
-        (seed, seed_label, "black", None),
+        grids.Cell(
+            real,
+            "real" if real is not None else "no real face",
+            grids.REAL_COLOUR,
+            grids.REAL_COLOUR,
+        ),
+        grids.Cell(seed, seed_label, "black"),
     ]
     for j in shown:
-        label = f"#{j} {_short(scores[j])} r{ranks[j]}"
+        label = f"#{j} {grids.short(scores[j])} r{ranks[j]}"
         if j == best:
-            cells.append((clones[j], f"best {label}", BEST_COLOUR, BEST_COLOUR))
+            cells.append(
+                grids.Cell(clones[j], f"best {label}", grids.FRAME_COLOUR, grids.FRAME_COLOUR)
+            )
         else:
-            cells.append((clones[j], label, "#2ca02c" if ranks[j] == 1 else "#555555", None))
-    h, w = clones.shape[1:3]
-    cols = min(GRID_COLUMNS, len(cells))
-    rows = math.ceil(len(cells) / cols)
-    gap, top = max(2, w // 10), max(4, int(0.3 * h))  # pixels between cells, above each for text
-    cell_h, cell_w = top + h + gap, w + gap
-    canvas = np.ones((rows * cell_h, cols * cell_w, 3), np.float32)  # white
-    fig = Figure(figsize=(1.3 * cols, 1.3 * rows * cell_h / cell_w))  # the mosaic's aspect
-    ax = fig.add_axes((0, 0, 1, 1))
-    for i, (image, title, colour, frame) in enumerate(cells):
-        y, x = (i // cols) * cell_h + top, (i % cols) * cell_w + gap // 2
-        if image is not None:
-            canvas[y : y + h, x : x + w] = _rgb(image)
-        ax.text(x + w / 2, y - 1, title, ha="center", va="bottom", fontsize=7, color=colour)
-        if frame is not None and image is not None:
-            ax.add_patch(Rectangle((x - 1, y - 1), w + 1, h + 1, fill=False, ec=frame, lw=2.5))
-    ax.imshow(canvas, interpolation="nearest")
-    ax.axis("off")
+            colour = grids.REAL_COLOUR if ranks[j] == 1 else grids.TEXT_COLOUR
+            cells.append(grids.Cell(clones[j], label, colour))
     top1 = int(np.sum(np.asarray(ranks) == 1))
     more = f" ({len(shown)} of {len(clones)} shown)" if len(shown) < len(clones) else ""
-    fig.suptitle(
+    grids.draw(
+        path,
+        cells,
         f"{name}: {top1}/{len(clones)} clones recognized top-1 by R_E{more}\n"
         "titles: clone #, R_E score of the target, its rank r by R_E",
-        fontsize=9,
-        y=1.0,
-        va="bottom",
     )
-    _save(fig, Path(path))
 
 
 def cmc_plot(
@@ -208,38 +171,151 @@ def score_histogram(
     _save(fig, Path(path))
 
 
-def grid_filename(name: str, taken: set[str]) -> str:
-    """``grid_<name>.png`` with the name made safe for any file system, unique within taken."""
-    base = f"grid_{re.sub(r'[^A-Za-z0-9._-]+', '_', name) or 'identity'}"
-    out, i = f"{base}.png", 1
-    while out in taken:
-        out, i = f"{base}_{i}.png", i + 1
-    taken.add(out)
-    return out
+def write_pictures(
+    out_dir: str | Path,
+    summary: dict[str, Any],
+    per_clone: dict[str, np.ndarray],
+    clones: np.ndarray,
+    seeds: np.ndarray,
+    real_face: dict[str, np.ndarray],
+) -> dict[str, Any]:
+    """Writes every picture of an evaluation; returns their file names relative to out_dir.
 
-
-def write_pictures(out_dir: str | Path, ev: Evaluation, inv: Inversions) -> dict[str, Any]:
-    """Writes every picture of an evaluation; returns their file names relative to out_dir."""
+    Args:
+      out_dir: where they go.
+      summary: the evaluation summary (its identities, CMC curves, best clones).
+      per_clone: "score_E", "rank_E", "seed_score_E", "score_T" arrays. # each [ids, clones]
+      clones: # [ids, clones, h, w, c]
+      seeds: each clone's seed. # [ids, clones, h, w, c]
+      real_face: identity name -> one real image of it. # [h, w, c]
+    """
     out = Path(out_dir)
-    s, c = ev.summary, ev.clones
-    grids, taken = {}, set()
-    for i, ident in enumerate(s["identities"]):
+    c = per_clone
+    names, taken = {}, set()
+    for i, ident in enumerate(summary["identities"]):
         name = ident["name"]
-        grids[name] = grid_filename(name, taken)
-        shared = bool(np.all(inv.seeds[i] == inv.seeds[i, :1]))
+        names[name] = grids.filename(name, taken)
+        shared = bool(np.all(seeds[i] == seeds[i, :1]))
         clone_grid(
-            out / grids[name], name, inv.clones[i], c["score_E"][i], c["rank_E"][i],
-            inv.seeds[i, 0], ev.real_face.get(name), ident["best_clone"],
+            out / names[name], name, clones[i], c["score_E"][i], c["rank_E"][i],
+            seeds[i, 0], real_face.get(name), ident["best_clone"],
             "seed" if shared else "seed of #0",
         )  # fmt: skip
     cmc_plot(
         out / "cmc.png",
-        {ident["name"]: ident["cmc"] for ident in s["identities"]},
-        s["overall"]["cmc"],
-        s["overall"]["seed"]["cmc"],
+        {ident["name"]: ident["cmc"] for ident in summary["identities"]},
+        summary["overall"]["cmc"],
+        summary["overall"]["seed"]["cmc"],
     )
     score_histogram(out / "scores_hist.png", c["score_E"], c["seed_score_E"], c["score_T"])
-    return {"grids": grids, "cmc": "cmc.png", "scores_hist": "scores_hist.png"}
+    return {"grids": names, "cmc": "cmc.png", "scores_hist": "scores_hist.png"}
+
+
+def write_all(
+    out_dir: str | Path,
+    summary: dict[str, Any],
+    per_clone: dict[str, np.ndarray],
+    clones: np.ndarray,
+    seeds: np.ndarray,
+    real_face: dict[str, np.ndarray],
+    steps: np.ndarray | None = None,
+) -> dict[str, Any]:
+    """Writes (atomically) ``evaluation.json``, ``clones.csv``, ``identities.csv``, the pictures
+    and ``report.html`` into out_dir; returns the summary as written (with its ``files``).
+
+    Args: as ``write_pictures``, and ``steps``, the inversion's steps per clone if recorded.
+    """
+    out = Path(out_dir)
+    summary = {
+        **summary,
+        "files": write_pictures(out, summary, per_clone, clones, seeds, real_face),
+    }
+    files.write_json(out / "evaluation.json", summary)
+    files.write_text(out / "clones.csv", clones_csv(summary, per_clone, steps))
+    files.write_text(out / "identities.csv", identities_csv(summary))
+    write_html(out / "report.html", summary)
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# CSV.
+
+CLONE_COLUMNS = (
+    "identity", "label_E", "clone", "score_T", "score_E", "rank_E", "top1", "top5",
+    "knn_distance", "diverged", "steps",
+    "seed_score_T", "seed_score_E", "seed_rank_E", "seed_knn_distance",
+)  # fmt: skip
+
+IDENTITY_COLUMNS = (
+    "identity", "count", "top1", "top5", "seed_top1", "seed_top5", "mean_rank", "seed_mean_rank",
+    "mean_score_T", "mean_score_E", "seed_mean_score_T", "seed_mean_score_E", "best_clone",
+    "best_score_E", "best_score_T", "best_rank_E", "knn_mean", "knn_min", "seed_knn_mean",
+    "diverged",
+)  # fmt: skip
+
+
+def _csv_cell(v: Any) -> Any:
+    if v is None:
+        return ""
+    if isinstance(v, float | np.floating):
+        return "" if np.isnan(v) else repr(float(v))
+    if isinstance(v, np.bool_ | bool):
+        return int(v)
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def _csv(header: tuple[str, ...], rows: list[list[Any]]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(header)
+    writer.writerows([[_csv_cell(v) for v in row] for row in rows])
+    return buf.getvalue()
+
+
+def clones_csv(
+    summary: dict[str, Any], per_clone: dict[str, np.ndarray], steps: np.ndarray | None
+) -> str:
+    """One row per clone: its scores and its seed's (empty cell = not available).
+
+    Args:
+      summary: the evaluation summary (identity names and R_E labels).
+      per_clone: the evaluation's arrays (see CLONE_COLUMNS). # each [ids, clones]
+      steps: the inversion's steps per clone, if recorded. # [ids, clones]
+    """
+    c = per_clone
+    rows = []
+    for i, ident in enumerate(summary["identities"]):
+        for j in range(c["rank_E"].shape[1]):
+            rank = int(c["rank_E"][i, j])
+            rows.append([
+                ident["name"], ident["label_E"], j, c["score_T"][i, j], c["score_E"][i, j], rank,
+                int(rank <= 1), int(rank <= 5), c["knn_distance"][i, j], c["diverged"][i, j],
+                "" if steps is None else steps[i, j],
+                c["seed_score_T"][i, j], c["seed_score_E"][i, j], c["seed_rank_E"][i, j],
+                c["seed_knn_distance"][i, j],
+            ])  # fmt: skip
+    return _csv(CLONE_COLUMNS, rows)
+
+
+def identity_row(name: str, s: dict[str, Any]) -> dict[str, Any]:
+    """A row of identities.csv (and of the report's table), keyed by IDENTITY_COLUMNS."""
+    row = {"identity": name}
+    for key in IDENTITY_COLUMNS[1:]:
+        if key.startswith("seed_"):
+            row[key] = s["seed"][key.removeprefix("seed_")]
+        else:
+            row[key] = s.get(key)  # the overall group has no best clone
+    return row
+
+
+def identities_csv(summary: dict[str, Any]) -> str:
+    """One row per identity, then an ``(overall)`` row pooling every clone."""
+    rows = [list(identity_row(name, s).values()) for name, s in _groups(summary)]
+    return _csv(IDENTITY_COLUMNS, rows)
+
+
+def _groups(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    return [(s["name"], s) for s in summary["identities"]] + [("(overall)", summary["overall"])]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -279,8 +355,7 @@ def format_cell(value: Any, kind: str) -> str:
 
 
 def _table_rows(summary: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
-    groups = [(s["name"], s) for s in summary["identities"]] + [("(overall)", summary["overall"])]
-    return [(name, identity_row(name, s)) for name, s in groups]
+    return [(name, identity_row(name, s)) for name, s in _groups(summary)]
 
 
 def _img(path: Path, alt: str) -> str:

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxmia import dedup, models
+from jaxmia import batching, dedup, models
 from jaxmia.errors import JaxmiaError
 
 ANSWERS = ("label", "topk", "probs")
@@ -59,7 +59,8 @@ class Policy:
       radius: Hamming radius of a hash match.
       cosine: cosine similarity threshold of an embedding match.
       chunks: the hash index's chunk tables (see ``dedup.HashIndex``).
-      buckets: batch sizes the model is compiled for; a batch is padded to the next one.
+      buckets: batch sizes the model is compiled for; a batch is padded to the next one
+        (``batching.map_batches``).
     """
 
     answer: str = "label"
@@ -307,34 +308,22 @@ class Service:
             )
         return arr.astype(np.float32)
 
-    def _bucketed(self, fn, *arrays: np.ndarray) -> list[np.ndarray | None]:
-        """fn over zero-padded chunks of bucket sizes (one compile per bucket), outputs joined."""
-        buckets = sorted(self.policy.buckets)
-        outs = []
-        for start in range(0, len(arrays[0]), buckets[-1]):
-            chunks = [a[start : start + buckets[-1]] for a in arrays]
-            n = len(chunks[0])
-            size = next(s for s in buckets if s >= n)
-            padded = [
-                np.concatenate([c, np.zeros((size - n, *c.shape[1:]), c.dtype)]) for c in chunks
-            ]
-            outs.append([None if o is None else np.asarray(o)[:n] for o in fn(*padded)])
-        return [
-            None if o is None else np.concatenate([out[i] for out in outs])
-            for i, o in enumerate(outs[0])
-        ]
-
     def _run_model(self, images: np.ndarray):
         """(probabilities # [b, n], hash words # [b, 2], features # [b, d] or None)."""
         with_features = self.policy.detector == "embedding"
-        return self._bucketed(
-            lambda x: _infer(self.graphdef, self.params, x, with_features=with_features), images
+        return batching.map_batches(
+            lambda x: _infer(self.graphdef, self.params, x, with_features=with_features),
+            images,
+            sizes=self.policy.buckets,
         )
 
     def _misrecognize(self, probs: np.ndarray, tokens: np.ndarray):
         p, wrong = float(self.policy.misrecognition), self.policy.wrong
-        return self._bucketed(
-            lambda pr, w: misrecognize(pr, w, self.key, p, wrong=wrong), probs, _words(tokens)
+        return batching.map_batches(
+            lambda pr, w: misrecognize(pr, w, self.key, p, wrong=wrong),
+            probs,
+            _words(tokens),
+            sizes=self.policy.buckets,
         )
 
     def _scope_key(self, client: str) -> str:

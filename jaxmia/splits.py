@@ -30,6 +30,7 @@ bookkeeping, no JAX needed.
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
 import numpy as np
 
@@ -170,6 +171,21 @@ def make_split(
             "test_per_identity": test_per_identity,
             "attacked_photos": attacked_photos,
         },
+    )
+
+
+def from_config(config: Any, faces: FaceSet) -> Split:
+    """The split of ``faces`` that a jaxmia config's ``split`` section asks for."""
+    s = config.split
+    return make_split(
+        faces,
+        seed=s.seed,
+        num_attacked=s.num_attacked,
+        num_target_only=s.num_target_only,
+        num_evaluation_only=s.num_evaluation_only,
+        num_aux=s.num_aux,
+        test_per_identity=s.test_per_identity,
+        attacked_photos=s.attacked_photos,
     )
 
 

@@ -1,14 +1,16 @@
 """Training recognizers with optax: a jitted step, test accuracy per epoch, orbax checkpoints.
 
-``fit`` trains one recognizer in memory (and, given a workdir, checkpoints every few epochs and
-resumes from the latest checkpoint). The ``jaxmia train`` command loads faces, makes the paper's
-split, and trains the recognizer(s) the config asks for.
+``fit`` trains one recognizer in memory (and, given a workdir, claims it for its settings,
+checkpoints every few epochs and resumes from the latest checkpoint). ``run`` is the ``jaxmia
+train`` stage: it loads faces, makes the paper's split, and trains the recognizer(s) the config
+asks for; the experiment trains R_T and R_E through ``make_job`` and ``run_job`` alike.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import functools
+import hashlib
 import json
 import time
 from pathlib import Path
@@ -22,19 +24,26 @@ import optax
 import tqdm
 from flax import nnx
 
-from jaxmia import checkpoint, data, files, models, splits
+from jaxmia import batching, checkpoint, data, files, models, splits
+from jaxmia import workdir as workdir_lib
 from jaxmia.errors import JaxmiaError
 
-OPTIMIZERS = ("adam", "adamw", "sgd", "momentum")
+OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
 RECOGNIZERS = ("all", "target", "evaluation", "both")
+ROLES = {
+    "all": ("all",),
+    "target": ("target",),
+    "evaluation": ("evaluation",),
+    "both": ("target", "evaluation"),
+}
 EVAL_BATCH = 256
+# A recognizer folder's settings record (jaxmia.workdir): a rerun resumes only with equal ones.
+RECORD = "training.json"
 
 
-def make_optimizer(
-    cfg: ml_collections.ConfigDict, steps_per_epoch: int
-) -> optax.GradientTransformation:
-    """The optimizer and learning-rate schedule the train config names."""
+def check_train_config(cfg: ml_collections.ConfigDict) -> None:
+    """Refuses a ``train`` section with a setting that would have no effect or no meaning."""
     if cfg.optimizer not in OPTIMIZERS:
         raise JaxmiaError(
             f"config field train.optimizer: expected one of {OPTIMIZERS}, got {cfg.optimizer!r}"
@@ -43,6 +52,41 @@ def make_optimizer(
         raise JaxmiaError(
             f"config field train.schedule: expected one of {SCHEDULES}, got {cfg.schedule!r}"
         )
+    if not 0 < cfg.learning_rate < float("inf"):
+        raise JaxmiaError(
+            f"config field train.learning_rate: expected a finite rate > 0, got {cfg.learning_rate}"
+        )
+    if cfg.weight_decay < 0:
+        raise JaxmiaError(f"config field train.weight_decay: expected >= 0, got {cfg.weight_decay}")
+    if cfg.weight_decay and cfg.optimizer == "adam":
+        # optax.adam has no decay term, and an L2 term under Adam's scaling is not weight decay.
+        raise JaxmiaError(
+            f"config field train.weight_decay={cfg.weight_decay}: adam has no weight decay; use "
+            "train.optimizer=adamw (decoupled decay) or sgd (L2)"
+        )
+    if not 0 <= cfg.momentum < 1:
+        raise JaxmiaError(f"config field train.momentum: expected in [0, 1), got {cfg.momentum}")
+    if (cfg.momentum or cfg.nesterov) and cfg.optimizer != "sgd":
+        raise JaxmiaError(
+            f"config fields train.momentum/nesterov: apply to train.optimizer=sgd only, not "
+            f"{cfg.optimizer!r} (its moments are b1/b2 of optax.{cfg.optimizer})"
+        )
+    if cfg.nesterov and not cfg.momentum:
+        raise JaxmiaError("config field train.nesterov: needs train.momentum > 0")
+    for name in ("epochs", "batch_size", "checkpoint_every"):
+        if cfg[name] < 1:
+            raise JaxmiaError(f"config field train.{name}: expected >= 1, got {cfg[name]}")
+    if cfg.warmup_epochs < 0:
+        raise JaxmiaError(
+            f"config field train.warmup_epochs: expected >= 0, got {cfg.warmup_epochs}"
+        )
+
+
+def make_optimizer(
+    cfg: ml_collections.ConfigDict, steps_per_epoch: int
+) -> optax.GradientTransformation:
+    """The optimizer and learning-rate schedule the train config names (checked first)."""
+    check_train_config(cfg)
     total = max(1, cfg.epochs * steps_per_epoch)
     warmup = min(cfg.warmup_epochs * steps_per_epoch, total - 1)
     return _optimizer(
@@ -52,13 +96,15 @@ def make_optimizer(
         warmup,
         total,
         float(cfg.weight_decay),
+        float(cfg.momentum),
+        bool(cfg.nesterov),
     )
 
 
 # Cached so that equal settings give the same (hashable) transformation: the jitted train step
 # takes it as a static argument, and a fresh one per fit() would recompile the step every time.
 @functools.lru_cache(maxsize=64)
-def _optimizer(optimizer, schedule, learning_rate, warmup, total, weight_decay):
+def _optimizer(optimizer, schedule, learning_rate, warmup, total, weight_decay, momentum, nesterov):
     if schedule == "cosine":
         lr = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, total)
     else:
@@ -73,9 +119,8 @@ def _optimizer(optimizer, schedule, learning_rate, warmup, total, weight_decay):
         return optax.adam(lr)
     if optimizer == "adamw":
         return optax.adamw(lr, weight_decay=weight_decay)
-    if optimizer == "momentum":
-        return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(lr, momentum=0.9))
-    return optax.chain(optax.add_decayed_weights(weight_decay), optax.sgd(lr))
+    sgd = optax.sgd(lr, momentum=momentum or None, nesterov=nesterov)
+    return optax.chain(optax.add_decayed_weights(weight_decay), sgd) if weight_decay else sgd
 
 
 def augment(x: jax.Array, key: jax.Array, max_shift: int = 4) -> jax.Array:
@@ -109,26 +154,26 @@ def train_step(graphdef, params, opt_state, x, y, key, *, tx, do_augment):
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def _correct(graphdef, params, x, y, mask):
-    pred = models.logits(graphdef, params, x).argmax(-1)
-    return jnp.sum((pred == y) & mask)
+def _predict(graphdef, params, x):
+    return models.logits(graphdef, params, x).argmax(-1)
+
+
+def predict(
+    graphdef: nnx.GraphDef, params, images: np.ndarray, batch_size: int = EVAL_BATCH
+) -> np.ndarray:
+    """The top-1 label of each image, in fixed-size batches. # [n, h, w, c] -> [n] int"""
+    return batching.map_batches(
+        lambda x: _predict(graphdef, params, x),
+        images,
+        sizes=batching.sizes_for(len(images), batch_size),
+    )
 
 
 def accuracy(graphdef: nnx.GraphDef, params, images: np.ndarray, labels: np.ndarray) -> float:
-    """Top-1 accuracy, in fixed-size batches so that it compiles once."""
-    n = len(images)
-    if n == 0:
+    """Top-1 accuracy (NaN for no images)."""
+    if len(images) == 0:
         return float("nan")
-    b = min(EVAL_BATCH, n)
-    correct = 0
-    for start in range(0, n, b):
-        x, y = images[start : start + b], labels[start : start + b]
-        pad = b - len(x)
-        mask = np.arange(b) < len(x)
-        x = np.concatenate([x, np.zeros((pad, *x.shape[1:]), x.dtype)]) if pad else x
-        y = np.concatenate([y, np.zeros(pad, y.dtype)]) if pad else y
-        correct += int(_correct(graphdef, params, x, y, mask))
-    return correct / n
+    return float(np.mean(predict(graphdef, params, images) == np.asarray(labels)))
 
 
 def _epoch_batches(n: int, batch_size: int, key: jax.Array) -> np.ndarray:
@@ -136,6 +181,31 @@ def _epoch_batches(n: int, batch_size: int, key: jax.Array) -> np.ndarray:
     perm = np.asarray(jax.random.permutation(key, n))
     steps = -(-n // batch_size)
     return np.resize(perm, steps * batch_size).reshape(steps, batch_size)
+
+
+def fit_settings(
+    model_config: models.ModelConfig,
+    train_config: ml_collections.ConfigDict,
+    images: np.ndarray,
+    labels: np.ndarray,
+    key: jax.Array,
+    names: tuple[str, ...],
+) -> dict[str, Any]:
+    """What a trained recognizer depends on, flat (``jaxmia.workdir``): a resume needs equal ones.
+
+    The images enter by a digest of their bytes and labels, so other data (another folder, size,
+    split or augmentation-free copy) is refused as surely as another learning rate.
+    """
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(images, np.float32).tobytes())
+    digest.update(np.ascontiguousarray(labels, np.int32).tobytes())
+    return {
+        **{f"model.{k}": v for k, v in model_config.to_dict().items()},
+        **workdir_lib.flatten(train_config, "train"),
+        "key": np.asarray(jax.random.key_data(key)).tolist(),
+        "data.images": f"{len(images)} images, sha256 {digest.hexdigest()[:16]}",
+        "names": list(names),
+    }
 
 
 def fit(
@@ -160,9 +230,11 @@ def fit(
       labels: integer labels. # [n]
       key: PRNG key for init, shuffling, augmentation and dropout.
       test: held-out (images, labels) for the per-epoch test accuracy.
-      workdir: if given, checkpoints go to ``workdir/checkpoints`` every
-        ``checkpoint_every`` epochs and at the end, metrics to ``workdir/metrics.jsonl``, and a
-        rerun resumes from the latest checkpoint.
+      workdir: if given, it is claimed for these settings (``fit_settings`` into
+        ``workdir/training.json``; a workdir trained with other settings is an error naming
+        them), checkpoints go to ``workdir/checkpoints`` every ``checkpoint_every`` epochs and
+        at the end, metrics to ``workdir/metrics.jsonl``, and a rerun resumes from the latest
+        checkpoint.
       names: identity names in label order, stored with each checkpoint (default "0", "1", ...).
       meta: other JSON-able facts stored with each checkpoint (data config, split, ...).
       progress: show a progress bar over epochs.
@@ -175,6 +247,7 @@ def fit(
     if len(images) == 0:
         raise JaxmiaError("training set: expected at least one image, got none")
     n = len(images)
+    names = tuple(names or map(str, range(model_config.num_classes)))
     batch_size = min(train_config.batch_size, n)
     steps_per_epoch = -(-n // batch_size)
     tx = make_optimizer(train_config, steps_per_epoch)
@@ -188,8 +261,15 @@ def fit(
     mngr = None
     if workdir is not None:
         workdir = Path(workdir)
+        settings = fit_settings(model_config, train_config, images, labels, key, names)
         mngr = checkpoint.manager(workdir, keep=train_config.keep_checkpoints)
         last = mngr.latest_step()
+        if last is not None and not (workdir / RECORD).exists():
+            raise JaxmiaError(
+                f"workdir {workdir}: holds checkpoints without a settings record ({RECORD}), "
+                "so they cannot be resumed safely; use another --workdir or delete that one"
+            )
+        workdir_lib.claim(workdir / RECORD, settings)
         if last is not None:
             abstract_opt = jax.eval_shape(lambda: opt_state)
             params, _, opt_state = checkpoint.restore(mngr, last, model_config, abstract_opt)
@@ -248,7 +328,8 @@ def fit(
                     {
                         **(meta or {}),
                         "model": model_config.to_dict(),
-                        "names": list(names or map(str, range(model_config.num_classes))),
+                        "names": list(names),
+                        "train": train_config.to_dict(),
                         "epoch": done,
                         **_last(record),
                     },
@@ -277,6 +358,89 @@ def model_config_for(config: ml_collections.ConfigDict, num_classes: int) -> mod
         raise JaxmiaError(f"config fields model/data: {e}") from e
 
 
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One recognizer to train: a part of the split, its data and where it goes."""
+
+    role: str
+    workdir: Path
+    model_config: models.ModelConfig
+    names: tuple[str, ...]
+    train: tuple[np.ndarray, np.ndarray]  # images [n, h, w, c], labels [n]
+    test: tuple[np.ndarray, np.ndarray]
+    key: jax.Array
+    meta: dict[str, Any]
+
+    def settings(self, train_config: ml_collections.ConfigDict) -> dict[str, Any]:
+        return fit_settings(self.model_config, train_config, *self.train, self.key, self.names)
+
+
+def make_job(
+    config: ml_collections.ConfigDict,
+    faces: data.FaceSet,
+    part: splits.Part,
+    role: str,
+    workdir: Path,
+    split_record: dict,
+) -> Job:
+    """The training job of one part of the split (nothing is written)."""
+    names = tuple(part.identities)
+    index = {name: i for i, name in enumerate(faces.names)}
+    # The part's label order is its identity order; map the face set's labels onto it.
+    to_part = np.full(len(faces.names), -1, np.int32)
+    to_part[[index[n] for n in names]] = np.arange(len(names))
+    meta = {
+        "role": role,
+        "data": config.data.to_dict(),
+        "data_source": faces.source,
+        "synthetic": faces.synthetic,
+        "seed": config.seed,
+        "split": split_record,
+        "train_files": [faces.files[i] for i in part.train] if faces.files else [],
+    }
+    return Job(
+        role=role,
+        workdir=Path(workdir),
+        model_config=model_config_for(config, len(names)),
+        names=names,
+        train=(faces.images[part.train], to_part[faces.labels[part.train]]),
+        test=(faces.images[part.test], to_part[faces.labels[part.test]]),
+        key=jax.random.fold_in(jax.random.key(config.seed), RECOGNIZERS.index(role)),
+        meta=meta,
+    )
+
+
+def run_job(job: Job, train_config: ml_collections.ConfigDict, *, progress: bool = True) -> dict:
+    """Trains (or resumes) one job into its workdir; returns its summary (also written)."""
+    t0 = time.perf_counter()
+    _, _, history = fit(
+        job.model_config,
+        train_config,
+        *job.train,
+        key=job.key,
+        test=job.test,
+        workdir=job.workdir,
+        names=job.names,
+        meta=job.meta,
+        progress=progress,
+    )
+    last = history[-1] if history else {}
+    summary = {
+        "role": job.role,
+        "identities": len(job.names),
+        "train_images": len(job.train[0]),
+        "test_images": len(job.test[0]),
+        "test_accuracy": last.get("test_accuracy"),
+        "train_accuracy": last.get("train_accuracy"),
+        "epochs": last.get("epoch"),
+        "seconds_this_run": time.perf_counter() - t0,
+        "data_source": job.meta["data_source"],
+        "synthetic": job.meta["synthetic"],
+    }
+    files.write_json(job.workdir / "train_summary.json", summary)
+    return summary
+
+
 def train_part(
     config: ml_collections.ConfigDict,
     faces: data.FaceSet,
@@ -288,116 +452,64 @@ def train_part(
     progress: bool = True,
 ) -> dict:
     """Trains the recognizer of one part of the split into ``workdir``; returns its summary."""
-    names = tuple(part.identities)
-    index = {name: i for i, name in enumerate(faces.names)}
-    # The part's label order is its identity order; map the face set's labels onto it.
-    to_part = np.full(len(faces.names), -1, np.int32)
-    to_part[[index[n] for n in names]] = np.arange(len(names))
-    train_x, train_y = faces.images[part.train], to_part[faces.labels[part.train]]
-    test_x, test_y = faces.images[part.test], to_part[faces.labels[part.test]]
-    model_config = model_config_for(config, len(names))
-    meta = {
-        "role": role,
-        "data": config.data.to_dict(),
-        "data_source": faces.source,
-        "synthetic": faces.synthetic,
-        "train": config.train.to_dict(),
-        "seed": config.seed,
-        "split": split_record,
-        "train_files": [faces.files[i] for i in part.train] if faces.files else [],
-    }
-    key = jax.random.fold_in(jax.random.key(config.seed), RECOGNIZERS.index(role))
-    t0 = time.perf_counter()
-    _, _, history = fit(
-        model_config,
-        config.train,
-        train_x,
-        train_y,
-        key=key,
-        test=(test_x, test_y),
-        workdir=workdir,
-        names=names,
-        meta=meta,
-        progress=progress,
-    )
-    last = history[-1] if history else {}
-    summary = {
-        "role": role,
-        "identities": len(names),
-        "train_images": len(train_x),
-        "test_images": len(test_x),
-        "test_accuracy": last.get("test_accuracy"),
-        "train_accuracy": last.get("train_accuracy"),
-        "epochs": last.get("epoch"),
-        "seconds_this_run": time.perf_counter() - t0,
-        "data_source": faces.source,
-        "synthetic": faces.synthetic,
-    }
-    files.write_json(workdir / "train_summary.json", summary)
-    return summary
+    job = make_job(config, faces, part, role, workdir, split_record)
+    return run_job(job, config.train, progress=progress)
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument(
-        "--recognizer",
-        choices=RECOGNIZERS,
-        default=None,
-        help="which recognizer(s) to train (overrides config.train.recognizer)",
-    )
+def run(
+    config: ml_collections.ConfigDict,
+    workdir: str | Path,
+    *,
+    recognizer: str | None = None,
+    progress: bool = True,
+) -> dict[str, dict]:
+    """The ``jaxmia train`` stage: the config's faces, its split, and the recognizer(s) asked.
 
+    ``recognizer`` (default ``config.train.recognizer``): "all" trains one recognizer on every
+    identity into ``workdir``; "target", "evaluation" or "both" train R_T and/or R_E of the split
+    into ``workdir/target`` and ``workdir/evaluation``. Everything is checked before anything is
+    written: a recognizer folder trained with other settings is refused with the fields named,
+    and the workdir's ``config.json`` and ``split.json`` stay as they were.
 
-def load_config_data(config: ml_collections.ConfigDict, *, progress: bool = True) -> data.FaceSet:
-    """The face set a config's ``data`` section names."""
-    return data.load_faces(
-        config.data.source,
-        image_size=tuple(config.data.image_size),
-        channels=config.data.channels,
-        cache_dir=config.data.cache_dir or None,
-        synthetic=config.data.synthetic.to_dict(),
-        progress=progress,
-    )
-
-
-def make_config_split(config: ml_collections.ConfigDict, faces: data.FaceSet) -> splits.Split:
-    """The paper's split of ``faces`` as the config's ``split`` section asks."""
-    s = config.split
-    return splits.make_split(
-        faces,
-        seed=s.seed,
-        num_attacked=s.num_attacked,
-        num_target_only=s.num_target_only,
-        num_evaluation_only=s.num_evaluation_only,
-        num_aux=s.num_aux,
-        test_per_identity=s.test_per_identity,
-        attacked_photos=s.attacked_photos,
-    )
-
-
-def run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:
-    recognizer = args.recognizer or config.train.recognizer
+    Returns:
+      role -> the training summary of that recognizer.
+    """
+    recognizer = recognizer or config.train.recognizer
     if recognizer not in RECOGNIZERS:
         raise JaxmiaError(
             f"config field train.recognizer: expected one of {RECOGNIZERS}, got {recognizer!r}"
         )
-    workdir = Path(args.workdir)
-    faces = load_config_data(config)
-    split = make_config_split(config, faces)
+    check_train_config(config.train)
+    workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise JaxmiaError(f"--workdir {workdir}: exists and is not a folder")
+    faces = data.faces_from_config(config, progress=progress)
+    split = splits.from_config(config, faces)
     record = split.to_json(faces)
+    jobs = [
+        make_job(
+            config,
+            faces,
+            getattr(split, role),
+            role,
+            workdir if role == "all" else workdir / role,
+            record,
+        )
+        for role in ROLES[recognizer]
+    ]
+    for job in jobs:
+        workdir_lib.check(job.workdir / RECORD, job.settings(config.train))
     workdir.mkdir(parents=True, exist_ok=True)
     files.write_json(workdir / "config.json", config.to_dict())
     files.write_json(workdir / "split.json", record)
     if faces.synthetic:
         print(f"note: training on SYNTHETIC faces ({faces.source})")
-    roles = {
-        "all": ["all"],
-        "target": ["target"],
-        "evaluation": ["evaluation"],
-        "both": ["target", "evaluation"],
-    }
-    for role in roles[recognizer]:
-        out = workdir if role == "all" else workdir / role
-        summary = train_part(config, faces, getattr(split, role), role, out, record)
+    summaries = {}
+    for job in jobs:
+        summary = run_job(job, config.train, progress=progress)
+        summaries[job.role] = summary
         print(
-            f"{role}: {summary['identities']} identities, test accuracy "
-            f"{summary['test_accuracy']:.4f} after {summary['epochs']} epochs -> {out}"
+            f"{job.role}: {summary['identities']} identities, test accuracy "
+            f"{summary['test_accuracy']:.4f} after {summary['epochs']} epochs -> {job.workdir}"
         )
+    return summaries

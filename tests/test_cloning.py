@@ -289,7 +289,7 @@ def tiny_faces(monkeypatch):
     """8 people x 6 photos of 16x16 textures, in place of the data loader."""
     from types import SimpleNamespace
 
-    from jaxmia import clone_cmd
+    from jaxmia import cloning_study
 
     base = textured(8, seed=11)
     rng = np.random.default_rng(12)
@@ -309,7 +309,7 @@ def tiny_faces(monkeypatch):
         calls.append((source, kw))
         return faces
 
-    monkeypatch.setattr(clone_cmd.data, "load_faces", load_faces, raising=False)
+    monkeypatch.setattr(cloning_study.data, "load_faces", load_faces, raising=False)
     return calls
 
 
@@ -361,8 +361,26 @@ def test_clone_command_writes_the_table_and_resumes(tmp_path, monkeypatch, capsy
     assert "countermeasure" in capsys.readouterr().out
     # Other settings in the same workdir: refused, nothing overwritten.
     assert cli.main([*argv, "--config.cloning.clone_epochs=3"]) == 2
-    assert "config.cloning.clone_epochs" in capsys.readouterr().err
+    assert "cloning.clone_epochs: 2 -> 3" in capsys.readouterr().err
     assert [c.stat().st_mtime_ns for c in sorted((tmp_path / "cells").iterdir())] == stamps
+    # More cells in the grid: allowed, the saved cells stay.
+    assert cli.main([*argv, "--config.cloning.budgets=(30, 40)"]) == 0
+    assert len(list((tmp_path / "cells").iterdir())) == 3
+
+
+def test_a_refused_clone_rerun_leaves_the_split_record(tmp_path, monkeypatch, capsys):
+    """The settings check comes before any write: split.json stays the first run's."""
+    from jaxmia import cli
+
+    tiny_faces(monkeypatch)
+    argv = ["clone", "--workdir", str(tmp_path), *TINY, "--no-plots"]
+    assert cli.main(argv) == 0
+    before = {n: (tmp_path / n).read_bytes() for n in ("split.json", "config.json")}
+    capsys.readouterr()
+    # Another seed draws another split: refused, and neither record is touched.
+    assert cli.main([*argv, "--config.cloning.seed=1"]) == 2
+    assert "cloning.seed: 0 -> 1" in capsys.readouterr().err
+    assert {n: (tmp_path / n).read_bytes() for n in before} == before
 
 
 @pytest.mark.parametrize(

@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxmia import checkpoint, cli, config, experiment, files, train
+from jaxmia import checkpoint, cli, config, experiment, files, selection, train
 from jaxmia import data as data_lib
 from jaxmia import inversion as inv
 from jaxmia.errors import JaxmiaError
@@ -172,7 +172,7 @@ def test_selection_keeps_the_best_by_r_t(finished):
         flat = z["clones"].reshape(-1, *z["clones"].shape[2:])
         labels = np.repeat(z["labels"], z["clones"].shape[1])
     cfg = config.default_config()
-    scores = experiment.robust_margins(
+    scores = selection.robust_margins(
         rec_t, flat, labels, jitter=2, flip=True, samples=8,
         key=jax.random.fold_in(jax.random.key(cfg.inversion.rng_seed), 2),
     ).reshape(2, 4)  # fmt: skip
@@ -191,9 +191,9 @@ def test_logit_margins_by_hand(finished):
     others = z.copy()
     others[np.arange(300), y] = -np.inf
     want = z[np.arange(300), y] - others.max(axis=1)
-    np.testing.assert_allclose(experiment.logit_margins(rec_t, x, y), want, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(selection.logit_margins(rec_t, x, y), want, rtol=1e-4, atol=1e-4)
     # Without transforms the robust margin is the plain one.
-    robust = experiment.robust_margins(
+    robust = selection.robust_margins(
         rec_t, x[:3], y[:3], jitter=0, flip=False, samples=2, key=jax.random.key(0)
     )
     np.testing.assert_allclose(robust, want[:3], rtol=1e-4, atol=1e-4)
@@ -239,6 +239,34 @@ def test_changed_setting_is_an_error_then_redo(finished, tmp_path, capsys, monke
     assert called == ["inversions", "report"]  # the recognizers were kept
     with np.load(work / "inversions" / "inversions.npz") as z:
         assert (z["steps"] == 5).all()
+
+
+def test_a_stage_that_failed_on_bad_input_holds_nothing(tmp_path, capsys):
+    """A split asking for more identities than the data has fails; the corrected rerun runs."""
+    work = tmp_path / "w"
+    rc, _, err = run_cli(capsys, work, "--config.split.num_attacked=9", "--config.split.num_aux=2")
+    assert rc == 2
+    one_line_error(err, "identities")
+    assert experiment.read_records(work)["split"]["status"] == "running"
+    cfg = config.default_config()
+    config.apply_overrides(cfg, TINY)
+    records = experiment.run_stages(cfg, work, until="split", progress=False)
+    assert records["split"]["status"] == "done" and (work / "split.json").is_file()
+
+
+def test_an_interrupted_stage_with_outputs_holds_its_settings(finished, tmp_path, capsys):
+    """Interrupted after writing: other settings are refused (--redo restarts it)."""
+    work = tmp_path / "copy"
+    shutil.copytree(finished[0], work)
+    records = experiment.read_records(work)
+    records["inversions"] = {"status": "running", "attempted": records["inversions"]["settings"]}
+    del records["report"]
+    files.write_json(work / experiment.RECORD, records)
+    rc, _, err = run_cli(
+        capsys, work, "--config.experiment.restarts=2", "--config.inversion.learning_rate=0.1"
+    )
+    assert rc == 2
+    one_line_error(err, "'inversions' was interrupted", "inversion.learning_rate", "--redo")
 
 
 @pytest.mark.parametrize(
@@ -305,13 +333,15 @@ def test_split_needs_four_identities():
         experiment.make_split(config.default_config(), _faces(3))
 
 
-def test_stage_settings_chain():
+def test_stage_settings_chain(tmp_path):
     cfg = config.default_config()
     base = experiment.stage_settings(cfg)
+    done = {s: {"status": "done", "settings": base[s]} for s in base}
     cfg.inversion.steps = 7
     after = experiment.stage_settings(cfg)
-    assert experiment.changed_stage({s: {"settings": base[s]} for s in base}, after) == (
+    assert experiment.changed_stage(done, after, tmp_path) == (
         "inversions",
+        "ran",
         ["inversion.steps"],
     )
     cfg.data.cache_dir = "/elsewhere"  # where the cache is does not change a result
@@ -320,9 +350,7 @@ def test_stage_settings_chain():
     assert experiment.stage_settings(cfg)["split"] == base["split"]
     assert experiment.stage_settings(cfg)["inversions"] == base["inversions"]
     cfg.train.epochs = 1
-    changed = experiment.changed_stage(
-        {s: {"settings": base[s]} for s in base}, experiment.stage_settings(cfg)
-    )
+    changed = experiment.changed_stage(done, experiment.stage_settings(cfg), tmp_path)
     assert changed[0] == "target"
 
 

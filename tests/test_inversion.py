@@ -1,5 +1,6 @@
 import dataclasses
 
+import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -398,3 +399,123 @@ def test_optimizer_is_the_papers_update():
     opt = inv.make_optimizer(inv.InversionConfig(learning_rate=0.1))
     updates, _ = opt.update(g, opt.init(g))
     np.testing.assert_allclose(updates, -0.1 * g)
+
+
+# --- the program's cache key: structure only; numeric settings traced -------------------------
+
+
+def test_logit_margin_by_hand():
+    z = jnp.array([2.0, 0.0, 1.0])
+    assert float(inv.logit_margin(z, jnp.int32(0))) == 1.0  # 2 - max(0, 1)
+    assert float(inv.logit_margin(z, jnp.int32(2))) == -1.0  # 1 - 2
+    assert float(inv.logit_margin(jnp.array([0.5, 3.0, -1.0]), jnp.int32(1))) == 2.5
+    for y, m in [(0, 5.0), (0, 0.5), (1, 5.0)]:  # max_margin is its negation, floored
+        want = jnp.maximum(-inv.logit_margin(z, jnp.int32(y)), -m)
+        assert float(inv.data_loss("max_margin", z, jnp.int32(y), m)) == float(want)
+
+
+def _counted(apply_fn, n):
+    """``apply_fn`` as a new function that raises once traced more than ``n`` times.
+
+    Python runs it only while JAX traces a program around it, so its calls count traces. A new
+    function object also keys a new program (``make_program`` caches by function).
+    """
+    chex.clear_trace_counter()
+    return chex.assert_max_traces(lambda params, x: apply_fn(params, x), n=n)
+
+
+SWEEPS = {
+    "learning_rate": [dict(learning_rate=v) for v in (0.05, 0.2, 1.0, 5.0)],
+    "margin_tv_weight": [
+        dict(loss="max_margin", learning_rate=0.5, margin=m, tv_weight=w)
+        for m, w in ((0.5, 0.1), (1.0, 0.2), (2.0, 0.5), (5.0, 1.0))
+    ],
+    "the_rest": [
+        dict(optimizer="momentum", learning_rate=0.5, momentum=mo, l2_weight=l2,
+             stop_confidence=sc, patience=p, min_delta=md, denoise="gaussian", denoise_every=de)
+        for mo, l2, sc, p, md, de in (
+            (0.0, 0.1, 0.0, 0, 0.0, 1), (0.5, 0.2, 0.4, 1, 1e-3, 2),
+            (0.9, 0.5, 0.5, 2, 1e-2, 3), (0.99, 1.0, 0.9, 3, 0.1, 10),
+        )
+    ],
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("sweep", list(SWEEPS))
+def test_a_sweep_of_numeric_settings_compiles_once(tiny, sweep):
+    apply_fn = _counted(tiny[0], 2)  # one trace each of the step and of the evaluation
+    params = tiny[1]
+    x, labels, keys = _batch(3)
+    cfgs = [inv.InversionConfig(steps_per_call=1, **kw) for kw in SWEEPS[sweep]]
+    recs = [inv.invert_batch(apply_fn, params, x, labels, keys, c, 4) for c in cfgs]
+    program = inv.make_program(apply_fn, cfgs[0])
+    assert all(inv.make_program(apply_fn, c) is program for c in cfgs)
+    assert len(program.compiled) == 3  # init, steps, evaluate
+    # the traced values are used: every setting gives other clones
+    flat = [r.clones.tobytes() for r in recs]
+    assert len(set(flat)) == len(flat)
+
+
+def test_check_every_and_shard_reuse_the_program(tiny):
+    apply_fn = _counted(tiny[0], 2)
+    x, labels, keys = _batch(3)
+    cfg = inv.InversionConfig(learning_rate=0.5, steps_per_call=2, check_every=2)
+    program = inv.make_program(apply_fn, cfg)
+    for kw in (dict(check_every=1), dict(check_every=7), dict(shard=False), {}):
+        other = dataclasses.replace(cfg, **kw)
+        assert inv.make_program(apply_fn, other) is program
+        inv.invert_batch(apply_fn, tiny[1], x, labels, keys, other, 5)
+    # by backend too: under the default steps_per_call, CPU runs one step per call regardless
+    auto = inv.InversionConfig()
+    assert auto.spec("cpu") == dataclasses.replace(auto, check_every=7, shard=False).spec("cpu")
+
+
+def test_steps_per_call_by_backend():
+    auto = inv.InversionConfig(check_every=25)
+    assert auto.steps_per_call is None
+    assert inv.resolved_steps_per_call(auto, "cpu") == 1
+    assert inv.resolved_steps_per_call(auto, "gpu") == 25
+    assert inv.resolved_steps_per_call(auto, "tpu") == 25
+    assert inv.resolved_steps_per_call(auto) == inv.resolved_steps_per_call(
+        auto, jax.default_backend()
+    )
+    assert auto.spec("gpu").steps_per_call == 25
+    for k in (0, 1, 3):
+        for backend in ("cpu", "gpu", "tpu"):
+            assert (
+                inv.resolved_steps_per_call(dataclasses.replace(auto, steps_per_call=k), backend)
+                == k
+            )
+    with pytest.raises(JaxmiaError, match="steps_per_call=-1"):
+        inv.InversionConfig(steps_per_call=-1)
+
+
+def test_auto_steps_per_call_from_config():
+    from jaxmia import config
+
+    section = config.default_config().inversion
+    assert section.steps_per_call is None
+    assert inv.InversionConfig.from_config(section).steps_per_call is None
+    c = config.default_config()
+    config.apply_overrides(c, ["--config.inversion.steps_per_call=4"])
+    assert inv.InversionConfig.from_config(c.inversion).steps_per_call == 4
+    section.steps_per_call = -2
+    with pytest.raises(JaxmiaError, match="steps_per_call=-2"):
+        inv.InversionConfig.from_config(section)
+
+
+def test_auto_steps_per_call_on_an_accelerator_runs_check_every_per_call(tiny, monkeypatch):
+    apply_fn, params = tiny
+    x, labels, keys = _batch(4)
+    cfg = inv.InversionConfig(loss="cross_entropy", learning_rate=0.5, stop_confidence=0.4)
+    one = inv.invert_batch(
+        apply_fn, params, x, labels, keys, dataclasses.replace(cfg, steps_per_call=1), 7
+    )
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    auto = dataclasses.replace(cfg, check_every=3)
+    assert inv.make_program(apply_fn, auto).spec.steps_per_call == 3
+    timing = inv.Timing()
+    got = inv.invert_batch(apply_fn, params, x, labels, keys, auto, 7, timing)
+    for a, b in zip(one, got, strict=True):
+        np.testing.assert_allclose(a, b, atol=1e-6)
+    assert timing.gradients == 4 * 7

@@ -308,3 +308,21 @@ def test_distributed_without_a_cluster_is_a_one_line_error(
     assert _invert(ckpt, tmp_path, *flags) == 2
     _one_line_error(capsys, *words)
     assert not (tmp_path / "inversions.npz").exists()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        ["--config.inversion.seed=mean"],  # no auxiliary faces recorded: fails making seeds
+        ["--config.inversion.seed=files", "--config.inversion.seed_files=/no/such.png"],
+        ["--identities", "zed"],
+    ],
+)
+def test_a_run_that_fails_on_bad_input_does_not_claim_the_workdir(ckpt, tmp_path, capsys, bad):
+    """Everything is checked before the workdir is claimed: the corrected rerun runs."""
+    argv_extra = [a for a in bad if not a.startswith("--identities") and a != "zed"]
+    kwargs = {"identities": "zed"} if "zed" in bad else {}
+    assert _invert(ckpt, tmp_path, *argv_extra, **kwargs) == 2
+    capsys.readouterr()
+    assert not (tmp_path / "run.json").exists()
+    assert _invert(ckpt, tmp_path) == 0

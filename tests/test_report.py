@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 from test_evaluation import fake_inversions, tiny_recognizer, write_fake_run
 
-from jaxmia import evaluation, report
+from jaxmia import evaluation, grids, report
 
 
 class TableParser(HTMLParser):
@@ -131,21 +131,8 @@ def test_format_cell(value, kind, text):
     assert report.format_cell(value, kind) == text
 
 
-def test_grid_filenames_are_safe_and_unique():
-    taken = set()
-    names = ["a b", "a/b", "ok.1", "", "é"]
-    got = [report.grid_filename(n, taken) for n in names]
-    assert got == [
-        "grid_a_b.png",
-        "grid_a_b_1.png",
-        "grid_ok.1.png",
-        "grid_identity.png",
-        "grid__.png",
-    ]
-
-
 def test_clone_grid_caps_the_clones_shown(tmp_path, monkeypatch):
-    monkeypatch.setattr(report, "MAX_GRID_CLONES", 8)
+    monkeypatch.setattr(grids, "MAX_CLONES", 8)
     n = 30
     clones = np.random.default_rng(0).uniform(size=(n, 8, 8, 3))
     scores = np.linspace(0, 1, n)
@@ -155,13 +142,3 @@ def test_clone_grid_caps_the_clones_shown(tmp_path, monkeypatch):
         w, h = im.size
     # real + seed + 8 clones fill one row of 10; all 30 would take 4 rows
     assert h / w < 0.35
-
-
-@pytest.mark.parametrize(
-    "n,best,expected",
-    [(3, 1, [0, 1, 2]), (3, None, [0, 1, 2]), (12, 4, list(range(8))),
-     (12, 10, [0, 1, 2, 3, 4, 5, 6, 10])],
-)  # fmt: skip
-def test_shown_clones_always_include_the_best(monkeypatch, n, best, expected):
-    monkeypatch.setattr(report, "MAX_GRID_CLONES", 8)
-    assert report.shown_clones(n, best) == expected

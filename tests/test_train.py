@@ -1,6 +1,11 @@
+import re
+
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
+from flax import nnx
 
 from jaxmia import checkpoint, config, files, models, train
 from jaxmia.errors import JaxmiaError
@@ -91,8 +96,59 @@ def test_resume_with_other_model_config_is_an_error(tmp_path):
     x, y = _blobs()
     train.fit(MODEL, _config(epochs=2), x, y, key=jax.random.key(0), workdir=tmp_path)
     other = models.ModelConfig(num_classes=5, image_size=(32, 32), dense_features=(64, 64))
-    with pytest.raises(JaxmiaError, match="do not fit the model config"):
-        train.fit(other, _config(epochs=3), x, y, key=jax.random.key(0), workdir=tmp_path)
+    with pytest.raises(JaxmiaError, match=r"other settings \(.*model.num_classes: 4 -> 5"):
+        train.fit(other, _config(epochs=2), x, y, key=jax.random.key(0), workdir=tmp_path)
+
+
+@pytest.mark.parametrize(
+    "change,field",
+    [
+        ({"learning_rate": 1e-2}, "train.learning_rate: 0.003 -> 0.01"),
+        ({"augment": False}, "train.augment: True -> False"),
+        ({"epochs": 4}, "train.epochs: 2 -> 4"),
+        ({"key": 1}, "key"),
+        ({"data": True}, "data.images"),
+    ],
+)
+def test_resume_with_other_settings_is_refused_and_keeps_the_old_run(tmp_path, change, field):
+    """A rerun in a finished workdir with other settings neither trains 0 epochs and returns the
+    old weights, nor rewrites the record: it is an error naming the field."""
+    x, y = _blobs(per_class=4)
+    train.fit(MODEL, _config(epochs=2), x, y, key=jax.random.key(0), workdir=tmp_path)
+    record = (tmp_path / train.RECORD).read_bytes()
+    cfg = _config(**{"epochs": 2, **{k: v for k, v in change.items() if k not in ("key", "data")}})
+    key = jax.random.key(change.get("key", 0))
+    x2 = np.clip(x + 0.01, 0, 1) if "data" in change else x
+    with pytest.raises(JaxmiaError, match=re.escape(field)):
+        train.fit(MODEL, cfg, x2, y, key=key, workdir=tmp_path)
+    assert (tmp_path / train.RECORD).read_bytes() == record
+    # Bookkeeping fields are not settings: the same run resumes (here: is already done).
+    _, _, history = train.fit(
+        MODEL, _config(epochs=2, checkpoint_every=1), x, y, key=jax.random.key(0), workdir=tmp_path
+    )
+    assert [h["epoch"] for h in history] == [1, 2]
+
+
+def test_checkpoints_without_a_record_are_not_resumed(tmp_path):
+    x, y = _blobs(per_class=4)
+    train.fit(MODEL, _config(epochs=2), x, y, key=jax.random.key(0), workdir=tmp_path)
+    (tmp_path / train.RECORD).unlink()
+    with pytest.raises(JaxmiaError, match="without a settings record"):
+        train.fit(MODEL, _config(epochs=2), x, y, key=jax.random.key(0), workdir=tmp_path)
+
+
+def test_optimizer_state_that_does_not_fit_is_named(tmp_path):
+    """Restoring another optimizer's state says so, not "arrays do not fit the model config"."""
+    x, y = _blobs(per_class=4)
+    train.fit(MODEL, _config(epochs=2), x, y, key=jax.random.key(0), workdir=tmp_path)
+    mngr = checkpoint.manager(tmp_path)
+    sgd = train.make_optimizer(_config(optimizer="sgd", momentum=0.9), 4)
+    params = nnx.to_pure_dict(models.init(MODEL, jax.random.key(0))[1])
+    abstract = jax.eval_shape(lambda: sgd.init(params))
+    with pytest.raises(JaxmiaError) as e:
+        checkpoint.restore(mngr, 2, MODEL, abstract)
+    assert "optimizer state" in str(e.value) and "train.optimizer='adam'" in str(e.value)
+    assert "model config" not in str(e.value)
 
 
 @pytest.mark.parametrize("optimizer", train.OPTIMIZERS)
@@ -113,6 +169,65 @@ def test_optimizers_step(optimizer, schedule):
 def test_unknown_optimizer_or_schedule(field, value):
     with pytest.raises(JaxmiaError, match=f"train.{field}: expected one of"):
         train.make_optimizer(_config(**{field: value}), 4)
+
+
+@pytest.mark.parametrize(
+    "settings,match",
+    [
+        ({"optimizer": "adam", "weight_decay": 0.05}, "adam has no weight decay"),
+        ({"optimizer": "adam", "momentum": 0.9}, "train.momentum/nesterov"),
+        ({"optimizer": "adamw", "nesterov": True}, "train.momentum/nesterov"),
+        ({"optimizer": "sgd", "nesterov": True}, "needs train.momentum > 0"),
+        ({"optimizer": "sgd", "momentum": 1.0}, "train.momentum"),
+        ({"weight_decay": -1.0}, "train.weight_decay"),
+        ({"learning_rate": 0.0}, "train.learning_rate"),
+    ],
+)
+def test_settings_without_effect_are_refused(settings, match):
+    with pytest.raises(JaxmiaError, match=match):
+        train.make_optimizer(_config(**settings), 4)
+
+
+def _one_update(cfg, grads, params):
+    tx = train.make_optimizer(cfg, 1)
+    state = tx.init(params)
+    for _ in range(2):  # the second step shows momentum
+        updates, state = tx.update(grads, state, params)
+        params = optax.apply_updates(params, updates)
+    return params
+
+
+@pytest.mark.parametrize(
+    "settings,want",
+    [
+        # sgd: p - lr * g twice (warm-up off, constant rate)
+        ({"optimizer": "sgd"}, 1.0 - 2 * 0.1 * 0.5),
+        # heavy ball: v1 = g, v2 = g + m g; p - lr (v1 + v2)
+        ({"optimizer": "sgd", "momentum": 0.9}, 1.0 - 0.1 * (0.5 + 0.5 * 1.9)),
+        # L2 weight decay adds wd * p to the gradient: step 1 g' = 0.5 + 0.1 * 1.0
+        ({"optimizer": "sgd", "weight_decay": 0.1}, None),
+    ],
+)
+def test_momentum_and_weight_decay_take_effect(settings, want):
+    cfg = _config(epochs=1, schedule="constant", warmup_epochs=0, learning_rate=0.1, **settings)
+    params = {"w": jnp.ones(3)}
+    out = _one_update(cfg, {"w": jnp.full(3, 0.5)}, params)["w"]
+    if want is None:  # by hand: p1 = 1 - 0.1 (0.5 + 0.1); p2 = p1 - 0.1 (0.5 + 0.1 p1)
+        p1 = 1 - 0.1 * (0.5 + 0.1)
+        want = p1 - 0.1 * (0.5 + 0.1 * p1)
+    np.testing.assert_allclose(out, want, rtol=1e-6)
+
+
+def test_adamw_weight_decay_takes_effect():
+    base = _config(epochs=1, optimizer="adamw", schedule="constant", warmup_epochs=0)
+    params, grads = {"w": jnp.ones(3)}, {"w": jnp.zeros(3)}
+    # zero gradients: adamw moves weights by the decay alone, lr * wd * p per step
+    none = _one_update(base, grads, params)["w"]
+    base.weight_decay = 0.5
+    decayed = _one_update(base, grads, params)["w"]
+    np.testing.assert_allclose(none, 1.0)
+    lr = base.learning_rate
+    np.testing.assert_allclose(decayed, (1 - lr * 0.5) ** 2, rtol=1e-6)
 
 
 def test_augment_keeps_range_and_shape():

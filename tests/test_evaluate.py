@@ -154,18 +154,18 @@ def fake_faces(calls):
     ],
 )
 def test_real_faces_are_the_evaluators_training_images(monkeypatch, train_files, expect_cy, note):
-    from jaxmia import data, evaluate_cmd
+    from jaxmia import data, evaluation
 
     calls = []
     monkeypatch.setattr(data, "load_faces", fake_faces(calls))
     rec = tiny_recognizer()
     rec = dataclasses.replace(rec, meta={"data": {"source": "src"}, "train_files": train_files})
-    faces, got_note = evaluate_cmd.real_faces_for(rec, ("cy", "dee"), None, progress=False)
+    faces, got_note = evaluation.real_faces_for(rec, ("cy", "dee"), None, progress=False)
     assert calls == [dict(source="src", image_size=(16, 16), channels=1)]  # at R_E's input shape
     np.testing.assert_allclose(faces["cy"][:, 0, 0, 0], expect_cy)
     assert "dee" not in faces  # R_E knows dee but the face set does not
     assert got_note.startswith(note) and got_note.endswith("none for dee")
     # --faces overrides the recorded source; --faces none skips real faces
-    evaluate_cmd.real_faces_for(rec, ("cy",), "folder:x", progress=False)
+    evaluation.real_faces_for(rec, ("cy",), "folder:x", progress=False)
     assert calls[-1]["source"] == "folder:x"
-    assert evaluate_cmd.real_faces_for(rec, ("cy",), "none")[0] is None
+    assert evaluation.real_faces_for(rec, ("cy",), "none")[0] is None

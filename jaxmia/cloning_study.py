@@ -1,17 +1,18 @@
-"""``jaxmia clone``: the cloning attack vs intentional misrecognition and near-duplicate detection.
+"""The ``jaxmia clone`` stage: the cloning attack vs misrecognition and near-duplicate detection.
 
-    jaxmia clone --config configs/cloning.py --workdir OUT
-    jaxmia clone --workdir OUT --config.data.source=synthetic
+    cloning_study.run(config, "OUT")   # jaxmia clone --config configs/cloning.py --workdir OUT
 
-Trains the service's recognizer (OUT/service, resumable), measures the near-duplicate detectors
+Checks every setting, claims OUT for them (``OUT/cloning.json``, ``jaxmia.workdir``: only the
+grid of cells, ``cloning.budgets/rates/scenarios/adaptive``, may change on a rerun), then trains
+the service's recognizer (OUT/service, resumable), measures the near-duplicate detectors
 (OUT/roc.json), then runs every scenario cell (scenario x query budget x misrecognition rate p;
 the adaptive scenarios at the largest budget) into OUT/cells/*.json, each written atomically and
-skipped on a rerun. Writes OUT/table.json, table.csv, accuracy.png, estimation.png, roc.png.
+skipped on a rerun. Writes OUT/split.json, table.json, table.csv, accuracy.png, estimation.png,
+roc.png.
 """
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
@@ -24,6 +25,7 @@ import numpy as np
 import tqdm
 
 from jaxmia import cloning, data, files, service, train
+from jaxmia import workdir as workdir_lib
 from jaxmia.errors import JaxmiaError
 
 COLUMNS = (
@@ -53,8 +55,9 @@ COLUMNS = (
 )
 
 
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--no-plots", action="store_true", help="write the table only")
+RECORD = "cloning.json"
+# Fields a rerun may change: they add cells to the table, saved cells stay valid.
+GRID = ("budgets", "rates", "scenarios", "adaptive")
 
 
 def _check(cfg: ml_collections.ConfigDict) -> None:
@@ -112,11 +115,26 @@ def _cell_path(workdir: Path, cell: tuple[str, int, float]) -> Path:
     return workdir / "cells" / f"{scenario}_b{budget}_p{p:g}.json"
 
 
-def run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:
+def settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
+    """What the study's results depend on: the sections it reads, less the grid of cells."""
+    skip = workdir_lib.RUN_ONLY | {f"cloning.{name}" for name in GRID}
+    return workdir_lib.settings_of(config, "data", "model", "train", "cloning", skip=skip)
+
+
+def run(
+    config: ml_collections.ConfigDict, workdir: str | Path, *, plots: bool = True
+) -> dict[str, Any]:
+    """Runs (or resumes) the cloning study into ``workdir``; returns the table (also written).
+
+    Returns:
+      {"summary": ..., "rows": one per cell, "roc": the detectors' curves}, as table.json.
+    """
     cfg = config.cloning
     _check(cfg)
-    workdir = Path(args.workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
+    train.check_train_config(config.train)
+    workdir = Path(workdir)
+    if workdir.exists() and not workdir.is_dir():
+        raise JaxmiaError(f"--workdir {workdir}: exists and is not a folder")
     size = tuple(int(s) for s in cfg.image_size)
     faces = data.load_faces(
         config.data.source,
@@ -131,6 +149,15 @@ def run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:
     x_train, y_train = faces.images[split.service_train], relabel(faces.labels[split.service_train])
     x_test, y_test = faces.images[split.service_test], relabel(faces.labels[split.service_test])
     pool = faces.images[split.pool]
+    model_config = train.model_config_for(
+        _with_size(config, size, cfg.dense_features), len(classes)
+    )
+    # Claimed only now, with every input checked, and before anything else is written.
+    workdir_lib.claim(
+        workdir / RECORD,
+        settings(config),
+        hint=f"use a new --workdir (only cloning.{'/'.join(GRID)} may change on a rerun)",
+    )
     files.write_json(
         workdir / "split.json",
         {
@@ -142,12 +169,8 @@ def run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:
             "pool": split.pool,
         },
     )
-    _check_resume(workdir / "config.json", config)
     files.write_json(workdir / "config.json", config.to_dict())
 
-    model_config = train.model_config_for(
-        _with_size(config, size, cfg.dense_features), len(classes)
-    )
     key = jax.random.key(cfg.seed)
     service_train = _train_config(config, cfg.service_epochs)
     graphdef, params, history = train.fit(
@@ -158,7 +181,7 @@ def run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:
         key=jax.random.fold_in(key, 0),
         test=(x_test, y_test),
         workdir=workdir / "service",
-        meta={"names": [faces.names[i] for i in split.service_identities]},
+        names=tuple(faces.names[i] for i in split.service_identities),
         progress=True,
     )
     service_accuracy = train.accuracy(graphdef, params, x_test, y_test)
@@ -176,7 +199,8 @@ def run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:
             key=jax.random.key(0),
             image_shape=image_shape,
         )
-        # Near-duplicates of the pool, hard negatives among the service's own people.
+        # Positives: near-duplicates of the service's own photos; hard negatives: pairs of
+        # different photos of one of its people (what a detector must not confuse).
         known = np.concatenate([split.service_train, split.service_test])
         roc = cloning.detector_roc(
             plain,
@@ -216,42 +240,14 @@ def run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:
         rows.append(row)
 
     summary = _summary(rows, roc, cfg, service_accuracy, faces, history)
-    table = {"summary": summary, "rows": rows, "roc": roc}
-    files.write_json(workdir / "table.json", _no_nan(table))
+    table = _no_nan({"summary": summary, "rows": rows, "roc": roc})
+    files.write_json(workdir / "table.json", table)
     files.write_text(workdir / "table.csv", _csv(rows))
-    if not args.no_plots:
+    if plots:
         write_plots(workdir, rows, roc, cfg)
     print(_text_table(rows))
     print(json.dumps(summary, indent=1))
-
-
-# Fields a rerun may change: they add cells to the table, saved cells stay valid.
-_GRID = ("budgets", "rates", "scenarios", "adaptive")
-
-
-def _check_resume(path: Path, config: ml_collections.ConfigDict) -> None:
-    """Refuses to mix cells of different settings in one workdir."""
-    if not path.exists():
-        return
-    old = json.loads(path.read_text())
-    new = json.loads(json.dumps(config.to_dict(), default=list))
-    for c in (old, new):
-        for name in _GRID:
-            c.get("cloning", {}).pop(name, None)
-    if old != new:
-        changed = sorted(_diff(old, new))
-        raise JaxmiaError(
-            f"workdir {path.parent}: holds a run with other settings ({', '.join(changed[:4])}); "
-            f"use a new --workdir (only cloning.{'/'.join(_GRID)} may change on a rerun)"
-        )
-
-
-def _diff(a: Any, b: Any, prefix: str = "config") -> list[str]:
-    if isinstance(a, dict) and isinstance(b, dict):
-        return [
-            d for k in sorted(set(a) | set(b)) for d in _diff(a.get(k), b.get(k), f"{prefix}.{k}")
-        ]
-    return [] if a == b else [prefix]
+    return table
 
 
 def _with_size(config: ml_collections.ConfigDict, size, dense) -> ml_collections.ConfigDict:

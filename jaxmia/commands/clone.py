@@ -1,0 +1,21 @@
+"""``jaxmia clone``: the cloning attack vs intentional misrecognition and near-duplicate detection.
+
+jaxmia clone --config configs/cloning.py --workdir OUT
+jaxmia clone --workdir OUT --config.data.source=synthetic
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import ml_collections
+
+from jaxmia import cloning_study
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-plots", action="store_true", help="write the table only")
+
+
+def run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:
+    cloning_study.run(config, args.workdir, plots=not args.no_plots)

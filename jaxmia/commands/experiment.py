@@ -1,0 +1,25 @@
+"""``jaxmia experiment``: the paper's protocol end to end (``jaxmia.experiment``).
+
+jaxmia experiment --config configs/att.py --workdir OUT
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import ml_collections
+
+from jaxmia import experiment
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--redo",
+        action="store_true",
+        help="redo a stage whose settings changed, and every stage after it (their outputs in "
+        "the workdir are deleted); without it such a change is an error",
+    )
+
+
+def run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:
+    experiment.run(config, args.workdir, redo=args.redo)
