@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxmia import batching, dedup, models, train
+from jaxmia import batching, dedup, models, train, transforms
 from jaxmia import service as service_lib
 from jaxmia.errors import JaxmiaError
 
@@ -130,8 +130,7 @@ def perturb(x: jax.Array, key: jax.Array, p: jax.Array) -> jax.Array:
     h, w, _ = x.shape
     s = jnp.clip(jnp.round(shift), 0, MAX_SHIFT)
     dy, dx = (jnp.floor(u[:2] * (2 * s + 1)) - s).astype(jnp.int32)
-    pad = jnp.pad(x, ((MAX_SHIFT, MAX_SHIFT), (MAX_SHIFT, MAX_SHIFT), (0, 0)), mode="edge")
-    x = jax.lax.dynamic_slice(pad, (MAX_SHIFT + dy, MAX_SHIFT + dx, 0), x.shape)
+    x = transforms.shift(x, dy, dx, MAX_SHIFT)
     keep = 1.0 - u[2] * crop
     oy, ox = u[3:5] * (1.0 - keep)
     scale = jnp.array([1.0 / keep, 1.0 / keep])

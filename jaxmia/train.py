@@ -24,7 +24,7 @@ import optax
 import tqdm
 from flax import nnx
 
-from jaxmia import batching, checkpoint, data, files, models, splits
+from jaxmia import batching, checkpoint, data, files, models, splits, transforms
 from jaxmia import workdir as workdir_lib
 from jaxmia.errors import JaxmiaError
 
@@ -126,11 +126,7 @@ def _optimizer(optimizer, schedule, learning_rate, warmup, total, weight_decay, 
 def augment(x: jax.Array, key: jax.Array, max_shift: int = 4) -> jax.Array:
     """Random shift, horizontal flip, brightness and contrast of one image. # [h, w, c]"""
     k_shift, k_flip, k_bright, k_contrast = jax.random.split(key, 4)
-    h, w, _ = x.shape
-    padded = jnp.pad(x, ((max_shift, max_shift), (max_shift, max_shift), (0, 0)), mode="edge")
-    dy, dx = jax.random.randint(k_shift, (2,), 0, 2 * max_shift + 1)
-    x = jax.lax.dynamic_slice(padded, (dy, dx, 0), x.shape)
-    x = jnp.where(jax.random.bernoulli(k_flip), x[:, ::-1], x)
+    x = transforms.random_flip(transforms.random_shift(x, k_shift, max_shift), k_flip)
     mean = x.mean()
     x = (x - mean) * jax.random.uniform(k_contrast, (), minval=0.8, maxval=1.2) + mean
     x = x + jax.random.uniform(k_bright, (), minval=-0.1, maxval=0.1)
