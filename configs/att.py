@@ -31,6 +31,9 @@ from jaxmia.config import default_config
 def get_config():
     c = default_config()
     s = c.split
+    # The attack below was chosen on split.seed 0 (benchmarks/attack_levers.md, also compared on
+    # seed 1); its figures are reported on a draw no setting was chosen or compared on.
+    s.seed = 2
     s.num_attacked = 33
     s.num_target_only = 0
     s.num_evaluation_only = 0

@@ -255,11 +255,13 @@ def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str])
         if isinstance(current, ml_collections.ConfigDict):
             raise JaxmiaError(f"config field {dotted} is a group; set one of its fields")
         value = _parse_value(text, current)
+        # A placeholder (None by default, e.g. "auto") still has a type to name.
+        expected = node.get_type(leaf) if current is None else type(current)
         try:
             node[leaf] = value
         except (TypeError, ValueError) as e:
             raise JaxmiaError(
-                f"config field {dotted}: expected {type(current).__name__}, got {text!r}"
+                f"config field {dotted}: expected {expected.__name__}, got {text!r}"
             ) from e
 
 

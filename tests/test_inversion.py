@@ -371,7 +371,8 @@ def test_attack_raises_target_confidence_on_synthetic_faces():
     tc = ml_collections.ConfigDict(
         dict(
             epochs=8, batch_size=16, optimizer="adam", learning_rate=3e-3,
-            schedule="constant", warmup_epochs=0, weight_decay=0.0, augment=False,
+            schedule="constant", warmup_epochs=0, weight_decay=0.0, momentum=0.0, nesterov=False,
+            augment=False,
             checkpoint_every=100, keep_checkpoints=1,
         )
     )  # fmt: skip
