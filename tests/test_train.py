@@ -1,4 +1,5 @@
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -100,6 +101,15 @@ def test_resume_with_other_model_config_is_an_error(tmp_path):
         train.fit(other, _config(epochs=2), x, y, key=jax.random.key(0), workdir=tmp_path)
 
 
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A finished 2-epoch run in a workdir, and the data it trained on."""
+    x, y = _blobs(per_class=4)
+    work = tmp_path_factory.mktemp("trained")
+    train.fit(MODEL, _config(epochs=2), x, y, key=jax.random.key(0), workdir=work)
+    return work, x, y
+
+
 @pytest.mark.parametrize(
     "change,field",
     [
@@ -110,22 +120,30 @@ def test_resume_with_other_model_config_is_an_error(tmp_path):
         ({"data": True}, "data.images"),
     ],
 )
-def test_resume_with_other_settings_is_refused_and_keeps_the_old_run(tmp_path, change, field):
+def test_resume_with_other_settings_is_refused_and_keeps_the_old_run(
+    trained, tmp_path, change, field
+):
     """A rerun in a finished workdir with other settings neither trains 0 epochs and returns the
     old weights, nor rewrites the record: it is an error naming the field."""
-    x, y = _blobs(per_class=4)
-    train.fit(MODEL, _config(epochs=2), x, y, key=jax.random.key(0), workdir=tmp_path)
-    record = (tmp_path / train.RECORD).read_bytes()
+    base, x, y = trained
+    work = tmp_path / "w"
+    shutil.copytree(base, work)
+    record = (work / train.RECORD).read_bytes()
     cfg = _config(**{"epochs": 2, **{k: v for k, v in change.items() if k not in ("key", "data")}})
     key = jax.random.key(change.get("key", 0))
     x2 = np.clip(x + 0.01, 0, 1) if "data" in change else x
     with pytest.raises(JaxmiaError, match=re.escape(field)):
-        train.fit(MODEL, cfg, x2, y, key=key, workdir=tmp_path)
-    assert (tmp_path / train.RECORD).read_bytes() == record
-    # Bookkeeping fields are not settings: the same run resumes (here: is already done).
-    _, _, history = train.fit(
-        MODEL, _config(epochs=2, checkpoint_every=1), x, y, key=jax.random.key(0), workdir=tmp_path
-    )
+        train.fit(MODEL, cfg, x2, y, key=key, workdir=work)
+    assert (work / train.RECORD).read_bytes() == record
+
+
+def test_bookkeeping_fields_are_not_settings(trained, tmp_path):
+    """checkpoint_every and keep_checkpoints may change: the same run resumes (here: is done)."""
+    base, x, y = trained
+    work = tmp_path / "w"
+    shutil.copytree(base, work)
+    cfg = _config(epochs=2, checkpoint_every=1, keep_checkpoints=5)
+    _, _, history = train.fit(MODEL, cfg, x, y, key=jax.random.key(0), workdir=work)
     assert [h["epoch"] for h in history] == [1, 2]
 
 

@@ -73,7 +73,7 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, args, message):
 def test_killed_training_resumes(tmp_path):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     args = [sys.executable, "-m", "jaxmia", "train", "--workdir", str(tmp_path), *SMALL]
-    args += ["--config.train.epochs=40"]
+    args += ["--config.train.epochs=16"]
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and checkpoint.manager(tmp_path).latest_step() in (None, 0):
@@ -81,11 +81,11 @@ def test_killed_training_resumes(tmp_path):
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     killed_at = checkpoint.manager(tmp_path).latest_step()
-    assert killed_at is not None and 1 <= killed_at < 40
+    assert killed_at is not None and 1 <= killed_at < 16
     done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     epochs = [m["epoch"] for m in files.read_jsonl(tmp_path / "metrics.jsonl")]
-    assert epochs == list(range(1, 41))
-    assert checkpoint.load_recognizer(tmp_path).step == 40
+    assert epochs == list(range(1, 17))
+    assert checkpoint.load_recognizer(tmp_path).step == 16
     summary = json.loads(Path(tmp_path / "train_summary.json").read_text())
     assert np.isfinite(summary["test_accuracy"])
