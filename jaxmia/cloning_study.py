@@ -142,6 +142,7 @@ def run(
         channels=config.data.channels,
         cache_dir=config.data.cache_dir or None,
         synthetic=config.data.synthetic.to_dict(),
+        crop=config.data.crop,
     )
     split = cloning.clone_split(faces.labels, cfg, cfg.seed)
     classes = {int(i): c for c, i in enumerate(split.service_identities)}

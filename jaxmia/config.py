@@ -27,6 +27,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.data.image_size = (64, 64)  # (height, width)
     c.data.channels = 1
     c.data.cache_dir = ""  # "" means $JAXMIA_CACHE or ~/.cache/jaxmia
+    # Cut out the centred box of crop x (height, width) before resizing: for photos whose face
+    # does not fill the frame (LFW's 250x250). 1.0: the whole image. Not for synthetic faces.
+    c.data.crop = 1.0
     c.data.synthetic = ml_collections.ConfigDict()
     c.data.synthetic.num_identities = 40
     c.data.synthetic.images_per_identity = 10
@@ -43,6 +46,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.split.test_per_identity = 5  # photos per identity held out for test accuracy
     # "disjoint": R_T and R_E train on different photos of an attacked identity; "shared": same.
     c.split.attacked_photos = "disjoint"
+    # Identities with fewer photos are left out (named in split.json and a note). 0: the fewest
+    # the split needs, test_per_identity + 2 ("disjoint") or + 1 ("shared").
+    c.split.min_photos = 0
 
     c.model = ml_collections.ConfigDict()
     c.model.conv_features = (5, 16, 32, 64)

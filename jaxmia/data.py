@@ -12,17 +12,21 @@ Sources (``config.data.source``):
 - ``synthetic``: faces drawn from a seed by :mod:`jaxmia.synthetic`.
 
 Identities are in natural order (``s1, s2, ..., s10``), photos too. Every image is converted to
-grey ('L') or RGB, resized to ``image_size`` with PIL's bilinear (antialiased) filter without
-keeping the aspect ratio, and returned as float32 in [0, 1].
+grey ('L') or RGB, cut to the centred box of ``crop`` times its height and width (``data.crop``;
+1.0, the default, keeps all of it: for photos whose face does not fill the frame, such as LFW's
+250x250), resized to ``image_size`` with PIL's bilinear (antialiased) filter without keeping the
+aspect ratio, and returned as float32 in [0, 1]. Synthetic faces fill their frame: they refuse a
+crop.
 
 The cache: folder and catalog images are decoded and resized once into a tensorflow-datasets
 data set (a ``GeneratorBasedBuilder`` written as array_record files and read back as numpy with
 ``as_data_source``; no TensorFlow needed). Its folder, under ``CACHE/faces/``, is named by a hash
 of the source (a folder's absolute path and every image's name, size and mtime; a catalog set's
-name, version and split), the image size and the channels, so a changed folder or size is
-prepared afresh. tensorflow-datasets prepares into a temporary folder and renames it when done,
-so an interrupted or failed preparation leaves nothing that a later load takes for a cache.
-CACHE is ``cache_dir``, else ``$JAXMIA_CACHE``, else ``~/.cache/jaxmia``.
+name, version and split), the image size, the channels and the crop (when not 1.0), so a
+changed folder, size or crop is prepared afresh. tensorflow-datasets prepares into a temporary
+folder and renames it when done, so an interrupted or failed preparation leaves nothing that a
+later load takes for a cache. CACHE is ``cache_dir``, else ``$JAXMIA_CACHE``, else
+``~/.cache/jaxmia``.
 
 This is the only module that imports tensorflow_datasets.
 """
@@ -36,6 +40,7 @@ import hashlib
 import importlib.util
 import io
 import json
+import math
 import os
 import re
 import shutil
@@ -52,7 +57,8 @@ from jaxmia import synthetic as synthetic_lib
 from jaxmia.errors import JaxmiaError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm", ".gif", ".ppm", ".bmp")
-# Part of every cache key: bump it when preprocessing or the stored layout changes.
+# Part of every cache key: bump it when preprocessing or the stored layout changes. (data.crop
+# enters the key only when not 1.0, so uncropped caches made before it existed stay valid.)
 _CACHE_FORMAT = 1
 _READ_BATCH = 1024
 _DECODE_CHUNK = 256
@@ -99,6 +105,7 @@ def load_faces(
     synthetic: Mapping | None = None,
     progress: bool = True,
     min_images: int = 1,
+    crop: float = 1.0,
 ) -> FaceSet:
     """Loads faces from a source (see the module docstring).
 
@@ -110,6 +117,8 @@ def load_faces(
       synthetic: for "synthetic": num_identities, images_per_identity, seed.
       progress: show progress bars while preparing.
       min_images: drop identities with fewer photos (LFW has many people with one photo).
+      crop: keep the centred box of crop x (height, width) of each photo before resizing, in
+        (0, 1]; 1.0 keeps the whole photo. Synthetic faces take 1.0 only.
 
     Returns:
       The faces, identities and photos in natural order.
@@ -117,6 +126,7 @@ def load_faces(
     size = _check_size(image_size)
     if channels not in (1, 3):
         raise JaxmiaError(f"data.channels: expected 1 (grey) or 3 (RGB), got {channels!r}")
+    crop = _check_crop(crop)
     cache = cache_root(cache_dir)
     scheme, _, rest = source.partition(":")
     if source == "att":
@@ -125,6 +135,7 @@ def load_faces(
             (".pgm",),
             size,
             channels,
+            crop,
             cache,
             progress,
             "AT&T (ORL) faces (embedded)",
@@ -132,11 +143,17 @@ def load_faces(
     elif scheme == "folder" and rest:
         root = Path(rest).expanduser().absolute()
         faces = _load_folder(
-            root, IMAGE_SUFFIXES, size, channels, cache, progress, f"folder {root}"
+            root, IMAGE_SUFFIXES, size, channels, crop, cache, progress, f"folder {root}"
         )
     elif scheme == "tfds" and rest:
-        faces = _load_catalog(rest, size, channels, cache, progress)
+        faces = _load_catalog(rest, size, channels, crop, cache, progress)
     elif source == "synthetic":
+        if crop != 1.0:
+            # Drawn to fill the frame at the asked size: a crop would only zoom the drawing.
+            raise JaxmiaError(
+                f"data.crop: expected 1.0 for data.source 'synthetic' (synthetic faces fill "
+                f"the frame), got {crop!r}"
+            )
         faces = _load_synthetic(synthetic or {}, size, channels, progress)
     else:
         raise JaxmiaError(
@@ -156,6 +173,7 @@ def faces_from_config(config: Any, *, progress: bool = True) -> FaceSet:
         cache_dir=d.cache_dir or None,
         synthetic=d.synthetic.to_dict(),
         progress=progress,
+        crop=d.crop,
     )
 
 
@@ -215,16 +233,16 @@ def _list_folder(root: Path, suffixes: tuple[str, ...]) -> list[tuple[str, str]]
     return items
 
 
-def _load_folder(root, suffixes, size, channels, cache, progress, source) -> FaceSet:
+def _load_folder(root, suffixes, size, channels, crop, cache, progress, source) -> FaceSet:
     items = _list_folder(root, suffixes)
-    digest = hashlib.sha256(
-        json.dumps([_CACHE_FORMAT, str(root), size, channels, sorted(suffixes)]).encode()
-    )
+    key = [_CACHE_FORMAT, str(root), size, channels, sorted(suffixes), *_crop_key(crop)]
+    digest = hashlib.sha256(json.dumps(key).encode())
     for _, rel in items:
         st = (root / rel).stat()
         digest.update(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", root.name) or "folder"
-    data_dir = cache / "faces" / f"{slug}-{size[0]}x{size[1]}x{channels}-{digest.hexdigest()[:16]}"
+    shape = _shape_name(size, channels, crop)
+    data_dir = cache / "faces" / f"{slug}-{shape}-{digest.hexdigest()[:16]}"
 
     def examples() -> Iterator[tuple[str, str, np.ndarray]]:
         # PIL releases the GIL while decoding, so threads decode in parallel.
@@ -232,7 +250,7 @@ def _load_folder(root, suffixes, size, channels, cache, progress, source) -> Fac
             for start in range(0, len(items), _DECODE_CHUNK):
                 chunk = items[start : start + _DECODE_CHUNK]
                 paths = [root / rel for _, rel in chunk]
-                images = pool.map(lambda p: _decode_image(p, size, channels), paths)
+                images = pool.map(lambda p: _decode_image(p, size, channels, crop), paths)
                 for (identity, rel), image in zip(chunk, images, strict=True):
                     yield identity, rel, image
 
@@ -255,23 +273,29 @@ def _strict_pil() -> Iterator[None]:
         ImageFile.LOAD_TRUNCATED_IMAGES = before
 
 
-def _decode_image(path: Path, size: tuple[int, int], channels: int) -> np.ndarray:
-    """Decodes, converts and resizes one image file. # -> [h, w, channels] uint8"""
+def _decode_image(
+    path: Path, size: tuple[int, int], channels: int, crop: float = 1.0
+) -> np.ndarray:
+    """Decodes, converts, crops and resizes one image file. # -> [h, w, channels] uint8"""
     try:
         with Image.open(path) as img:
             img.load()  # decode all of it now: a truncated file fails here
-            return _preprocess(img, size, channels)
+            return _preprocess(img, size, channels, crop)
     except Exception as e:  # noqa: BLE001 - PIL raises many types for a broken file
         raise JaxmiaError(f"{path}: not a readable image ({_one_line(e)})") from e
 
 
-def _preprocess(img: Image.Image, size: tuple[int, int], channels: int) -> np.ndarray:
-    """Converts to grey or RGB and resizes. # -> [h, w, channels] uint8"""
+def _preprocess(
+    img: Image.Image, size: tuple[int, int], channels: int, crop: float = 1.0
+) -> np.ndarray:
+    """Converts to grey or RGB, cuts the centred crop box, resizes. # -> [h, w, channels] uint8"""
     if img.mode.startswith("I;16"):  # 16-bit grey (e.g. a PGM with maxval > 255)
         img = Image.fromarray((np.asarray(img, np.uint32) >> 8).astype(np.uint8))
     elif img.mode in ("P", "PA", "LA", "RGBA"):
         img = img.convert("RGBA")  # via RGBA so palette transparency converts cleanly
     img = img.convert("L" if channels == 1 else "RGB")
+    if crop != 1.0:
+        img = img.crop(crop_box(img.height, img.width, crop))
     h, w = size
     img = img.resize((w, h), Image.Resampling.BILINEAR)
     return np.asarray(img, np.uint8).reshape(h, w, channels)
@@ -389,7 +413,7 @@ def _read(builder: JaxmiaFaces, shape) -> tuple[np.ndarray, list[str], list[str]
 # tensorflow-datasets catalog sets
 
 
-def _load_catalog(spec: str, size, channels, cache: Path, progress: bool) -> FaceSet:
+def _load_catalog(spec: str, size, channels, crop, cache: Path, progress: bool) -> FaceSet:
     where = f"tfds:{spec}"
     name, _, split = spec.partition(":")
     split = split or "train"
@@ -429,13 +453,14 @@ def _load_catalog(spec: str, size, channels, cache: Path, progress: bool) -> Fac
             for i, ex in enumerate(batch):
                 label = ex[label_key]
                 identity = names[int(label)] if names is not None else _text(label)
-                image = _preprocess(Image.fromarray(np.squeeze(ex[image_key])), size, channels)
+                pil = Image.fromarray(np.squeeze(ex[image_key]))
+                image = _preprocess(pil, size, channels, crop)
                 yield identity, f"{split}/{start + i}", image
 
-    key = json.dumps([_CACHE_FORMAT, builder.info.full_name, split, len(data), size, channels])
-    digest = hashlib.sha256(key.encode()).hexdigest()[:16]
+    key = [_CACHE_FORMAT, builder.info.full_name, split, len(data), size, channels]
+    digest = hashlib.sha256(json.dumps([*key, *_crop_key(crop)]).encode()).hexdigest()[:16]
     slug = re.sub(r"[^A-Za-z0-9_.-]+", "_", f"tfds-{name}-{split}")
-    data_dir = cache / "faces" / f"{slug}-{size[0]}x{size[1]}x{channels}-{digest}"
+    data_dir = cache / "faces" / f"{slug}-{_shape_name(size, channels, crop)}-{digest}"
     what = f"{len(data)} images of {where}"
     source = f"tensorflow-datasets {builder.info.full_name} ({split})"
     return _cached(data_dir, examples, len(data), (*size, channels), progress, what, source)
@@ -494,6 +519,37 @@ def _drop_small_identities(faces: FaceSet, min_images: int) -> FaceSet:
     return dataclasses.replace(
         kept, labels=new_label[kept.labels], names=tuple(faces.names[i] for i in keep)
     )
+
+
+def crop_box(height: int, width: int, crop: float) -> tuple[int, int, int, int]:
+    """The centred box (left, top, right, bottom) of crop x (height, width), in whole pixels.
+
+    Each side is rounded half up and kept at least 1 pixel; an odd leftover goes below and right.
+    """
+    h = min(height, max(1, math.floor(crop * height + 0.5)))
+    w = min(width, max(1, math.floor(crop * width + 0.5)))
+    top, left = (height - h) // 2, (width - w) // 2
+    return left, top, left + w, top + h
+
+
+def _crop_key(crop: float) -> list:
+    """The crop's part of a cache key: nothing for 1.0, so caches made before crops stay valid."""
+    return [] if crop == 1.0 else [{"crop": crop}]
+
+
+def _shape_name(size: tuple[int, int], channels: int, crop: float) -> str:
+    """The readable part of a cache folder's name: "64x64x1", "64x64x1-crop0.6"."""
+    return f"{size[0]}x{size[1]}x{channels}" + ("" if crop == 1.0 else f"-crop{crop:g}")
+
+
+def _check_crop(crop) -> float:
+    ok = isinstance(crop, int | float | np.floating) and not isinstance(crop, bool)
+    if not ok or not 0.0 < crop <= 1.0:  # also refuses NaN
+        raise JaxmiaError(
+            f"data.crop: expected a fraction in (0, 1] of the image's height and width, "
+            f"got {crop!r}"
+        )
+    return float(crop)
 
 
 def _check_size(image_size) -> tuple[int, int]:

@@ -590,6 +590,8 @@ def real_faces_for(
         cache_dir=cache_dir or recorded.get("cache_dir") or None,
         synthetic=recorded.get("synthetic"),
         progress=progress,
+        # Another source (--faces) is cropped like the recognizer's own data only if it is it.
+        crop=recorded.get("crop", 1.0) if src == recorded.get("source") else 1.0,
     )
     return real_faces_from(faces, identities, evaluator.meta.get("train_files"))
 

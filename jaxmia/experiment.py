@@ -154,7 +154,7 @@ def make_split(
       (split, the config with the split's counts as used, notes for people).
     """
     s = config.split
-    n = len(faces.names)
+    n = splits.kept_from_config(config, faces)  # identities with the photos the split needs
     notes: list[str] = []
     defaults = (s.num_target_only, s.num_evaluation_only, s.num_aux) == (-1, -1, -1)
     try:
@@ -190,6 +190,7 @@ def make_split(
         f"{a} auxiliary ({aux_faces} faces); R_T knows {k + t}, R_E {k + e} "
         f"(attacked photos: {split.settings['attacked_photos']})"
     )
+    notes.extend(split.notes())  # identities left out for too few photos
     if a and aux_faces < PAPER_AUX_FACES and config.inversion.seed in seeds.POOL_KINDS:
         notes.append(
             f"the auxiliary pool has {aux_faces} faces, the paper's seed averages 256: "

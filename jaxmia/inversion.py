@@ -403,10 +403,6 @@ def make_optimizer(cfg: InversionConfig) -> optax.GradientTransformation:
     return optimizer(cfg.optimizer, cfg.learning_rate, cfg.momentum)
 
 
-def _all_finite(tree: Any) -> jax.Array:
-    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(a)) for a in jax.tree.leaves(tree)]))
-
-
 def clone_step(
     cfg: InversionConfig,
     apply_fn: ApplyFn,

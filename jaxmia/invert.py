@@ -117,8 +117,10 @@ def seed_pool(
             )
         source, keep = data_cfg["source"], set(aux)
         synthetic = data_cfg.get("synthetic")
+        crop = data_cfg.get("crop", 1.0)  # the faces as the recognizer's training saw them
     else:
         synthetic = config.data.synthetic.to_dict()
+        crop = 1.0 if source == "synthetic" else config.data.crop
     from jaxmia import data  # only pool seeds need faces loaded
 
     faces = data.load_faces(
@@ -127,6 +129,7 @@ def seed_pool(
         channels=rec.config.channels,
         cache_dir=config.data.cache_dir or None,
         synthetic=synthetic,
+        crop=crop,
     )
     known = set(rec.names)
     wanted = [i for i, n in enumerate(faces.names) if (n in keep if keep else n not in known)]

@@ -16,6 +16,14 @@ AT&T identities and K=5 that is 7 auxiliary, 14 target-only and 14 evaluation-on
 Each recognizer's label order lists the attacked identities first (so attacked identity k has
 label k in both R_T and R_E), then its own, each group in the data set's (natural) order.
 
+Identities with too few photos are left out before the identities are dealt: every identity
+needs ``min_photos`` photos, by default (0) the fewest the split needs, ``test_per_identity + 2``
+with ``attacked_photos="disjoint"`` (an attacked identity gives R_T and R_E a training photo each)
+and ``test_per_identity + 1`` with "shared". The same floor holds for every identity, so whether
+an identity is kept does not depend on which group the shuffle deals it into; a set where every
+identity has enough photos is split exactly as if there were no floor. The left-out identities
+are named in ``Split.left_out`` and ``Split.notes()``.
+
 Photos: each identity's photos are shuffled; ``test_per_identity`` of them are held out as test
 photos, the rest are training photos. An attacked identity's photos are shared out between R_T
 and R_E: with ``attacked_photos="disjoint"`` R_T gets the first half (rounded up) of its
@@ -39,6 +47,7 @@ from jaxmia.errors import JaxmiaError
 
 ATTACKED_PHOTOS = ("disjoint", "shared")
 _IDENTITIES, _PHOTOS = 0, 1  # random streams
+_NOTE_NAMES = 10  # left-out identities named in the note (split.json names them all)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -74,8 +83,25 @@ class Split:
     attacked: tuple[str, ...]  # the K identities in both R_T and R_E
     aux_identities: tuple[str, ...]
     aux: np.ndarray  # indices of the auxiliary pool's photos, ascending
-    all: Part  # every identity
+    all: Part  # every identity that is kept
     settings: dict = dataclasses.field(default_factory=dict)  # make_split's arguments
+    # Identities with fewer than settings["min_photos_resolved"] photos, in the data set's
+    # order, and how many photos each has: in no part and no pool.
+    left_out: tuple[str, ...] = ()
+    left_out_photos: tuple[int, ...] = ()
+
+    def notes(self) -> list[str]:
+        """Lines for people on what the split left out of the data set (none if nothing)."""
+        if not self.left_out:
+            return []
+        total = len(self.all.identities) + len(self.left_out)
+        shown = [f"{n}: {c}" for n, c in zip(self.left_out, self.left_out_photos, strict=True)]
+        more = len(shown) - _NOTE_NAMES
+        listed = ", ".join(shown[:_NOTE_NAMES]) + (f", and {more} more" if more > 0 else "")
+        return [
+            f"left out {len(self.left_out)} of {total} identities with fewer than "
+            f"{self.settings['min_photos_resolved']} photos ({listed})"
+        ]
 
     def to_json(self, faces: FaceSet) -> dict:
         """Names and photo ids (file paths where known, else indices) for the run folder."""
@@ -96,6 +122,7 @@ class Split:
             "aux_identities": list(self.aux_identities),
             "aux": ids(self.aux),
             "all": part(self.all),
+            "left_out": list(self.left_out),
         }
 
 
@@ -109,38 +136,57 @@ def make_split(
     num_aux: int = -1,
     test_per_identity: int = 5,
     attacked_photos: str = "disjoint",
+    min_photos: int = 0,
 ) -> Split:
-    """Splits identities and photos as the paper does (see the module docstring)."""
-    if attacked_photos not in ATTACKED_PHOTOS:
-        raise JaxmiaError(
-            f"split.attacked_photos: expected one of {ATTACKED_PHOTOS}, got {attacked_photos!r}"
-        )
+    """Splits identities and photos as the paper does (see the module docstring).
+
+    Args:
+      faces: the face set.
+      seed: the random choices' seed.
+      num_attacked: K, the identities both R_T and R_E know.
+      num_target_only: identities R_T alone knows (-1: a share of the rest).
+      num_evaluation_only: identities R_E alone knows (-1: a share of the rest).
+      num_aux: identities of the auxiliary pool (-1: a fifth of the rest).
+      test_per_identity: photos per identity held out for test.
+      attacked_photos: "disjoint" or "shared" (see the module docstring).
+      min_photos: identities with fewer photos are left out; 0 means the fewest the split needs
+        (see ``needed_photos``); any other value below that is refused.
+
+    Returns:
+      The split; its ``settings`` hold the arguments, the -1 counts and ``min_photos`` resolved.
+    """
+    floor = resolve_min_photos(min_photos, test_per_identity, attacked_photos)
     if not isinstance(seed, int | np.integer) or seed < 0:
         raise JaxmiaError(f"split.seed: expected an integer >= 0, got {seed!r}")
-    if test_per_identity < 0:
-        raise JaxmiaError(f"split.test_per_identity: expected >= 0, got {test_per_identity}")
-    n = len(faces.names)
-    k, t, e, a = _counts(n, num_attacked, num_target_only, num_evaluation_only, num_aux)
+    counts = np.bincount(faces.labels, minlength=len(faces.names))  # [identities]
+    # Left out before dealing, by photo count alone: the shuffle below sees only the kept
+    # identities, so a set with nothing to leave out deals exactly as it did without a floor.
+    kept = np.flatnonzero(counts >= floor)
+    dropped = np.flatnonzero(counts < floor)
+    n = len(kept)
+    k, t, e, a = _counts(
+        n,
+        num_attacked,
+        num_target_only,
+        num_evaluation_only,
+        num_aux,
+        f"; {len(dropped)} identities with fewer than {floor} photos are left out"
+        if len(dropped)
+        else "",
+    )
 
-    order = np.random.default_rng([seed, _IDENTITIES]).permutation(n)
+    order = kept[np.random.default_rng([seed, _IDENTITIES]).permutation(n)]
     groups = np.split(order, np.cumsum([k, t, e, a]))[:4]
     attacked, target_only, evaluation_only, aux_ids = (np.sort(g) for g in groups)
 
-    # Each identity's photos, shuffled, split into test and train.
-    by_identity = [np.flatnonzero(faces.labels == i) for i in range(n)]
-    is_attacked = np.isin(np.arange(n), attacked)
-    test, train = [], []
-    for i in range(n):
-        # An attacked identity's training photos must cover both R_T and R_E when disjoint.
-        need = test_per_identity + (2 if is_attacked[i] and attacked_photos == "disjoint" else 1)
-        if len(by_identity[i]) < need:
-            raise JaxmiaError(
-                f"identity {faces.names[i]}: has {len(by_identity[i])} photos, the split needs "
-                f"at least {need} ({test_per_identity} test, the rest to train)"
-            )
+    # Each kept identity's photos, shuffled, split into test and train. The photo stream is
+    # keyed by the identity's index in the face set, so leaving others out does not change it.
+    by_identity = {i: np.flatnonzero(faces.labels == i) for i in kept}
+    test, train = {}, {}
+    for i in kept:
         shuffled = np.random.default_rng([seed, _PHOTOS, i]).permutation(by_identity[i])
-        test.append(shuffled[:test_per_identity])
-        train.append(shuffled[test_per_identity:])
+        test[i] = shuffled[:test_per_identity]
+        train[i] = shuffled[test_per_identity:]
 
     def halves(i, which):  # R_T's and R_E's share of an attacked identity's photos
         photos = which[i]
@@ -161,7 +207,11 @@ def make_split(
         attacked=tuple(faces.names[i] for i in attacked),
         aux_identities=tuple(faces.names[i] for i in aux_ids),
         aux=_sorted([by_identity[i] for i in aux_ids]),
-        all=Part(tuple(faces.names), _sorted(train), _sorted(test)),
+        all=Part(
+            tuple(faces.names[i] for i in kept),
+            _sorted([train[i] for i in kept]),
+            _sorted([test[i] for i in kept]),
+        ),
         settings={
             "seed": seed,
             "num_attacked": k,
@@ -170,8 +220,41 @@ def make_split(
             "num_aux": a,
             "test_per_identity": test_per_identity,
             "attacked_photos": attacked_photos,
+            "min_photos": min_photos,
+            "min_photos_resolved": floor,
         },
+        left_out=tuple(faces.names[i] for i in dropped),
+        left_out_photos=tuple(int(counts[i]) for i in dropped),
     )
+
+
+def needed_photos(test_per_identity: int, attacked_photos: str) -> int:
+    """The fewest photos an identity needs: its test photos, and training photos for R_T and R_E.
+
+    With "disjoint" an attacked identity's training photos are halved between R_T and R_E, so
+    it needs two; every identity is held to that, since any may be dealt into the attacked group.
+    """
+    return test_per_identity + (2 if attacked_photos == "disjoint" else 1)
+
+
+def resolve_min_photos(min_photos: int, test_per_identity: int, attacked_photos: str) -> int:
+    """The photo floor ``min_photos`` asks for (0: ``needed_photos``), its inputs checked."""
+    if attacked_photos not in ATTACKED_PHOTOS:
+        raise JaxmiaError(
+            f"split.attacked_photos: expected one of {ATTACKED_PHOTOS}, got {attacked_photos!r}"
+        )
+    if not _is_int(test_per_identity) or test_per_identity < 0:
+        raise JaxmiaError(
+            f"split.test_per_identity: expected an integer >= 0, got {test_per_identity!r}"
+        )
+    need = needed_photos(test_per_identity, attacked_photos)
+    if not _is_int(min_photos) or not (min_photos == 0 or min_photos >= need):
+        raise JaxmiaError(
+            f"split.min_photos: expected 0 (the fewest the split needs) or an integer >= {need} "
+            f"({test_per_identity} test photos + {need - test_per_identity} to train), "
+            f"got {min_photos!r}"
+        )
+    return int(min_photos) or need
 
 
 def from_config(config: Any, faces: FaceSet) -> Split:
@@ -186,11 +269,21 @@ def from_config(config: Any, faces: FaceSet) -> Split:
         num_aux=s.num_aux,
         test_per_identity=s.test_per_identity,
         attacked_photos=s.attacked_photos,
+        min_photos=s.min_photos,
     )
 
 
-def _counts(n: int, k: int, t: int, e: int, a: int) -> tuple[int, int, int, int]:
-    """Resolves the -1 counts (see the module docstring)."""
+def kept_from_config(config: Any, faces: FaceSet) -> int:
+    """How many of ``faces``' identities the config's split keeps (has the photos for)."""
+    s = config.split
+    floor = resolve_min_photos(s.min_photos, s.test_per_identity, s.attacked_photos)
+    return int((np.bincount(faces.labels, minlength=len(faces.names)) >= floor).sum())
+
+
+def _counts(
+    n: int, k: int, t: int, e: int, a: int, left_out: str = ""
+) -> tuple[int, int, int, int]:
+    """Resolves the -1 counts (see the module docstring); ``left_out`` ends the error."""
     fields = {"num_attacked": k, "num_target_only": t, "num_evaluation_only": e, "num_aux": a}
     for name, value in fields.items():
         if value < -1 or (name == "num_attacked" and value < 0):
@@ -200,7 +293,7 @@ def _counts(n: int, k: int, t: int, e: int, a: int) -> tuple[int, int, int, int]
         asked = "+".join(str(v) if v >= 0 else "?" for v in (k, t, e, a))
         raise JaxmiaError(
             f"split asks for {asked}={fixed} identities but the data set has {n} "
-            "(attacked+target-only+evaluation-only+aux)"
+            f"(attacked+target-only+evaluation-only+aux){left_out}"
         )
     rest = n - fixed
     if a == -1:
@@ -213,6 +306,10 @@ def _counts(n: int, k: int, t: int, e: int, a: int) -> tuple[int, int, int, int]
     elif e == -1:
         e = rest
     return k, t, e, a
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 def _sorted(parts: list[np.ndarray]) -> np.ndarray:

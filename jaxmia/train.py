@@ -437,21 +437,6 @@ def run_job(job: Job, train_config: ml_collections.ConfigDict, *, progress: bool
     return summary
 
 
-def train_part(
-    config: ml_collections.ConfigDict,
-    faces: data.FaceSet,
-    part: splits.Part,
-    role: str,
-    workdir: Path,
-    split_record: dict,
-    *,
-    progress: bool = True,
-) -> dict:
-    """Trains the recognizer of one part of the split into ``workdir``; returns its summary."""
-    job = make_job(config, faces, part, role, workdir, split_record)
-    return run_job(job, config.train, progress=progress)
-
-
 def run(
     config: ml_collections.ConfigDict,
     workdir: str | Path,
@@ -498,6 +483,8 @@ def run(
     workdir.mkdir(parents=True, exist_ok=True)
     files.write_json(workdir / "config.json", config.to_dict())
     files.write_json(workdir / "split.json", record)
+    for note in split.notes():  # identities left out for too few photos
+        print(f"note: {note}")
     if faces.synthetic:
         print(f"note: training on SYNTHETIC faces ({faces.source})")
     summaries = {}

@@ -1,4 +1,6 @@
+import hashlib
 import importlib.util
+import json
 import os
 from pathlib import Path
 
@@ -7,7 +9,7 @@ import pytest
 import tensorflow_datasets as tfds
 from PIL import Image
 
-from jaxmia import data
+from jaxmia import config, data, splits
 from jaxmia.errors import JaxmiaError
 
 SHARED_ATT = Path(__file__).resolve().parents[1] / ".." / "shared" / "datasets" / "att_faces"
@@ -27,9 +29,9 @@ def decodes(monkeypatch):
     calls = []
     real = data._decode_image
 
-    def counting(path, size, channels):
+    def counting(path, *args):
         calls.append(path)
-        return real(path, size, channels)
+        return real(path, *args)
 
     monkeypatch.setattr(data, "_decode_image", counting)
     return calls
@@ -171,11 +173,11 @@ def test_interrupted_preparation_leaves_no_cache(tmp_path, cache, monkeypatch):
     real = data._decode_image
     seen = []
 
-    def interrupted(path, size, channels):
+    def interrupted(path, *args):
         seen.append(path)
         if len(seen) == 4:
             raise KeyboardInterrupt
-        return real(path, size, channels)
+        return real(path, *args)
 
     monkeypatch.setattr(data, "_decode_image", interrupted)
     with pytest.raises(KeyboardInterrupt):
@@ -343,3 +345,164 @@ def test_cache_root(monkeypatch, tmp_path):
     monkeypatch.delenv("JAXMIA_CACHE")
     monkeypatch.setenv("HOME", str(tmp_path))
     assert data.cache_root(None) == tmp_path / ".cache" / "jaxmia"
+
+
+def write_framed_folder(root: Path, shape=(40, 32)) -> None:
+    """2 identities x 2 PNGs: a flat red frame round a noise centre of half the height and width."""
+    rng = np.random.default_rng(0)
+    h, w = shape
+    for person in ("alice", "bob"):
+        (root / person).mkdir(parents=True)
+        for j in range(2):
+            image = np.zeros((h, w, 3), np.uint8)
+            image[...] = (220, 10, 10)
+            image[h // 4 : h // 4 + h // 2, w // 4 : w // 4 + w // 2] = rng.integers(
+                0, 256, (h // 2, w // 2, 3), np.uint8
+            )
+            Image.fromarray(image).save(root / person / f"{j}.png")
+
+
+def cropped_reference(path, size, channels, crop):
+    """The centred crop and resize, the plain PIL way. # [h, w, c] float32"""
+    img = Image.open(path).convert("L" if channels == 1 else "RGB")
+    w, h = img.size
+    ch, cw = max(1, int(crop * h + 0.5)), max(1, int(crop * w + 0.5))
+    top, left = (h - ch) // 2, (w - cw) // 2
+    img = img.crop((left, top, left + cw, top + ch))
+    img = img.resize((size[1], size[0]), Image.Resampling.BILINEAR)
+    return np.asarray(img, np.float32).reshape(*size, channels) / 255
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+@pytest.mark.parametrize("crop, size", [(0.5, (20, 16)), (0.5, (10, 8)), (0.3, (9, 7))])
+def test_crop_cuts_the_centre(tmp_path, channels, crop, size):
+    root = tmp_path / "faces"
+    write_framed_folder(root)
+    faces = data.load_faces(
+        f"folder:{root}", image_size=size, channels=channels, crop=crop, progress=False
+    )
+    assert faces.images.shape == (4, *size, channels)
+    for i, f in enumerate(faces.files):
+        want = cropped_reference(root / f, size, channels, crop)
+        np.testing.assert_allclose(faces.images[i], want, atol=1e-6)
+    if size == (20, 16):  # exactly the centre: no frame left, and nothing resized
+        centre = np.asarray(Image.open(root / faces.files[0]).convert("RGB"))[10:30, 8:24]
+        if channels == 3:
+            np.testing.assert_allclose(faces.images[0], centre / 255, atol=1e-6)
+    whole = data.load_faces(f"folder:{root}", image_size=size, channels=channels, progress=False)
+    assert not np.allclose(whole.images, faces.images)
+
+
+@pytest.mark.parametrize(
+    "height, width, crop, box",
+    [
+        (250, 250, 0.5, (62, 62, 187, 187)),  # LFW: the centred 125x125
+        (5, 5, 0.5, (1, 1, 4, 4)),  # 2.5 rounds up to 3
+        (10, 20, 0.01, (9, 4, 10, 5)),  # at least a pixel
+        (7, 9, 1.0, (0, 0, 9, 7)),
+    ],
+)
+def test_crop_box(height, width, crop, box):
+    assert data.crop_box(height, width, crop) == box
+
+
+@pytest.mark.parametrize("crop", [0, 0.0, -0.5, 1.01, 2, float("nan"), True, "0.5", None])
+def test_crop_out_of_range_is_refused(tmp_path, cache, crop):
+    with pytest.raises(JaxmiaError) as e:
+        data.load_faces("att", image_size=(8, 8), channels=1, crop=crop, progress=False)
+    assert str(e.value) == (
+        f"data.crop: expected a fraction in (0, 1] of the image's height and width, got {crop!r}"
+    )
+    assert not (cache / "faces").exists()
+
+
+def test_synthetic_faces_refuse_a_crop():
+    with pytest.raises(JaxmiaError, match="data.crop: expected 1.0 for data.source 'synthetic'"):
+        data.load_faces("synthetic", image_size=(8, 8), channels=1, crop=0.5, progress=False)
+    faces = data.load_faces("synthetic", image_size=(8, 8), channels=1, crop=1.0, progress=False)
+    assert faces.synthetic
+
+
+def test_crop_is_part_of_the_cache_key(tmp_path, cache, decodes):
+    root = tmp_path / "faces"
+    write_framed_folder(root)
+    load = lambda crop: data.load_faces(  # noqa: E731
+        f"folder:{root}", image_size=(10, 8), channels=1, crop=crop, progress=False
+    )
+    whole, half = load(1.0), load(0.5)
+    assert len(decodes) == 8 and len(prepared(cache)) == 2  # each crop prepared
+    again = load(0.5)
+    load(1)  # an int 1 is the same as no crop
+    assert len(decodes) == 8  # both served from their caches
+    assert again.images.tobytes() == half.images.tobytes() != whole.images.tobytes()
+    load(0.6)
+    assert len(decodes) == 12 and len(prepared(cache)) == 3
+    names = sorted(p.parents[1].name for p in prepared(cache))
+    assert sorted(n.split("-")[1:-1] for n in names) == [
+        ["10x8x1"],
+        ["10x8x1", "crop0.5"],
+        ["10x8x1", "crop0.6"],
+    ]
+    # Without a crop the key is what it was before crops existed: those caches stay valid.
+    digest = hashlib.sha256(
+        json.dumps([1, str(root), (10, 8), 1, sorted(data.IMAGE_SUFFIXES)]).encode()
+    )
+    for f in whole.files:
+        st = (root / f).stat()
+        digest.update(f"{f}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    assert f"faces-10x8x1-{digest.hexdigest()[:16]}" in names
+
+
+def test_faces_from_config_passes_the_crop(tmp_path):
+    root = tmp_path / "faces"
+    write_framed_folder(root)
+    cfg = config.default_config()
+    cfg.data.source = f"folder:{root}"
+    cfg.data.image_size = (10, 8)
+    cfg.data.crop = 0.5
+    faces = data.faces_from_config(cfg, progress=False)
+    np.testing.assert_allclose(
+        faces.images[1], cropped_reference(root / faces.files[1], (10, 8), 1, 0.5), atol=1e-6
+    )
+
+
+def test_catalog_set_crop(cache):
+    builder = tfds.builder("jaxmia_test_catalog", data_dir=cache / "tfds")
+    tfds.display_progress_bar(False)
+    builder.download_and_prepare(file_format="array_record")
+    kwargs = {"image_size": (6, 5), "channels": 3, "progress": False}
+    whole = data.load_faces("tfds:jaxmia_test_catalog", **kwargs)
+    half = data.load_faces("tfds:jaxmia_test_catalog", crop=0.5, **kwargs)
+    assert len(prepared(cache)) == 2  # its own cache
+    # The stand-in's images are flat, so the centre is the whole.
+    np.testing.assert_allclose(half.images, whole.images, atol=1e-6)
+
+
+CELEBA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "celeba128"
+
+
+@pytest.mark.skipif(not CELEBA.is_dir(), reason="../shared/datasets/celeba128 is absent")
+def test_celeba128_loads_and_splits(tmp_path):
+    # Photo counts straight from the folder (5 to 30 per identity).
+    counts = {
+        d.name: sum(1 for f in d.iterdir() if f.suffix.lower() in data.IMAGE_SUFFIXES)
+        for d in CELEBA.iterdir()
+        if d.is_dir() and not d.name.startswith(".")
+    }
+    faces = data.load_faces(
+        f"folder:{CELEBA}",
+        image_size=(32, 32),
+        channels=3,
+        cache_dir=str(tmp_path / "cache"),
+        progress=False,
+    )
+    assert faces.images.shape == (sum(counts.values()), 32, 32, 3)
+    assert set(faces.names) == set(counts)
+    for test_per_identity in (3, 5):  # needing 5 photos (none short) and 7 (some short)
+        split = splits.make_split(faces, seed=0, test_per_identity=test_per_identity)
+        need = test_per_identity + 2
+        short = {n for n, c in counts.items() if c < need}
+        assert set(split.left_out) == short
+        assert len(split.all.identities) == len(counts) - len(short)
+        assert (split.notes() != []) == bool(short)
+        assert not set(split.aux_identities) & short
