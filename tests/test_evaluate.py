@@ -133,8 +133,10 @@ def fake_faces(calls):
     """A load_faces stand-in: 3 identities x 4 photos, photo j of identity i all (i + j) / 10."""
     from jaxmia import data
 
-    def load_faces(source, *, image_size, channels, cache_dir=None, synthetic=None, progress=True):
-        calls.append(dict(source=source, image_size=image_size, channels=channels))
+    def load_faces(
+        source, *, image_size, channels, cache_dir=None, synthetic=None, progress=True, crop=1.0
+    ):
+        calls.append(dict(source=source, image_size=image_size, channels=channels, crop=crop))
         names = ("ann", "cy", "eve")
         labels = np.repeat(np.arange(3), 4).astype(np.int32)
         values = (labels + np.tile(np.arange(4), 3)) / 10
@@ -161,11 +163,18 @@ def test_real_faces_are_the_evaluators_training_images(monkeypatch, train_files,
     rec = tiny_recognizer()
     rec = dataclasses.replace(rec, meta={"data": {"source": "src"}, "train_files": train_files})
     faces, got_note = evaluation.real_faces_for(rec, ("cy", "dee"), None, progress=False)
-    assert calls == [dict(source="src", image_size=(16, 16), channels=1)]  # at R_E's input shape
+    # at R_E's input shape and crop
+    assert calls == [dict(source="src", image_size=(16, 16), channels=1, crop=1.0)]
     np.testing.assert_allclose(faces["cy"][:, 0, 0, 0], expect_cy)
     assert "dee" not in faces  # R_E knows dee but the face set does not
     assert got_note.startswith(note) and got_note.endswith("none for dee")
     # --faces overrides the recorded source; --faces none skips real faces
     evaluation.real_faces_for(rec, ("cy",), "folder:x", progress=False)
     assert calls[-1]["source"] == "folder:x"
+    # the crop the checkpoint records applies to its own source, not to another one
+    cropped = dataclasses.replace(rec, meta={**rec.meta, "data": {"source": "src", "crop": 0.5}})
+    evaluation.real_faces_for(cropped, ("cy",), None, progress=False)
+    assert calls[-1]["crop"] == 0.5
+    evaluation.real_faces_for(cropped, ("cy",), "folder:x", progress=False)
+    assert calls[-1]["crop"] == 1.0
     assert evaluation.real_faces_for(rec, ("cy",), "none")[0] is None
