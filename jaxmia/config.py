@@ -51,9 +51,17 @@ def default_config() -> ml_collections.ConfigDict:
     c.split.min_photos = 0
 
     c.model = ml_collections.ConfigDict()
-    c.model.conv_features = (5, 16, 32, 64)
-    c.model.kernel_sizes = (5, 5, 3, 3)
-    c.model.dense_features = (1024, 1024)
+    # "paper": the paper's CNN; "resnet": a ResNet with batch norm (jaxmia/models.py).
+    c.model.arch = "paper"
+    c.model.conv_features = (5, 16, 32, 64)  # paper
+    c.model.kernel_sizes = (5, 5, 3, 3)  # paper
+    c.model.dense_features = (1024, 1024)  # paper
+    c.model.widths = (64, 128, 256, 512)  # resnet: each stage's width (resnet18's)
+    c.model.blocks = (2, 2, 2, 2)  # resnet: blocks per stage
+    c.model.block = "basic"  # resnet: "basic" or "bottleneck"
+    c.model.stem_kernel = 7  # resnet: torchvision's stem, 7x7 stride 2 then a 3x3/2 max-pool
+    c.model.stem_stride = 2
+    c.model.stem_pool = True
     c.model.dropout = 0.5
 
     c.train = ml_collections.ConfigDict()
@@ -72,6 +80,11 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.nesterov = False  # sgd with momentum only
     # Random shifts of up to 4 pixels, horizontal flips, brightness and contrast per image.
     c.train.augment = True
+    # With augment: < 1 replaces the shifts by random resized crops of [crop_scale, 1] of the
+    # area (aspect 3/4 to 4/3); saturation > 0 jitters RGB saturation by a factor in 1 +- it.
+    c.train.crop_scale = 1.0
+    c.train.saturation = 0.0
+    c.train.label_smoothing = 0.0
     c.train.checkpoint_every = 5  # epochs
     c.train.keep_checkpoints = 2
     c.inversion = _inversion_defaults()

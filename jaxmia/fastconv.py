@@ -83,10 +83,15 @@ def conv_relu_pool(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Arra
 
 
 def logits(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array) -> jax.Array:
-    """``models.logits`` (inference) with ``conv_relu_pool``. # [b, h, w, c] -> [b, classes]"""
+    """``models.logits`` (inference) with ``conv_relu_pool``. # [b, h, w, c] -> [b, classes]
+
+    The paper CNN's; other architectures run as they are.
+    """
     model = nnx.merge(graphdef, params)
     cfg = model.config
-    h = (x - cfg.mean) / cfg.std
+    if cfg.arch != "paper":
+        return model(x)
+    h = (x - jnp.asarray(cfg.mean, x.dtype)) / jnp.asarray(cfg.std, x.dtype)
     for conv in model.convs:
         h = conv_relu_pool(h, conv.kernel[...], conv.bias[...])
     h = h.reshape(h.shape[0], -1)

@@ -681,10 +681,22 @@ def bytes_per_clone(model_config: models.ModelConfig, cfg: InversionConfig) -> i
     h, w = model_config.image_size
     image = h * w * model_config.channels
     act = 0
-    for cout in model_config.conv_features:
-        act += h * w * cout
-        h, w = h // 2, w // 2
-    act += sum(model_config.dense_features) + model_config.num_classes
+    if model_config.arch == "paper":
+        for cout in model_config.conv_features:
+            act += h * w * cout
+            h, w = h // 2, w // 2
+        act += sum(model_config.dense_features) + model_config.num_classes
+    else:
+        # Each stage at its resolution: every convolution's output and its norm's (x 2 per conv).
+        h, w = -(-h // model_config.stem_stride), -(-w // model_config.stem_stride)
+        act += 2 * h * w * model_config.widths[0]
+        if model_config.stem_pool:
+            h, w = -(-h // 2), -(-w // 2)
+        for s, (width, n) in enumerate(zip(model_config.widths, model_config.blocks, strict=True)):
+            if s:
+                h, w = -(-h // 2), -(-w // 2)
+            convs = 2 if model_config.block == "basic" else 3
+            act += 2 * n * (convs + 1) * h * w * width * model_config.expansion
     moments = {"sgd": 0, "momentum": 1, "adam": 2}[cfg.optimizer]
     return 4 * (image * (4 + moments) + 4 * act)
 

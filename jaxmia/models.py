@@ -1,12 +1,19 @@
-"""The gray-box paper's face recognizer as a pure functional Flax NNX model.
+"""Face recognizers as pure functional Flax NNX models: the paper's CNN and a ResNet family.
 
-Khosravy et al. (2021): four conv layers (kernels 5, 5, 3, 3; channels 5, 16, 32, 64), each
-followed by ReLU and a 2x2 max-pool, then dense 1024, 1024, n_classes. Inputs are images with
-values in [0, 1]; the model normalises them itself, so attacks work in image space and the
-checkpointed model config says everything needed to use it.
+``arch="paper"``: Khosravy et al. (2021), four conv layers (kernels 5, 5, 3, 3; channels 5, 16,
+32, 64), each followed by ReLU and a 2x2 max-pool, then dense 1024, 1024, n_classes.
+``arch="resnet"``: He et al. (2016) in torchvision's layout (so ``jaxmia.torch_import`` maps a
+torchvision ``state_dict`` onto it one to one), with batch normalisation, basic or bottleneck
+blocks, and depth, width and stem set by the config (``resnet18`` is blocks (2, 2, 2, 2), widths
+(64, 128, 256, 512), the 7x7/2 stem with a 3x3/2 max-pool).
 
-Use it functionally: ``graphdef, params = nnx.split(model)`` once, then jit
-``logits(graphdef, params, x)`` and friends.
+Inputs are images with values in [0, 1]; the model normalises them itself, so attacks work in
+image space and the checkpointed model config says everything needed to use it.
+
+Use it functionally: ``graphdef, state = nnx.split(model)`` once, then jit
+``logits(graphdef, state, x)`` (inference: batch norm on its running statistics) and friends;
+training goes through ``split_trainable`` and ``train_logits``, which also return the updated
+batch statistics.
 """
 
 from __future__ import annotations
@@ -18,6 +25,10 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+ARCHS = ("paper", "resnet")
+BLOCKS = ("basic", "bottleneck")
+_TUPLES = ("image_size", "conv_features", "kernel_sizes", "dense_features", "widths", "blocks")
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -26,45 +37,88 @@ class ModelConfig:
     num_classes: int
     image_size: tuple[int, int] = (64, 64)  # (height, width)
     channels: int = 1
+    arch: str = "paper"
+    # arch="paper"
     conv_features: tuple[int, ...] = (5, 16, 32, 64)
     kernel_sizes: tuple[int, ...] = (5, 5, 3, 3)
     dense_features: tuple[int, ...] = (1024, 1024)
+    # arch="resnet": blocks per stage, each stage's width (its 3x3 convolutions' channels),
+    # block type, and the stem (torchvision: 7x7 stride 2, then a 3x3 stride 2 max-pool).
+    widths: tuple[int, ...] = (64, 128, 256, 512)
+    blocks: tuple[int, ...] = (2, 2, 2, 2)
+    block: str = "basic"
+    stem_kernel: int = 7
+    stem_stride: int = 2
+    stem_pool: bool = True
+    # Dropout on the dense layers (paper) or before the classifier (resnet) in training.
     dropout: float = 0.0
-    # Input normalisation: the network sees (x - mean) / std for x in [0, 1].
-    mean: float = 0.5
-    std: float = 0.5
+    # Input normalisation: the network sees (x - mean) / std for x in [0, 1]; a float, or one
+    # value per channel (torchvision's ImageNet models: (0.485, 0.456, 0.406), (0.229, 0.224,
+    # 0.225)).
+    mean: float | tuple[float, ...] = 0.5
+    std: float | tuple[float, ...] = 0.5
 
     def __post_init__(self):
-        if len(self.conv_features) != len(self.kernel_sizes):
-            raise ValueError("conv_features and kernel_sizes must have the same length")
+        if self.arch not in ARCHS:
+            raise ValueError(f"arch: expected one of {ARCHS}, got {self.arch!r}")
+        for name in ("mean", "std"):
+            value = getattr(self, name)
+            if isinstance(value, (tuple, list)) and len(value) != self.channels:
+                raise ValueError(f"{name}: {len(value)} values for {self.channels} channels")
         h, w = self.image_size
-        scale = 2 ** len(self.conv_features)
+        if self.arch == "paper":
+            if len(self.conv_features) != len(self.kernel_sizes):
+                raise ValueError("conv_features and kernel_sizes must have the same length")
+            scale = 2 ** len(self.conv_features)
+            what = f"{len(self.conv_features)} 2x2 pools"
+        else:
+            if len(self.widths) != len(self.blocks) or not self.widths:
+                raise ValueError("widths and blocks: expected the same, non-zero length")
+            if self.block not in BLOCKS:
+                raise ValueError(f"block: expected one of {BLOCKS}, got {self.block!r}")
+            if min(self.blocks) < 1 or self.stem_kernel < 1 or self.stem_stride < 1:
+                raise ValueError("blocks, stem_kernel and stem_stride: expected >= 1")
+            scale = self.stem_stride * (2 if self.stem_pool else 1) * 2 ** (len(self.widths) - 1)
+            what = f"a total stride of {scale}"
         if h < scale or w < scale:
-            raise ValueError(
-                f"image_size {self.image_size} is too small for {len(self.conv_features)} 2x2 pools"
-            )
+            raise ValueError(f"image_size {self.image_size} is too small for {what}")
+
+    @property
+    def expansion(self) -> int:
+        return 4 if self.block == "bottleneck" else 1
 
     @property
     def flat_features(self) -> int:
+        """The paper CNN's flattened conv output size."""
         h, w = self.image_size
         for _ in self.conv_features:
             h, w = h // 2, w // 2
         return h * w * self.conv_features[-1]
+
+    @property
+    def feature_size(self) -> int:
+        """Width of ``features``: the last hidden layer (paper) or the pooled stage (resnet)."""
+        if self.arch == "paper":
+            return self.dense_features[-1] if self.dense_features else self.flat_features
+        return self.widths[-1] * self.expansion
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
+        """The inverse of ``to_dict``; a dict without ``arch`` (older checkpoints) is the paper's."""
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - fields
         if unknown:
             raise ValueError(f"unknown model config fields: {sorted(unknown)}")
-        tuples = {"image_size", "conv_features", "kernel_sizes", "dense_features"}
+        tuples = {*_TUPLES} | {k for k in ("mean", "std") if isinstance(d.get(k), list)}
         return cls(**{k: tuple(v) if k in tuples else v for k, v in d.items()})
 
     def flops_per_image(self) -> int:
         """Multiply-adds x 2 of one forward pass (convolutions and dense layers)."""
+        if self.arch == "resnet":
+            return _resnet_flops(self)
         h, w = self.image_size
         cin, total = self.channels, 0
         for cout, k in zip(self.conv_features, self.kernel_sizes, strict=True):
@@ -77,6 +131,33 @@ class ModelConfig:
         return total
 
 
+def _out(size: int, k: int, stride: int, pad: int) -> int:
+    return (size + 2 * pad - k) // stride + 1
+
+
+def _resnet_flops(cfg: ModelConfig) -> int:
+    h, w = cfg.image_size
+    k, s = cfg.stem_kernel, cfg.stem_stride
+    h, w = _out(h, k, s, k // 2), _out(w, k, s, k // 2)
+    total = 2 * h * w * k * k * cfg.channels * cfg.widths[0]
+    if cfg.stem_pool:
+        h, w = _out(h, 3, 2, 1), _out(w, 3, 2, 1)
+    cin = cfg.widths[0]
+    for stage, (width, n) in enumerate(zip(cfg.widths, cfg.blocks, strict=True)):
+        for b in range(n):
+            stride = 2 if stage > 0 and b == 0 else 1
+            ho, wo = _out(h, 3, stride, 1), _out(w, 3, stride, 1)
+            cout = width * cfg.expansion
+            if cfg.block == "basic":
+                total += 2 * ho * wo * 9 * (cin * width + width * width)
+            else:
+                total += 2 * (h * w * cin * width + ho * wo * (9 * width * width + width * cout))
+            if stride != 1 or cin != cout:
+                total += 2 * ho * wo * cin * cout
+            h, w, cin = ho, wo, cout
+    return total + 2 * cin * cfg.num_classes
+
+
 def max_pool_2x2(x: jax.Array) -> jax.Array:
     """2x2 max-pool, stride 2, VALID, as a reshape and max.
 
@@ -86,6 +167,17 @@ def max_pool_2x2(x: jax.Array) -> jax.Array:
     b, h, w, c = x.shape  # [b, h, w, c]
     x = x[:, : h - h % 2, : w - w % 2, :]
     return x.reshape(b, h // 2, 2, w // 2, 2, c).max(axis=(2, 4))
+
+
+def _normalise(cfg: ModelConfig, x: jax.Array) -> jax.Array:
+    return (x - jnp.asarray(cfg.mean, x.dtype)) / jnp.asarray(cfg.std, x.dtype)
+
+
+def _dropout(h: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    if key is None or rate <= 0:
+        return h
+    keep = jax.random.bernoulli(key, 1 - rate, h.shape)
+    return jnp.where(keep, h / (1 - rate), 0)
 
 
 class Recognizer(nnx.Module):
@@ -105,45 +197,163 @@ class Recognizer(nnx.Module):
         self.dense = nnx.List(dense)
         self.head = nnx.Linear(fin, config.num_classes, rngs=rngs)
 
-    def features(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+    def features(self, x: jax.Array, train_key: jax.Array | None = None) -> jax.Array:
         """Penultimate features.
 
         Args:
           x: images in [0, 1]. # [b, h, w, c]
-          dropout_key: a PRNG key to apply dropout (training); None for inference.
+          train_key: a PRNG key in training (dropout); None for inference.
 
         Returns:
-          The last hidden dense layer's ReLU activations. # [b, dense_features[-1]]
+          The last hidden dense layer's ReLU activations. # [b, feature_size]
         """
         cfg = self.config
-        h = (x - cfg.mean) / cfg.std
+        h = _normalise(cfg, x)
         for conv in self.convs:
             h = max_pool_2x2(jax.nn.relu(conv(h)))
         h = h.reshape(h.shape[0], -1)
         for i, layer in enumerate(self.dense):
             h = jax.nn.relu(layer(h))
-            if dropout_key is not None and cfg.dropout > 0:
-                keep = jax.random.bernoulli(
-                    jax.random.fold_in(dropout_key, i), 1 - cfg.dropout, h.shape
-                )
-                h = jnp.where(keep, h / (1 - cfg.dropout), 0)
+            key = None if train_key is None else jax.random.fold_in(train_key, i)
+            h = _dropout(h, cfg.dropout, key)
         return h
 
-    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+    def __call__(self, x: jax.Array, train_key: jax.Array | None = None) -> jax.Array:
         """Logits. # [b, h, w, c] -> [b, num_classes]"""
-        return self.head(self.features(x, dropout_key))
+        return self.head(self.features(x, train_key))
+
+
+def _conv(cin: int, cout: int, k: int, stride: int, rngs: nnx.Rngs) -> nnx.Conv:
+    # Symmetric padding k // 2, as torchvision's: flax's "SAME" pads strided convolutions of
+    # even inputs one pixel more on the far side, a different function.
+    pad = ((k // 2, k // 2), (k // 2, k // 2))
+    init = nnx.initializers.variance_scaling(2.0, "fan_out", "normal")  # torchvision's He init
+    return nnx.Conv(
+        cin, cout, (k, k), stride, padding=pad, use_bias=False, kernel_init=init, rngs=rngs
+    )
+
+
+def _bn(n: int, rngs: nnx.Rngs, zero: bool = False) -> nnx.BatchNorm:
+    # PyTorch's defaults (running = 0.9 running + 0.1 batch, eps 1e-5). A zero scale on each
+    # block's last norm starts the residual branches at identity (torchvision's
+    # zero_init_residual), which trains small-data models from scratch more reliably.
+    init = nnx.initializers.zeros if zero else nnx.initializers.ones
+    return nnx.BatchNorm(n, momentum=0.9, epsilon=1e-5, scale_init=init, rngs=rngs)
+
+
+class Block(nnx.Module):
+    """A residual block: basic (two 3x3) or bottleneck (1x1, 3x3, 1x1 x 4), stride on the 3x3."""
+
+    def __init__(self, cin: int, width: int, stride: int, kind: str, *, rngs: nnx.Rngs):
+        cout = width * (4 if kind == "bottleneck" else 1)
+        if kind == "basic":
+            specs = [(cin, width, 3, stride), (width, width, 3, 1)]
+        else:
+            specs = [(cin, width, 1, 1), (width, width, 3, stride), (width, cout, 1, 1)]
+        self.convs = nnx.List([_conv(i, o, k, s, rngs) for i, o, k, s in specs])
+        self.norms = nnx.List(
+            [_bn(o, rngs, zero=j == len(specs) - 1) for j, (_, o, _, _) in enumerate(specs)]
+        )
+        self.downsample = stride != 1 or cin != cout
+        if self.downsample:
+            self.down_conv = _conv(cin, cout, 1, stride, rngs)
+            self.down_norm = _bn(cout, rngs)
+
+    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+        h = x
+        last = len(self.convs) - 1
+        for j, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
+            h = norm(conv(h), use_running_average=not train)
+            if j < last:
+                h = jax.nn.relu(h)
+        shortcut = x
+        if self.downsample:
+            shortcut = self.down_norm(self.down_conv(x), use_running_average=not train)
+        return jax.nn.relu(h + shortcut)
+
+
+class ResNet(nnx.Module):
+    """A ResNet face recognizer (torchvision's structure; depth, width and stem by config)."""
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
+        self.config = config
+        self.stem = _conv(config.channels, config.widths[0], config.stem_kernel,
+                          config.stem_stride, rngs)  # fmt: skip
+        self.stem_norm = _bn(config.widths[0], rngs)
+        stages, cin = [], config.widths[0]
+        for s, (width, n) in enumerate(zip(config.widths, config.blocks, strict=True)):
+            blocks = []
+            for b in range(n):
+                stride = 2 if s > 0 and b == 0 else 1
+                blocks.append(Block(cin, width, stride, config.block, rngs=rngs))
+                cin = width * config.expansion
+            stages.append(nnx.List(blocks))
+        self.stages = nnx.List(stages)
+        self.head = nnx.Linear(cin, config.num_classes, rngs=rngs)
+
+    def features(self, x: jax.Array, train_key: jax.Array | None = None) -> jax.Array:
+        """Globally average-pooled last stage. # [b, h, w, c] -> [b, feature_size]
+
+        ``train_key`` given: training mode (batch statistics, which also update the running
+        ones); None: inference on the running statistics.
+        """
+        train = train_key is not None
+        h = jax.nn.relu(self.stem_norm(self.stem(_normalise(self.config, x)),
+                                       use_running_average=not train))  # fmt: skip
+        if self.config.stem_pool:
+            h = nnx.max_pool(h, (3, 3), (2, 2), ((1, 1), (1, 1)))
+        for stage in self.stages:
+            for block in stage:
+                h = block(h, train)
+        return h.mean(axis=(1, 2))
+
+    def __call__(self, x: jax.Array, train_key: jax.Array | None = None) -> jax.Array:
+        """Logits. # [b, h, w, c] -> [b, num_classes]"""
+        return self.head(_dropout(self.features(x, train_key), self.config.dropout, train_key))
+
+
+def build(config: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
+    """The NNX module of ``config.arch``."""
+    return (ResNet if config.arch == "resnet" else Recognizer)(config, rngs=rngs)
 
 
 def init(config: ModelConfig, key: jax.Array) -> tuple[nnx.GraphDef, nnx.State]:
-    """A freshly initialised recognizer, split into (graphdef, params)."""
-    return nnx.split(Recognizer(config, rngs=nnx.Rngs(params=key)))
+    """A freshly initialised recognizer, split into (graphdef, state: weights and statistics)."""
+    return nnx.split(build(config, nnx.Rngs(params=key)))
 
 
-def logits(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array, dropout_key=None) -> jax.Array:
-    """Pure logits. # [b, h, w, c] -> [b, num_classes]"""
-    return nnx.merge(graphdef, params)(x, dropout_key)
+def logits(graphdef: nnx.GraphDef, state: nnx.State | dict, x: jax.Array) -> jax.Array:
+    """Pure inference logits. # [b, h, w, c] -> [b, num_classes]"""
+    return nnx.merge(graphdef, state)(x)
 
 
-def features(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array) -> jax.Array:
-    """Pure penultimate features. # [b, h, w, c] -> [b, dense_features[-1]]"""
-    return nnx.merge(graphdef, params).features(x)
+def features(graphdef: nnx.GraphDef, state: nnx.State | dict, x: jax.Array) -> jax.Array:
+    """Pure penultimate features (inference). # [b, h, w, c] -> [b, feature_size]"""
+    return nnx.merge(graphdef, state).features(x)
+
+
+def split_trainable(graphdef: nnx.GraphDef, state: nnx.State | dict) -> tuple[dict, dict]:
+    """(weights, the rest: batch norm's running statistics) as pure dicts; the optimizer sees
+    only the first. The paper CNN's rest is empty."""
+    _, params, rest = nnx.split(nnx.merge(graphdef, state), nnx.Param, ...)
+    return nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+
+
+def join(graphdef: nnx.GraphDef, params: dict, rest: dict) -> dict:
+    """The whole state pure dict of (weights, statistics): what checkpoints and ``logits`` take."""
+    return nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, params, rest)))
+
+
+def train_logits(
+    graphdef: nnx.GraphDef, params: dict, rest: dict, x: jax.Array, key: jax.Array
+) -> tuple[jax.Array, dict]:
+    """Training-mode logits and the updated statistics. # [b, h, w, c] -> ([b, classes], rest)
+
+    Dropout and batch statistics draw on ``key``'s mode; the returned ``rest`` holds batch
+    norm's running statistics after this batch (unchanged for the paper CNN).
+    """
+    # A fresh copy of the statistics: merged as the closed-over arrays of an outer trace, NNX
+    # refuses to update them inside value_and_grad ("Cannot mutate BatchStat").
+    model = nnx.merge(graphdef, params, jax.tree.map(lambda v: v, rest))
+    out = model(x, key)
+    return out, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))

@@ -76,6 +76,17 @@ def check_train_config(cfg: ml_collections.ConfigDict) -> None:
     for name in ("epochs", "batch_size", "checkpoint_every"):
         if cfg[name] < 1:
             raise JaxmiaError(f"config field train.{name}: expected >= 1, got {cfg[name]}")
+    if not 0 <= cfg.label_smoothing < 1:
+        raise JaxmiaError(
+            f"config field train.label_smoothing: expected in [0, 1), got {cfg.label_smoothing}"
+        )
+    if not 0 < cfg.crop_scale <= 1:
+        raise JaxmiaError(
+            f"config field train.crop_scale: expected in (0, 1] (1: shifts, no crops), "
+            f"got {cfg.crop_scale}"
+        )
+    if not 0 <= cfg.saturation <= 1:
+        raise JaxmiaError(f"config field train.saturation: expected in [0, 1], got {cfg.saturation}")
     if cfg.warmup_epochs < 0:
         raise JaxmiaError(
             f"config field train.warmup_epochs: expected >= 0, got {cfg.warmup_epochs}"
@@ -123,30 +134,64 @@ def _optimizer(optimizer, schedule, learning_rate, warmup, total, weight_decay, 
     return optax.chain(optax.add_decayed_weights(weight_decay), sgd) if weight_decay else sgd
 
 
-def augment(x: jax.Array, key: jax.Array, max_shift: int = 4) -> jax.Array:
-    """Random shift, horizontal flip, brightness and contrast of one image. # [h, w, c]"""
+@dataclasses.dataclass(frozen=True)
+class Augment:
+    """Training augmentation (static: one compiled step per setting)."""
+
+    max_shift: int = 4  # pixels, when crop_scale is 1
+    crop_scale: float = 1.0  # < 1: random resized crops of [crop_scale, 1] of the area
+    saturation: float = 0.0  # RGB: saturation factor in [1 - s, 1 + s]
+
+    @classmethod
+    def from_config(cls, cfg: ml_collections.ConfigDict) -> Augment | None:
+        if not cfg.augment:
+            return None
+        return cls(crop_scale=float(cfg.crop_scale), saturation=float(cfg.saturation))
+
+
+def augment(x: jax.Array, key: jax.Array, aug: Augment = Augment()) -> jax.Array:
+    """A random shift (or resized crop), horizontal flip, brightness, contrast and saturation
+    of one image. # [h, w, c]"""
     k_shift, k_flip, k_bright, k_contrast = jax.random.split(key, 4)
-    x = transforms.random_flip(transforms.random_shift(x, k_shift, max_shift), k_flip)
+    if aug.crop_scale < 1:
+        x = transforms.random_resized_crop(x, k_shift, aug.crop_scale)
+    else:
+        x = transforms.random_shift(x, k_shift, aug.max_shift)
+    x = transforms.random_flip(x, k_flip)
     mean = x.mean()
     x = (x - mean) * jax.random.uniform(k_contrast, (), minval=0.8, maxval=1.2) + mean
     x = x + jax.random.uniform(k_bright, (), minval=-0.1, maxval=0.1)
+    if aug.saturation > 0:
+        s, k_sat = aug.saturation, jax.random.fold_in(key, 4)  # earlier draws as without it
+        x = transforms.saturate(x, jax.random.uniform(k_sat, (), minval=1 - s, maxval=1 + s))
     return jnp.clip(x, 0.0, 1.0)
 
 
-def _loss(graphdef, params, x, y, key):
-    logits = models.logits(graphdef, params, x, key)
-    return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+def _loss(graphdef, params, rest, x, y, key, smoothing):
+    logits, rest = models.train_logits(graphdef, params, rest, x, key)
+    targets = jax.nn.one_hot(y, logits.shape[-1])
+    if smoothing:
+        targets = optax.smooth_labels(targets, smoothing)
+    return optax.softmax_cross_entropy(logits, targets).mean(), rest
 
 
-@functools.partial(jax.jit, static_argnames=("graphdef", "tx", "do_augment"), donate_argnums=(1, 2))
-def train_step(graphdef, params, opt_state, x, y, key, *, tx, do_augment):
-    """One optimizer step on a batch. # x: [b, h, w, c], y: [b]"""
-    k_aug, k_drop = jax.random.split(key)
-    if do_augment:
-        x = jax.vmap(augment)(x, jax.random.split(k_aug, x.shape[0]))
-    loss, grads = jax.value_and_grad(_loss, argnums=1)(graphdef, params, x, y, k_drop)
+@functools.partial(
+    jax.jit, static_argnames=("graphdef", "tx", "aug", "smoothing"), donate_argnums=(1, 2, 3)
+)
+def train_step(graphdef, params, rest, opt_state, x, y, key, *, tx, aug, smoothing=0.0):
+    """One optimizer step on a batch. # x: [b, h, w, c], y: [b]
+
+    ``params`` are the weights, ``rest`` batch norm's statistics (``models.split_trainable``);
+    ``aug`` an ``Augment`` or None; ``smoothing`` the label smoothing.
+    """
+    k_aug, k_model = jax.random.split(key)
+    if aug is not None:
+        x = jax.vmap(functools.partial(augment, aug=aug))(x, jax.random.split(k_aug, x.shape[0]))
+    (loss, rest), grads = jax.value_and_grad(_loss, argnums=1, has_aux=True)(
+        graphdef, params, rest, x, y, k_model, smoothing
+    )
     updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, loss
+    return optax.apply_updates(params, updates), rest, opt_state, loss
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
@@ -236,7 +281,7 @@ def fit(
       progress: show a progress bar over epochs.
 
     Returns:
-      (graphdef, params as a pure dict, per-epoch metrics).
+      (graphdef, state as a pure dict (weights and batch statistics), per-epoch metrics).
     """
     images = np.asarray(images, np.float32)
     labels = np.asarray(labels, np.int32)
@@ -249,8 +294,9 @@ def fit(
     tx = make_optimizer(train_config, steps_per_epoch)
     k_init, k_train = jax.random.split(key)
     graphdef, state = models.init(model_config, k_init)
-    params = nnx.to_pure_dict(state)
+    params, rest = models.split_trainable(graphdef, state)
     opt_state = tx.init(params)
+    aug = Augment.from_config(train_config)
     history: list[dict] = []
     start_epoch = 0
 
@@ -268,7 +314,8 @@ def fit(
         workdir_lib.claim(workdir / RECORD, settings)
         if last is not None:
             abstract_opt = jax.eval_shape(lambda: opt_state)
-            params, _, opt_state = checkpoint.restore(mngr, last, model_config, abstract_opt)
+            state, _, opt_state = checkpoint.restore(mngr, last, model_config, abstract_opt)
+            params, rest = models.split_trainable(graphdef, state)
             start_epoch = last
             # Epochs after the checkpoint will be redone, so their metrics are dropped.
             history = [m for m in files.read_jsonl(workdir / "metrics.jsonl") if m["epoch"] <= last]
@@ -290,25 +337,28 @@ def fit(
         losses = []
         batches = _epoch_batches(n, batch_size, jax.random.fold_in(k_epoch, 0))
         for i, idx in enumerate(batches):
-            params, opt_state, loss = train_step(
+            params, rest, opt_state, loss = train_step(
                 graphdef,
                 params,
+                rest,
                 opt_state,
                 images[idx],
                 labels[idx],
                 jax.random.fold_in(k_epoch, i + 1),
                 tx=tx,
-                do_augment=bool(train_config.augment),
+                aug=aug,
+                smoothing=float(train_config.label_smoothing),
             )
             losses.append(loss)
+        state = models.join(graphdef, params, rest)
         record = {
             "epoch": epoch + 1,
             "loss": float(np.mean(jax.device_get(losses))),
-            "train_accuracy": accuracy(graphdef, params, images, labels),
+            "train_accuracy": accuracy(graphdef, state, images, labels),
             "seconds": time.perf_counter() - t0,
         }
         if test is not None:
-            record["test_accuracy"] = accuracy(graphdef, params, *test)
+            record["test_accuracy"] = accuracy(graphdef, state, *test)
         history.append(record)
         bar.set_postfix(
             loss=f"{record['loss']:.3f}", test=f"{record.get('test_accuracy', float('nan')):.3f}"
@@ -320,7 +370,7 @@ def fit(
                 checkpoint.save(
                     mngr,
                     done,
-                    params,
+                    state,
                     {
                         **(meta or {}),
                         "model": model_config.to_dict(),
@@ -331,7 +381,7 @@ def fit(
                     },
                     opt_state,
                 )
-    return graphdef, params, history
+    return graphdef, models.join(graphdef, params, rest), history
 
 
 def _last(record: dict) -> dict:
@@ -341,14 +391,22 @@ def _last(record: dict) -> dict:
 def model_config_for(config: ml_collections.ConfigDict, num_classes: int) -> models.ModelConfig:
     """The recognizer's ModelConfig from a jaxmia config's ``data`` and ``model`` sections."""
     try:
+        m = config.model
         return models.ModelConfig(
             num_classes=num_classes,
             image_size=tuple(config.data.image_size),
             channels=config.data.channels,
-            conv_features=tuple(config.model.conv_features),
-            kernel_sizes=tuple(config.model.kernel_sizes),
-            dense_features=tuple(config.model.dense_features),
-            dropout=config.model.dropout,
+            arch=m.arch,
+            conv_features=tuple(m.conv_features),
+            kernel_sizes=tuple(m.kernel_sizes),
+            dense_features=tuple(m.dense_features),
+            widths=tuple(m.widths),
+            blocks=tuple(m.blocks),
+            block=m.block,
+            stem_kernel=m.stem_kernel,
+            stem_stride=m.stem_stride,
+            stem_pool=m.stem_pool,
+            dropout=m.dropout,
         )
     except ValueError as e:
         raise JaxmiaError(f"config fields model/data: {e}") from e

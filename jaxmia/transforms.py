@@ -1,4 +1,5 @@
-"""Random shifts and flips of one image: pure per-image functions to vmap and jit.
+"""Random shifts, flips, resized crops and colour changes of one image: pure per-image
+functions to vmap and jit.
 
 An image is ``[h, w, c]``. Offsets and coin flips may be traced values, so one compiled program
 serves every draw; only ``max_shift`` (the padding's width) is static. Edges are replicated, so a
@@ -54,3 +55,41 @@ def random_shift(x: jax.Array, key: jax.Array, max_shift: int) -> jax.Array:
 def random_flip(x: jax.Array, key: jax.Array) -> jax.Array:
     """A horizontal (left-right) flip with probability 1/2. # [h, w, c] -> [h, w, c]"""
     return jnp.where(jax.random.bernoulli(key), x[:, ::-1], x)
+
+
+def random_resized_crop(
+    x: jax.Array, key: jax.Array, min_scale: float, ratio: tuple[float, float] = (3 / 4, 4 / 3)
+) -> jax.Array:
+    """A random box of the image resized back to its size (torchvision's RandomResizedCrop).
+
+    The box covers a fraction of the area drawn uniformly from [min_scale, 1], with an aspect
+    ratio drawn log-uniformly from ``ratio`` (then clipped to fit), at a uniform position;
+    bilinear resampling. # [h, w, c] -> [h, w, c]
+    """
+    if not 0 < min_scale <= 1:
+        raise ValueError(f"min_scale={min_scale}: expected in (0, 1]")
+    h, w, _ = x.shape
+    k_area, k_ratio, k_y, k_x = jax.random.split(key, 4)
+    area = jax.random.uniform(k_area, (), minval=min_scale, maxval=1.0)
+    log_r = jax.random.uniform(k_ratio, (), minval=jnp.log(ratio[0]), maxval=jnp.log(ratio[1]))
+    r = jnp.exp(log_r)
+    ch = jnp.clip(jnp.sqrt(area / r) * h, 1.0, h)  # box height, pixels
+    cw = jnp.clip(jnp.sqrt(area * r) * w, 1.0, w)
+    y0 = jax.random.uniform(k_y, ()) * (h - ch)
+    x0 = jax.random.uniform(k_x, ()) * (w - cw)
+    scale = jnp.stack([h / ch, w / cw])
+    # Output pixel o samples input (o + 0.5) / scale - 0.5 + offset: translation = -offset*scale.
+    return jax.image.scale_and_translate(
+        x, x.shape, (0, 1), scale, -jnp.stack([y0, x0]) * scale, "linear", antialias=False
+    )
+
+
+def saturate(x: jax.Array, factor: jax.Array) -> jax.Array:
+    """Blends an RGB image with its grey version: 0 grey, 1 unchanged (ITU-R 601 luma).
+
+    # [h, w, 3] -> [h, w, 3]; grey images are returned unchanged.
+    """
+    if x.shape[-1] != 3:
+        return x
+    grey = x @ jnp.asarray([0.299, 0.587, 0.114], x.dtype)
+    return grey[..., None] + factor * (x - grey[..., None])

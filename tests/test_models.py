@@ -1,3 +1,6 @@
+import functools
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -82,9 +85,11 @@ def test_dropout_needs_key_and_is_deterministic():
     cfg = models.ModelConfig(num_classes=5, image_size=(32, 32), dropout=0.5)
     graphdef, params = models.init(cfg, jax.random.key(0))
     x = jax.random.uniform(jax.random.key(2), (4, 32, 32, 1))
-    a = models.logits(graphdef, params, x, jax.random.key(3))
-    b = models.logits(graphdef, params, x, jax.random.key(3))
-    c = models.logits(graphdef, params, x, jax.random.key(4))
+    params, rest = models.split_trainable(graphdef, params)
+    assert rest == {}  # the paper CNN has no statistics
+    a, _ = models.train_logits(graphdef, params, rest, x, jax.random.key(3))
+    b, _ = models.train_logits(graphdef, params, rest, x, jax.random.key(3))
+    c, _ = models.train_logits(graphdef, params, rest, x, jax.random.key(4))
     np.testing.assert_array_equal(a, b)
     assert not np.allclose(a, c)
     assert not np.allclose(a, models.logits(graphdef, params, x))
@@ -97,3 +102,65 @@ def test_config_round_trip_and_validation():
         models.ModelConfig.from_dict({**cfg.to_dict(), "bogus": 1})
     with pytest.raises(ValueError, match="too small"):
         models.ModelConfig(num_classes=3, image_size=(8, 8))
+
+
+RESNET = dict(arch="resnet", widths=(8, 16), blocks=(1, 1), stem_kernel=3, stem_stride=1)
+
+
+@pytest.mark.parametrize(
+    "kw,feature_size",
+    [
+        (RESNET, 16),
+        ({**RESNET, "block": "bottleneck"}, 64),
+        ({"arch": "resnet", "blocks": (1, 1, 1, 1), "widths": (4, 8, 8, 8)}, 8),
+    ],
+)
+def test_resnet_shapes_and_flops_match_xla(kw, feature_size):
+    cfg = models.ModelConfig(num_classes=7, image_size=(32, 32), channels=3, **kw)
+    graphdef, state = models.init(cfg, jax.random.key(0))
+    x = jnp.zeros((2, 32, 32, 3))
+    assert models.logits(graphdef, state, x).shape == (2, 7)
+    assert models.features(graphdef, state, x).shape == (2, feature_size) == (2, cfg.feature_size)
+    # XLA's own count of one image's forward pass: it skips the padding's taps (ours counts
+    # every tap, the usual convention) and adds the elementwise work ours leaves out.
+    xla = jax.jit(functools.partial(models.logits, graphdef)).lower(state, x[:1]).compile()
+    counted = xla.cost_analysis()["flops"]
+    assert 0.9 < counted / cfg.flops_per_image() < 1.1
+
+
+def test_resnet_batch_norm_trains_on_batch_statistics_and_infers_on_running_ones():
+    cfg = models.ModelConfig(num_classes=4, image_size=(16, 16), channels=1, **RESNET)
+    graphdef, state = models.init(cfg, jax.random.key(0))
+    params, rest = models.split_trainable(graphdef, state)
+    assert set(rest) == {"stem_norm", "stages"}
+    np.testing.assert_array_equal(rest["stem_norm"]["mean"], 0)
+    x = jax.random.uniform(jax.random.key(1), (6, 16, 16, 1))
+    _, new = models.train_logits(graphdef, params, rest, x, jax.random.key(2))
+    # Running mean after one batch: 0.9 * 0 + 0.1 * the stem's batch mean (PyTorch's update).
+    stem = nnx.merge(graphdef, state).stem
+    h = stem((x - 0.5) / 0.5)
+    np.testing.assert_allclose(new["stem_norm"]["mean"], 0.1 * h.mean((0, 1, 2)), atol=1e-6)
+    # Inference: each image's logits do not depend on the rest of its batch.
+    full = models.join(graphdef, params, new)
+    both = models.logits(graphdef, full, x)
+    np.testing.assert_allclose(models.logits(graphdef, full, x[:1]), both[:1], atol=1e-5)
+    # Training mode normalises by the batch: the same image in another batch scores otherwise.
+    a, _ = models.train_logits(graphdef, params, rest, x, jax.random.key(2))
+    b, _ = models.train_logits(graphdef, params, rest, x[:3], jax.random.key(2))
+    assert not np.allclose(a[:3], b, atol=1e-4)
+
+
+def test_resnet_config_round_trip_and_validation():
+    cfg = models.ModelConfig(
+        num_classes=3, channels=3, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225), **RESNET
+    )
+    back = models.ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
+    assert back == cfg
+    old = {k: v for k, v in models.ModelConfig(num_classes=3).to_dict().items() if k != "arch"}
+    assert models.ModelConfig.from_dict(old).arch == "paper"  # checkpoints before arch existed
+    with pytest.raises(ValueError, match="arch"):
+        models.ModelConfig(num_classes=3, arch="vit")
+    with pytest.raises(ValueError, match="too small"):
+        models.ModelConfig(num_classes=3, image_size=(16, 16), arch="resnet")  # stride 32
+    with pytest.raises(ValueError, match="3 channels"):
+        models.ModelConfig(num_classes=3, channels=3, mean=(0.5,))
