@@ -107,7 +107,7 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
-        """The inverse of ``to_dict``; a dict without ``arch`` (older checkpoints) is the paper's."""
+        """The inverse of ``to_dict``; without ``arch`` (older checkpoints): the paper CNN."""
         fields = {f.name for f in dataclasses.fields(cls)}
         unknown = set(d) - fields
         if unknown:

@@ -86,7 +86,9 @@ def check_train_config(cfg: ml_collections.ConfigDict) -> None:
             f"got {cfg.crop_scale}"
         )
     if not 0 <= cfg.saturation <= 1:
-        raise JaxmiaError(f"config field train.saturation: expected in [0, 1], got {cfg.saturation}")
+        raise JaxmiaError(
+            f"config field train.saturation: expected in [0, 1], got {cfg.saturation}"
+        )
     if cfg.warmup_epochs < 0:
         raise JaxmiaError(
             f"config field train.warmup_epochs: expected >= 0, got {cfg.warmup_epochs}"
