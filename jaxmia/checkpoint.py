@@ -73,7 +73,7 @@ def abstract_params(config: models.ModelConfig) -> dict:
     whole copy (orbax would otherwise look for the topology the checkpoint was saved on).
     """
     here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    shapes = jax.eval_shape(lambda: nnx.to_pure_dict(models.init(config, jax.random.key(0))[1]))
+    shapes = nnx.to_pure_dict(models.abstract(config)[1])
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=here), shapes)
 
 
@@ -191,6 +191,6 @@ def load_recognizer(path: str | Path, step: int | None = None) -> LoadedRecogniz
             f"checkpoint {path}: {len(names)} identity names for {config.num_classes} classes"
         )
     pure, _, _ = restore(mngr, step, config)
-    graphdef, params = models.init(config, jax.random.key(0))
+    graphdef, params = models.abstract(config)
     nnx.replace_by_pure_dict(params, pure)
     return LoadedRecognizer(graphdef, params, config, names, meta, path, step)

@@ -39,6 +39,10 @@ COMMANDS = {
         "jaxmia.commands.clone",
         "cloning attack vs intentional misrecognition and near-duplicate detection",
     ),
+    "import-torch": (
+        "jaxmia.commands.import_torch",
+        "a torchvision-layout PyTorch ResNet state_dict as a recognizer folder",
+    ),
 }
 # Commands whose clone batches run faster split over one JAX CPU device per core.
 CPU_SHARDED = ("invert", "experiment")

@@ -19,6 +19,7 @@ batch statistics.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -317,9 +318,21 @@ def build(config: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
     return (ResNet if config.arch == "resnet" else Recognizer)(config, rngs=rngs)
 
 
+def abstract(config: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
+    """(graphdef, the state's shapes and dtypes) of ``config``, allocating and computing nothing."""
+    return nnx.split(nnx.eval_shape(lambda: build(config, nnx.Rngs(params=0))))
+
+
+@functools.lru_cache(maxsize=32)
+def _jitted_init(config: ModelConfig):
+    # One compiled program per architecture: run eagerly, every initialiser of every new shape
+    # compiles on its own (seconds each on CPU, half a minute for a ResNet).
+    return jax.jit(lambda key: nnx.split(build(config, nnx.Rngs(params=key)))[1])
+
+
 def init(config: ModelConfig, key: jax.Array) -> tuple[nnx.GraphDef, nnx.State]:
     """A freshly initialised recognizer, split into (graphdef, state: weights and statistics)."""
-    return nnx.split(build(config, nnx.Rngs(params=key)))
+    return abstract(config)[0], _jitted_init(config)(key)
 
 
 def logits(graphdef: nnx.GraphDef, state: nnx.State | dict, x: jax.Array) -> jax.Array:

@@ -261,3 +261,85 @@ def test_equal_settings_do_not_recompile():
     before = train.train_step._cache_size()
     train.fit(MODEL, _config(epochs=1), x, y, key=jax.random.key(1))
     assert train.train_step._cache_size() == before
+
+
+def _squares(classes=4, per_class=16, size=32, seed=0):
+    """Classes that differ by a bright square's size, anywhere in the image: learnable by a
+    globally pooled network (``_blobs`` differ by position, which pooling discards)."""
+    rng = np.random.default_rng(seed)
+    y = np.repeat(np.arange(classes), per_class).astype(np.int32)
+    x = rng.normal(0.3, 0.1, (len(y), size, size, 1))
+    for i, c in enumerate(y):
+        side = 3 + 4 * c
+        r, q = rng.integers(0, size - side, 2)
+        x[i, r : r + side, q : q + side] += 0.6
+    return np.clip(x, 0, 1).astype(np.float32), y
+
+
+RESNET = models.ModelConfig(
+    num_classes=4,
+    image_size=(16, 16),
+    arch="resnet",
+    widths=(8, 16),
+    blocks=(1, 1),
+    stem_kernel=3,
+    stem_stride=1,
+)
+
+
+def test_resnet_trains_checkpoints_and_resumes_to_identical_state(tmp_path, monkeypatch):
+    x, y = _squares(size=16)
+    cfg = _config(
+        epochs=4, batch_size=8, optimizer="sgd", learning_rate=0.1, momentum=0.9, crop_scale=0.8
+    )
+    graphdef, straight, history = train.fit(
+        RESNET, cfg, x, y, key=jax.random.key(2), test=(x, y), workdir=tmp_path / "a"
+    )
+    assert history[-1]["test_accuracy"] >= 0.9  # chance: 0.25
+    # The running statistics moved from their initial (0, 1) and are part of the state.
+    assert float(np.abs(straight["stem_norm"]["mean"]).max()) > 1e-3
+    real_step, calls = train.train_step, {"n": 0}
+
+    def dying_step(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > 3 * 8:  # in epoch 4 (8 steps per epoch); the checkpoint of 2 survives
+            raise KeyboardInterrupt
+        return real_step(*args, **kwargs)
+
+    monkeypatch.setattr(train, "train_step", dying_step)
+    with pytest.raises(KeyboardInterrupt):
+        train.fit(RESNET, cfg, x, y, key=jax.random.key(2), workdir=tmp_path / "b")
+    monkeypatch.setattr(train, "train_step", real_step)
+    _, resumed, _ = train.fit(RESNET, cfg, x, y, key=jax.random.key(2), workdir=tmp_path / "b")
+    jax.tree.map(np.testing.assert_array_equal, straight, resumed)
+    rec = checkpoint.load_recognizer(tmp_path / "b")
+    assert rec.config == RESNET
+    np.testing.assert_allclose(
+        rec.logits(x[:8]), models.logits(graphdef, straight, x[:8]), rtol=1e-5, atol=1e-5
+    )
+
+
+def test_label_smoothing_is_optax_smoothed_cross_entropy():
+    graphdef, state = models.init(MODEL, jax.random.key(0))
+    params, rest = models.split_trainable(graphdef, state)
+    x, y = _blobs(per_class=2)
+    key = jax.random.key(3)
+    loss, _ = train._loss(graphdef, params, rest, x, y, key, 0.2)
+    z, _ = models.train_logits(graphdef, params, rest, x, key)
+    # By hand: targets 0.8 on the label plus 0.2 / 4 everywhere.
+    t = 0.2 / 4 + 0.8 * np.eye(4)[y]
+    want = -(t * jax.nn.log_softmax(z)).sum(-1).mean()
+    np.testing.assert_allclose(loss, want, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "field,value,match",
+    [
+        ("label_smoothing", 1.0, "label_smoothing"),
+        ("crop_scale", 0.0, "crop_scale"),
+        ("saturation", 1.5, "saturation"),
+    ],
+)
+def test_recipe_fields_are_checked(field, value, match):
+    with pytest.raises(JaxmiaError, match=match):
+        train.check_train_config(_config(**{field: value}))

@@ -101,3 +101,28 @@ def test_inversion_random_transform_is_shift_then_flip(jitter, flip):
         if flip and jax.random.bernoulli(kflip):
             want = want[:, ::-1]
         np.testing.assert_array_equal(transform(jnp.asarray(x), key, jitter, flip), want)
+
+
+def test_random_resized_crop_is_a_resampled_box():
+    # On a ramp image (value = row index), a box [y0, y0 + ch) resized to h rows has row o at
+    # y0 + (o + 0.5) ch / h - 0.5: pixel centres mapped linearly, for any draw.
+    h = w = 16
+    ramp = jnp.tile(jnp.arange(h, dtype=jnp.float32)[:, None, None], (1, w, 1))
+    for seed in range(4):
+        out = np.asarray(transforms.random_resized_crop(ramp, jax.random.key(seed), 0.3))
+        rows = out[:, w // 2, 0]
+        step = np.diff(rows)
+        assert out.shape == ramp.shape
+        np.testing.assert_allclose(step, step.mean(), atol=1e-4)  # linear in o
+        assert 0.3**0.5 * 0.8 < step.mean() <= 1.0 + 1e-6  # a box of >= 0.3 of the area
+        assert rows.min() >= -0.5 and rows.max() <= h - 0.5
+    full = transforms.random_resized_crop(ramp, jax.random.key(0), 1.0, ratio=(1.0, 1.0))
+    np.testing.assert_allclose(full, ramp, atol=1e-5)  # the whole box: the image itself
+
+
+def test_saturate_by_hand():
+    x = jnp.asarray([[[1.0, 0.0, 0.0]]])
+    np.testing.assert_allclose(transforms.saturate(x, 0.0), [[[0.299] * 3]], rtol=1e-6)
+    np.testing.assert_allclose(transforms.saturate(x, 1.0), x)
+    grey = jnp.ones((2, 2, 1))
+    np.testing.assert_array_equal(transforms.saturate(grey, 0.0), grey)
