@@ -28,6 +28,8 @@ from flax import nnx
 
 ARCHS = ("paper", "resnet")
 BLOCKS = ("basic", "bottleneck")
+_PAPER_FIELDS = ("conv_features", "kernel_sizes", "dense_features")
+_RESNET_FIELDS = ("widths", "blocks", "block", "stem_kernel", "stem_stride", "stem_pool")
 _TUPLES = ("image_size", "conv_features", "kernel_sizes", "dense_features", "widths", "blocks")
 
 
@@ -104,7 +106,10 @@ class ModelConfig:
         return self.widths[-1] * self.expansion
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields that fix this architecture's function (another arch's are left out, so
+        that a settings record or checkpoint does not depend on what the network ignores)."""
+        other = _RESNET_FIELDS if self.arch == "paper" else _PAPER_FIELDS
+        return {k: v for k, v in dataclasses.asdict(self).items() if k not in other}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ModelConfig:

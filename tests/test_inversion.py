@@ -188,17 +188,10 @@ TINY_RESNET = models.ModelConfig(
 )
 
 
-@pytest.mark.parametrize(
-    "cfg",
-    [
-        inv.InversionConfig(loss="max_margin", optimizer="adam", learning_rate=0.02, margin=0.5),
-        inv.InversionConfig(
-            loss="cross_entropy", optimizer="sgd", learning_rate=0.5, jitter=1, flip=True
-        ),
-    ],
-    ids=["max_margin-adam", "cross_entropy-sgd-levers"],
-)
-def test_vmapped_resnet_inversion_equals_reference_loop(cfg):
+def test_vmapped_resnet_inversion_equals_reference_loop():
+    cfg = inv.InversionConfig(
+        loss="max_margin", optimizer="adam", learning_rate=0.02, margin=0.5, jitter=1, flip=True
+    )
     # Batch norm in inference mode, on running statistics that are not the identity: each clone
     # sees the same function whatever else is in its batch.
     graphdef, state = models.init(TINY_RESNET, jax.random.key(0))

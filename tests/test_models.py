@@ -156,6 +156,9 @@ def test_resnet_config_round_trip_and_validation():
     )
     back = models.ModelConfig.from_dict(json.loads(json.dumps(cfg.to_dict())))
     assert back == cfg
+    # A record holds what fixes the function: not the other architecture's fields.
+    assert "conv_features" not in cfg.to_dict() and "widths" in cfg.to_dict()
+    assert "widths" not in models.ModelConfig(num_classes=3).to_dict()
     old = {k: v for k, v in models.ModelConfig(num_classes=3).to_dict().items() if k != "arch"}
     assert models.ModelConfig.from_dict(old).arch == "paper"  # checkpoints before arch existed
     with pytest.raises(ValueError, match="arch"):
