@@ -85,6 +85,10 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.crop_scale = 1.0
     c.train.saturation = 0.0
     c.train.label_smoothing = 0.0
+    # Stream batches from the array_record cache through grain (jaxmia/stream.py) instead of
+    # holding the images in memory, each batch split over every device (data-parallel; the
+    # batch size must divide by the device count). Another shuffle than in memory: other weights.
+    c.train.stream = False
     c.train.checkpoint_every = 5  # epochs
     c.train.keep_checkpoints = 2
     c.inversion = _inversion_defaults()

@@ -25,8 +25,17 @@ of the source (a folder's absolute path and every image's name, size and mtime; 
 name, version and split), the image size, the channels and the crop (when not 1.0), so a
 changed folder, size or crop is prepared afresh. tensorflow-datasets prepares into a temporary
 folder and renames it when done, so an interrupted or failed preparation leaves nothing that a
-later load takes for a cache. CACHE is ``cache_dir``, else ``$JAXMIA_CACHE``, else
-``~/.cache/jaxmia``.
+later load takes for a cache. A set of more than 512 MB of images is written as parts of at
+most that (``part00000``, ...; tensorflow-datasets' writer would otherwise hold up to 1 GB in
+memory and spill the rest through TensorFlow). CACHE is ``cache_dir``, else ``$JAXMIA_CACHE``,
+else ``~/.cache/jaxmia``.
+
+Streaming (``train.stream``): ``load_faces(..., stream=True)`` returns ``FaceRecords``, the
+same set's labels, names and files with the array_record cache opened for random access instead
+of its images read into memory, so memory does not grow with the data set (``jaxmia.stream``
+reads it in batches). Synthetic faces are then rendered once, chunk by chunk, into a cache of
+their own (``synthetic-HxWxC-DIGEST``) as uint8, like every other source: streamed synthetic
+images are the in-memory ones rounded to 1/255.
 
 This is the only module that imports tensorflow_datasets.
 """
@@ -39,6 +48,7 @@ import dataclasses
 import hashlib
 import importlib.util
 import io
+import itertools
 import json
 import math
 import os
@@ -62,6 +72,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".pgm", ".gif", ".ppm", ".bmp")
 _CACHE_FORMAT = 1
 _READ_BATCH = 1024
 _DECODE_CHUNK = 256
+_PART_BYTES = 512 << 20  # image bytes per cache part, under tfds's 1 GB in-memory writer buffer
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -96,6 +107,33 @@ class FaceSet:
         )
 
 
+@dataclasses.dataclass(frozen=True, eq=False)
+class FaceRecords:
+    """A prepared face set read on demand from its array_record cache (no images in memory).
+
+    Attributes:
+      records: random access to the cache: ``len(records)``, ``records[i]`` ->
+        ``{"image": uint8 [h, w, c], "identity": name, "file": id}`` (a tfds data source).
+      labels: int32 index into ``names`` of each record. # [n]
+      names: identity names in label order.
+      source: what the images are, for people.
+      synthetic: whether the faces are synthetic.
+      files: per-record id (relative file path).
+      digest: the cache folder's name, which names the source, size, channels and crop.
+    """
+
+    records: Any
+    labels: np.ndarray
+    names: tuple[str, ...]
+    source: str
+    synthetic: bool
+    files: tuple[str, ...]
+    digest: str
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
 def load_faces(
     source: str,
     *,
@@ -106,7 +144,8 @@ def load_faces(
     progress: bool = True,
     min_images: int = 1,
     crop: float = 1.0,
-) -> FaceSet:
+    stream: bool = False,
+) -> FaceSet | FaceRecords:
     """Loads faces from a source (see the module docstring).
 
     Args:
@@ -119,6 +158,8 @@ def load_faces(
       min_images: drop identities with fewer photos (LFW has many people with one photo).
       crop: keep the centred box of crop x (height, width) of each photo before resizing, in
         (0, 1]; 1.0 keeps the whole photo. Synthetic faces take 1.0 only.
+      stream: return ``FaceRecords`` (the cache opened, images left on disk) instead of a
+        ``FaceSet``; synthetic faces are written to a cache first.
 
     Returns:
       The faces, identities and photos in natural order.
@@ -127,6 +168,8 @@ def load_faces(
     if channels not in (1, 3):
         raise JaxmiaError(f"data.channels: expected 1 (grey) or 3 (RGB), got {channels!r}")
     crop = _check_crop(crop)
+    if stream and min_images > 1:
+        raise JaxmiaError("min_images: expected 1 when streaming (records are not filtered)")
     cache = cache_root(cache_dir)
     scheme, _, rest = source.partition(":")
     if source == "att":
@@ -139,14 +182,15 @@ def load_faces(
             cache,
             progress,
             "AT&T (ORL) faces (embedded)",
+            stream,
         )
     elif scheme == "folder" and rest:
         root = Path(rest).expanduser().absolute()
         faces = _load_folder(
-            root, IMAGE_SUFFIXES, size, channels, crop, cache, progress, f"folder {root}"
+            root, IMAGE_SUFFIXES, size, channels, crop, cache, progress, f"folder {root}", stream
         )
     elif scheme == "tfds" and rest:
-        faces = _load_catalog(rest, size, channels, crop, cache, progress)
+        faces = _load_catalog(rest, size, channels, crop, cache, progress, stream)
     elif source == "synthetic":
         if crop != 1.0:
             # Drawn to fill the frame at the asked size: a crop would only zoom the drawing.
@@ -154,7 +198,9 @@ def load_faces(
                 f"data.crop: expected 1.0 for data.source 'synthetic' (synthetic faces fill "
                 f"the frame), got {crop!r}"
             )
-        faces = _load_synthetic(synthetic or {}, size, channels, progress)
+        faces = _load_synthetic(
+            synthetic or {}, size, channels, progress, cache if stream else None
+        )
     else:
         raise JaxmiaError(
             f"data source {source!r}: expected 'att', 'folder:PATH', 'tfds:NAME[:SPLIT]' "
@@ -163,8 +209,10 @@ def load_faces(
     return _drop_small_identities(faces, min_images) if min_images > 1 else faces
 
 
-def faces_from_config(config: Any, *, progress: bool = True) -> FaceSet:
-    """The face set a jaxmia config's ``data`` section names."""
+def faces_from_config(
+    config: Any, *, progress: bool = True, stream: bool = False
+) -> FaceSet | FaceRecords:
+    """The face set a jaxmia config's ``data`` section names (``FaceRecords`` when streaming)."""
     d = config.data
     return load_faces(
         d.source,
@@ -174,6 +222,7 @@ def faces_from_config(config: Any, *, progress: bool = True) -> FaceSet:
         synthetic=d.synthetic.to_dict(),
         progress=progress,
         crop=d.crop,
+        stream=stream,
     )
 
 
@@ -233,7 +282,7 @@ def _list_folder(root: Path, suffixes: tuple[str, ...]) -> list[tuple[str, str]]
     return items
 
 
-def _load_folder(root, suffixes, size, channels, crop, cache, progress, source) -> FaceSet:
+def _load_folder(root, suffixes, size, channels, crop, cache, progress, source, stream=False):
     items = _list_folder(root, suffixes)
     key = [_CACHE_FORMAT, str(root), size, channels, sorted(suffixes), *_crop_key(crop)]
     digest = hashlib.sha256(json.dumps(key).encode())
@@ -255,7 +304,8 @@ def _load_folder(root, suffixes, size, channels, crop, cache, progress, source) 
                     yield identity, rel, image
 
     what = f"{len(items)} images from {root}"
-    return _cached(data_dir, examples, len(items), (*size, channels), progress, what, source)
+    shape = (*size, channels)
+    return _cached(data_dir, examples, len(items), shape, progress, what, source, stream)
 
 
 @contextlib.contextmanager
@@ -337,14 +387,24 @@ class JaxmiaFaces(tfds.core.GeneratorBasedBuilder, skip_registration=True):
             yield i, {"image": image, "identity": identity, "file": file}
 
 
-def _cached(data_dir: Path, examples, count, shape, progress, what, source) -> FaceSet:
-    """Reads the prepared set in data_dir, preparing it first if needed (or if unreadable)."""
+def _cached(
+    data_dir: Path, examples, count, shape, progress, what, source, stream=False, synthetic=False
+) -> FaceSet | FaceRecords:
+    """Reads the prepared set in data_dir, preparing it first if needed (or if unreadable).
+
+    With ``stream`` only the identities and files are kept; the images stay in the cache.
+    """
     for attempt in range(2):
-        builder = JaxmiaFaces(data_dir=data_dir, examples=examples, shape=shape)
-        if not builder.data_path.exists():
-            _prepare(builder, data_dir, progress, what)
+        builders = _part_builders(data_dir, examples, count, shape)
+        for builder in builders:
+            if not builder.data_path.exists():
+                _prepare(builder, data_dir, progress, what)
         try:
-            images, identities, files = _read(builder, shape)
+            records = _Concat([b.as_data_source("train") for b in builders])
+            if stream:
+                identities, files = _read_index(records)
+            else:
+                images, identities, files = _read(records, shape)
             if len(files) != count:
                 raise ValueError(f"holds {len(files)} images, expected {count}")
             break
@@ -355,6 +415,16 @@ def _cached(data_dir: Path, examples, count, shape, progress, what, source) -> F
     names = tuple(sorted(set(identities), key=natural_key))
     index = {name: i for i, name in enumerate(names)}
     labels = np.array([index[n] for n in identities], np.int32)
+    if stream:
+        return FaceRecords(
+            records=records,
+            labels=labels,
+            names=names,
+            source=source,
+            synthetic=synthetic,
+            files=tuple(files),
+            digest=data_dir.name,
+        )
     return FaceSet(
         images=images.astype(np.float32) / 255.0,
         labels=labels,
@@ -394,9 +464,62 @@ def _remove_empty_folders(root: Path) -> None:
             os.rmdir(folder)
 
 
-def _read(builder: JaxmiaFaces, shape) -> tuple[np.ndarray, list[str], list[str]]:
+def _part_builders(data_dir: Path, examples, count: int, shape) -> list[JaxmiaFaces]:
+    """The builder of a set, or of its parts when it would not fit tfds's writer buffer.
+
+    tensorflow-datasets' writer keeps a split in memory up to 1 GB and spills beyond that
+    through TensorFlow, which jaxmia does not need otherwise: a larger set is written as parts
+    (``part00000``, ...) of at most ``_PART_BYTES`` each, in order, so preparing it needs one
+    part of memory and no TensorFlow. Sets that fit stay one builder (earlier caches stay valid).
+    """
+    per = max(1, _PART_BYTES // math.prod(shape))
+    if count <= per:
+        return [JaxmiaFaces(data_dir=data_dir, examples=examples, shape=shape)]
+    state: dict[str, Any] = {"pos": None, "it": None}
+
+    def part(k: int) -> Callable:
+        def gen() -> Iterator:
+            if state["pos"] != k * per:  # parts before this one were prepared earlier
+                state["it"] = itertools.islice(examples(), k * per, None)
+            state["pos"] = min(count, (k + 1) * per)
+            return itertools.islice(state["it"], per)
+
+        return gen
+
+    return [
+        JaxmiaFaces(data_dir=data_dir / f"part{k:05d}", examples=part(k), shape=shape)
+        for k in range(-(-count // per))
+    ]
+
+
+class _Concat:
+    """Random access over the parts' data sources, as one."""
+
+    def __init__(self, parts: list):
+        self.parts = parts
+        self.starts = np.cumsum([0] + [len(p) for p in parts])
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def _locate(self, i: int) -> tuple[Any, int]:
+        if not 0 <= i < len(self):
+            raise IndexError(f"record {i} of {len(self)}")
+        k = int(np.searchsorted(self.starts, i, side="right")) - 1
+        return self.parts[k], i - int(self.starts[k])
+
+    def __getitem__(self, i: int) -> dict:
+        part, j = self._locate(int(i))
+        return part[j]
+
+    def __getitems__(self, index: list[int]) -> list[dict]:
+        if len(self.parts) == 1:
+            return self.parts[0].__getitems__(list(index))
+        return [self[i] for i in index]
+
+
+def _read(data, shape) -> tuple[np.ndarray, list[str], list[str]]:
     """All examples of a prepared set. # -> [n, h, w, c] uint8, n identities, n files"""
-    data = builder.as_data_source("train")
     n = len(data)
     images = np.empty((n, *shape), np.uint8)
     identities, files = [], []
@@ -409,11 +532,22 @@ def _read(builder: JaxmiaFaces, shape) -> tuple[np.ndarray, list[str], list[str]
     return images, identities, files
 
 
+def _read_index(data) -> tuple[list[str], list[str]]:
+    """The identity and file of every example, in batches (the images are decoded and dropped:
+    tfds data sources decode whole examples, but memory stays one batch)."""
+    identities, files = [], []
+    for start in range(0, len(data), _READ_BATCH):
+        for ex in data.__getitems__(list(range(start, min(len(data), start + _READ_BATCH)))):
+            identities.append(_text(ex["identity"]))
+            files.append(_text(ex["file"]))
+    return identities, files
+
+
 # ---------------------------------------------------------------------------------------------
 # tensorflow-datasets catalog sets
 
 
-def _load_catalog(spec: str, size, channels, crop, cache: Path, progress: bool) -> FaceSet:
+def _load_catalog(spec: str, size, channels, crop, cache: Path, progress: bool, stream=False):
     where = f"tfds:{spec}"
     name, _, split = spec.partition(":")
     split = split or "train"
@@ -463,7 +597,8 @@ def _load_catalog(spec: str, size, channels, crop, cache: Path, progress: bool) 
     data_dir = cache / "faces" / f"{slug}-{_shape_name(size, channels, crop)}-{digest}"
     what = f"{len(data)} images of {where}"
     source = f"tensorflow-datasets {builder.info.full_name} ({split})"
-    return _cached(data_dir, examples, len(data), (*size, channels), progress, what, source)
+    shape = (*size, channels)
+    return _cached(data_dir, examples, len(data), shape, progress, what, source, stream)
 
 
 def _face_features(features, where: str) -> tuple[str, str]:
@@ -487,7 +622,8 @@ def _face_features(features, where: str) -> tuple[str, str]:
 # Synthetic faces and helpers
 
 
-def _load_synthetic(params: Mapping, size, channels, progress: bool) -> FaceSet:
+def _load_synthetic(params: Mapping, size, channels, progress: bool, cache: Path | None = None):
+    """Synthetic faces in memory, or (given the cache root) written to a cache and streamed."""
     settings = {"num_identities": 40, "images_per_identity": 10, "seed": 0}
     for key in params:
         if key not in settings:
@@ -497,15 +633,37 @@ def _load_synthetic(params: Mapping, size, channels, progress: bool) -> FaceSet:
         if not isinstance(value, int) or isinstance(value, bool) or value < (key != "seed"):
             raise JaxmiaError(f"data.synthetic.{key}: expected a positive integer, got {value!r}")
     n, m, seed = settings["num_identities"], settings["images_per_identity"], settings["seed"]
+    source = f"synthetic faces ({n} identities x {m} images, seed {seed})"
+    if cache is not None:
+        key = [_CACHE_FORMAT, "synthetic", n, m, seed, size, channels]
+        digest = hashlib.sha256(json.dumps(key).encode()).hexdigest()[:16]
+        data_dir = cache / "faces" / f"synthetic-{_shape_name(size, channels, 1.0)}-{digest}"
+        names = synthetic_lib.names(n)
+
+        def examples() -> Iterator[tuple[str, str, np.ndarray]]:
+            # Chunk by chunk, so that preparing a large set needs one chunk of memory.
+            for start, chunk in synthetic_lib.face_chunks(n, m, size, channels, seed):
+                for k, image in enumerate(chunk):
+                    i, j = divmod(start + k, m)
+                    yield names[i], f"{names[i]}/{j}", _to_uint8(image)
+
+        what = f"{n * m} {source}"
+        shape = (*size, channels)
+        return _cached(data_dir, examples, n * m, shape, progress, what, source, True, True)
     images, labels, names = synthetic_lib.make_faces(n, m, size, channels, seed, progress=progress)
     return FaceSet(
         images=images,
         labels=labels,
         names=names,
-        source=f"synthetic faces ({n} identities x {m} images, seed {seed})",
+        source=source,
         synthetic=True,
         files=tuple(f"{names[i]}/{j}" for i in range(n) for j in range(m)),
     )
+
+
+def _to_uint8(image: np.ndarray) -> np.ndarray:
+    """[0, 1] floats rounded to 1/255, as the cache stores every source. # [h, w, c] uint8"""
+    return np.clip(np.rint(np.asarray(image) * 255.0), 0, 255).astype(np.uint8)
 
 
 def _drop_small_identities(faces: FaceSet, min_images: int) -> FaceSet:

@@ -19,6 +19,7 @@ features whatever ``num_identities`` is, and photo ``j`` of it the same pose.
 from __future__ import annotations
 
 import functools
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -282,6 +283,45 @@ def _render_chunk(key, ids, photos, image_size, channels):
     return jax.vmap(one)(ids, photos)
 
 
+def names(num_identities: int) -> tuple[str, ...]:
+    """The identity names in label order: "synthetic_0000", ... (at least four digits)."""
+    digits = max(4, len(str(max(num_identities - 1, 0))))
+    return tuple(f"synthetic_{i:0{digits}d}" for i in range(num_identities))
+
+
+def face_chunks(
+    num_identities: int,
+    images_per_identity: int,
+    image_size: tuple[int, int],
+    channels: int,
+    seed: int,
+    progress: bool = False,
+) -> Iterator[tuple[int, np.ndarray]]:
+    """The faces of ``make_faces`` a chunk at a time, so that memory stays one chunk.
+
+    Yields:
+      (index of the chunk's first image, float32 images in [0, 1]). # [chunk, h, w, channels]
+    """
+    h, w = (int(s) for s in image_size)
+    n = num_identities * images_per_identity
+    ids = np.repeat(np.arange(num_identities, dtype=np.int32), images_per_identity)
+    photos = np.tile(np.arange(images_per_identity, dtype=np.int32), num_identities)
+    key = jax.random.key(seed)
+    chunk = min(_CHUNK, max(n, 1))
+    starts = range(0, n, chunk)
+    for start in tqdm.tqdm(starts, desc="synthetic faces", unit="chunk", disable=not progress):
+        stop = min(start + chunk, n)
+        pad = chunk - (stop - start)
+        part = _render_chunk(
+            key,
+            np.pad(ids[start:stop], (0, pad)),
+            np.pad(photos[start:stop], (0, pad)),
+            (h, w),
+            channels,
+        )
+        yield start, np.asarray(part)[: stop - start]
+
+
 def make_faces(
     num_identities: int,
     images_per_identity: int,
@@ -308,22 +348,8 @@ def make_faces(
     h, w = (int(s) for s in image_size)
     n = num_identities * images_per_identity
     ids = np.repeat(np.arange(num_identities, dtype=np.int32), images_per_identity)
-    photos = np.tile(np.arange(images_per_identity, dtype=np.int32), num_identities)
-    key = jax.random.key(seed)
-    chunk = min(_CHUNK, max(n, 1))
     out = np.empty((n, h, w, channels), np.float32)
-    starts = range(0, n, chunk)
-    for start in tqdm.tqdm(starts, desc="synthetic faces", unit="chunk", disable=not progress):
-        stop = min(start + chunk, n)
-        pad = chunk - (stop - start)
-        part = _render_chunk(
-            key,
-            np.pad(ids[start:stop], (0, pad)),
-            np.pad(photos[start:stop], (0, pad)),
-            (h, w),
-            channels,
-        )
-        out[start:stop] = np.asarray(part)[: stop - start]
-    digits = max(4, len(str(max(num_identities - 1, 0))))
-    names = tuple(f"synthetic_{i:0{digits}d}" for i in range(num_identities))
-    return out, ids, names
+    chunks = face_chunks(num_identities, images_per_identity, (h, w), channels, seed, progress)
+    for start, part in chunks:
+        out[start : start + len(part)] = part
+    return out, ids, names(num_identities)

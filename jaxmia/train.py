@@ -1,9 +1,13 @@
 """Training recognizers with optax: a jitted step, test accuracy per epoch, orbax checkpoints.
 
 ``fit`` trains one recognizer in memory (and, given a workdir, claims it for its settings,
-checkpoints every few epochs and resumes from the latest checkpoint). ``run`` is the ``jaxmia
-train`` stage: it loads faces, makes the paper's split, and trains the recognizer(s) the config
-asks for; the experiment trains R_T and R_E through ``make_job`` and ``run_job`` alike.
+checkpoints every few epochs and resumes from the latest checkpoint). With ``train.stream`` it
+reads its batches from a ``stream.Source`` through grain instead (the array_record cache, or
+arrays) and splits each over every device (``jaxmia.stream``): data-parallel, memory flat in
+the data set's size (the per-epoch accuracies stream the sets once more, in order). ``run`` is
+the ``jaxmia train`` stage: it loads faces, makes the paper's split, and trains the
+recognizer(s) the config asks for; the experiment trains R_T and R_E through ``make_job`` and
+``run_job`` alike.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ import optax
 import tqdm
 from flax import nnx
 
-from jaxmia import batching, checkpoint, data, files, models, splits, transforms
+from jaxmia import batching, checkpoint, data, files, models, sharding, splits, stream, transforms
 from jaxmia import workdir as workdir_lib
 from jaxmia.errors import JaxmiaError
 
@@ -229,24 +233,32 @@ def _epoch_batches(n: int, batch_size: int, key: jax.Array) -> np.ndarray:
 def fit_settings(
     model_config: models.ModelConfig,
     train_config: ml_collections.ConfigDict,
-    images: np.ndarray,
-    labels: np.ndarray,
+    images: np.ndarray | stream.Source,
+    labels: np.ndarray | None,
     key: jax.Array,
     names: tuple[str, ...],
 ) -> dict[str, Any]:
     """What a trained recognizer depends on, flat (``jaxmia.workdir``): a resume needs equal ones.
 
     The images enter by a digest of their bytes and labels, so other data (another folder, size,
-    split or augmentation-free copy) is refused as surely as another learning rate.
+    split or augmentation-free copy) is refused as surely as another learning rate. A streamed
+    source enters by its digest (the cache folder's name) and its record positions and labels.
     """
     digest = hashlib.sha256()
-    digest.update(np.ascontiguousarray(images, np.float32).tobytes())
-    digest.update(np.ascontiguousarray(labels, np.int32).tobytes())
+    if isinstance(images, stream.Source):
+        digest.update(images.digest.encode())
+        digest.update(np.ascontiguousarray(images.index, np.int64).tobytes())
+        digest.update(repr(sorted(images.label_of.items())).encode())
+        what = f"{len(images)} records of {images.digest}"
+    else:
+        digest.update(np.ascontiguousarray(images, np.float32).tobytes())
+        digest.update(np.ascontiguousarray(labels, np.int32).tobytes())
+        what = f"{len(images)} images"
     return {
         **{f"model.{k}": v for k, v in model_config.to_dict().items()},
         **workdir_lib.flatten(train_config, "train"),
         "key": np.asarray(jax.random.key_data(key)).tolist(),
-        "data.images": f"{len(images)} images, sha256 {digest.hexdigest()[:16]}",
+        "data.images": f"{what}, sha256 {digest.hexdigest()[:16]}",
         "names": list(names),
     }
 
@@ -254,11 +266,11 @@ def fit_settings(
 def fit(
     model_config: models.ModelConfig,
     train_config: ml_collections.ConfigDict,
-    images: np.ndarray,
-    labels: np.ndarray,
+    images: np.ndarray | stream.Source,
+    labels: np.ndarray | None,
     *,
     key: jax.Array,
-    test: tuple[np.ndarray, np.ndarray] | None = None,
+    test: tuple[np.ndarray, np.ndarray] | stream.Source | None = None,
     workdir: str | Path | None = None,
     names: tuple[str, ...] | None = None,
     meta: dict[str, Any] | None = None,
@@ -270,9 +282,10 @@ def fit(
       model_config: the recognizer; its num_classes must exceed every label.
       train_config: the ``train`` section of a jaxmia config.
       images: training images in [0, 1]. # [n, h, w, c]
+        With ``train_config.stream``: a ``stream.Source`` (labels None), or arrays to stream.
       labels: integer labels. # [n]
       key: PRNG key for init, shuffling, augmentation and dropout.
-      test: held-out (images, labels) for the per-epoch test accuracy.
+      test: held-out (images, labels) (or a ``stream.Source``) for the per-epoch test accuracy.
       workdir: if given, it is claimed for these settings (``fit_settings`` into
         ``workdir/training.json``; a workdir trained with other settings is an error naming
         them), checkpoints go to ``workdir/checkpoints`` every ``checkpoint_every`` epochs and
@@ -285,13 +298,18 @@ def fit(
     Returns:
       (graphdef, state as a pure dict (weights and batch statistics), per-epoch metrics).
     """
-    images = np.asarray(images, np.float32)
-    labels = np.asarray(labels, np.int32)
+    streaming = bool(train_config.get("stream", False))
+    if streaming and not isinstance(images, stream.Source):
+        images = stream.Source.from_arrays(images, labels)
+    elif not streaming:
+        images = np.asarray(images, np.float32)
+        labels = np.asarray(labels, np.int32)
     if len(images) == 0:
         raise JaxmiaError("training set: expected at least one image, got none")
     n = len(images)
     names = tuple(names or map(str, range(model_config.num_classes)))
     batch_size = min(train_config.batch_size, n)
+    mesh = stream.mesh(batch_size) if streaming else None
     steps_per_epoch = -(-n // batch_size)
     tx = make_optimizer(train_config, steps_per_epoch)
     k_init, k_train = jax.random.split(key)
@@ -325,6 +343,11 @@ def fit(
                 workdir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history)
             )
 
+    if mesh is not None:
+        # Weights, statistics and optimizer state whole on every device; batches split.
+        params, rest, opt_state = sharding.replicate(mesh, (params, rest, opt_state))
+        seed = int(jax.random.randint(jax.random.fold_in(k_train, 2**31 - 1), (), 0, 2**31 - 1))
+
     bar = tqdm.trange(
         start_epoch,
         train_config.epochs,
@@ -337,15 +360,19 @@ def fit(
         t0 = time.perf_counter()
         k_epoch = jax.random.fold_in(k_train, epoch)
         losses = []
-        batches = _epoch_batches(n, batch_size, jax.random.fold_in(k_epoch, 0))
-        for i, idx in enumerate(batches):
+        if mesh is not None:
+            batches = stream.epoch_batches(images, batch_size, seed, epoch, mesh)
+        else:
+            order = _epoch_batches(n, batch_size, jax.random.fold_in(k_epoch, 0))
+            batches = ((images[idx], labels[idx]) for idx in order)
+        for i, (x, y) in enumerate(batches):
             params, rest, opt_state, loss = train_step(
                 graphdef,
                 params,
                 rest,
                 opt_state,
-                images[idx],
-                labels[idx],
+                x,
+                y,
                 jax.random.fold_in(k_epoch, i + 1),
                 tx=tx,
                 aug=aug,
@@ -356,11 +383,11 @@ def fit(
         record = {
             "epoch": epoch + 1,
             "loss": float(np.mean(jax.device_get(losses))),
-            "train_accuracy": accuracy(graphdef, state, images, labels),
+            "train_accuracy": _accuracy(graphdef, state, images, labels),
             "seconds": time.perf_counter() - t0,
         }
         if test is not None:
-            record["test_accuracy"] = accuracy(graphdef, state, *test)
+            record["test_accuracy"] = _accuracy(graphdef, state, *_pair(test))
         history.append(record)
         bar.set_postfix(
             loss=f"{record['loss']:.3f}", test=f"{record.get('test_accuracy', float('nan')):.3f}"
@@ -384,6 +411,26 @@ def fit(
                     opt_state,
                 )
     return graphdef, models.join(graphdef, params, rest), history
+
+
+def _pair(test: tuple | stream.Source) -> tuple:
+    return (test, None) if isinstance(test, stream.Source) else test
+
+
+def _accuracy(graphdef: nnx.GraphDef, state, images, labels) -> float:
+    """``accuracy`` of arrays, or of a streamed source read in order, over every process."""
+    if not isinstance(images, stream.Source):
+        return accuracy(graphdef, state, images, labels)
+    state, right, seen = stream.local(state), 0, 0
+    batches = stream.dataset(
+        images, batch_size=EVAL_BATCH * jax.process_count(), shuffle=False, wrap=False
+    )
+    for batch in batches:  # this process's rows of each; the counts are summed below
+        right += int(np.sum(predict(graphdef, state, batch["image"]) == batch["label"]))
+        seen += len(batch["label"])
+    if jax.process_count() > 1:
+        right, seen = np.sum(sharding.to_host(np.array([[right, seen]])), axis=0).tolist()
+    return right / seen if seen else float("nan")
 
 
 def _last(record: dict) -> dict:
@@ -422,8 +469,8 @@ class Job:
     workdir: Path
     model_config: models.ModelConfig
     names: tuple[str, ...]
-    train: tuple[np.ndarray, np.ndarray]  # images [n, h, w, c], labels [n]
-    test: tuple[np.ndarray, np.ndarray]
+    train: tuple  # images [n, h, w, c], labels [n]; or (stream.Source, None) when streaming
+    test: tuple
     key: jax.Array
     meta: dict[str, Any]
 
@@ -433,7 +480,7 @@ class Job:
 
 def make_job(
     config: ml_collections.ConfigDict,
-    faces: data.FaceSet,
+    faces: data.FaceSet | data.FaceRecords,
     part: splits.Part,
     role: str,
     workdir: Path,
@@ -454,13 +501,23 @@ def make_job(
         "split": split_record,
         "train_files": [faces.files[i] for i in part.train] if faces.files else [],
     }
+    if isinstance(faces, data.FaceRecords):
+        # Streamed: the cache's records of the part, labelled by name in the part's order.
+        label_of = {name: i for i, name in enumerate(names)}
+        train, test = (
+            (stream.Source(faces.records, np.asarray(i, np.int64), label_of, faces.digest), None)
+            for i in (part.train, part.test)
+        )
+    else:
+        train = (faces.images[part.train], to_part[faces.labels[part.train]])
+        test = (faces.images[part.test], to_part[faces.labels[part.test]])
     return Job(
         role=role,
         workdir=Path(workdir),
         model_config=model_config_for(config, len(names)),
         names=names,
-        train=(faces.images[part.train], to_part[faces.labels[part.train]]),
-        test=(faces.images[part.test], to_part[faces.labels[part.test]]),
+        train=train,
+        test=test,
         key=jax.random.fold_in(jax.random.key(config.seed), RECOGNIZERS.index(role)),
         meta=meta,
     )
@@ -474,7 +531,7 @@ def run_job(job: Job, train_config: ml_collections.ConfigDict, *, progress: bool
         train_config,
         *job.train,
         key=job.key,
-        test=job.test,
+        test=job.test if job.test[1] is not None else job.test[0],
         workdir=job.workdir,
         names=job.names,
         meta=job.meta,
@@ -524,7 +581,8 @@ def run(
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise JaxmiaError(f"--workdir {workdir}: exists and is not a folder")
-    faces = data.faces_from_config(config, progress=progress)
+    # Streaming keeps only labels, names and files in memory; the images stay in the cache.
+    faces = data.faces_from_config(config, progress=progress, stream=bool(config.train.stream))
     split = splits.from_config(config, faces)
     record = split.to_json(faces)
     jobs = [

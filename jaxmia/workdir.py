@@ -37,6 +37,10 @@ RUN_ONLY = frozenset(
     }
 )
 
+# Fields added after records were first written, at the value that leaves results as before:
+# left out of settings at that value, so those records still equal a rerun's.
+LATER_DEFAULTS = {"train.stream": False}
+
 
 def jsonable(obj: Any) -> Any:
     """``obj`` as it reads back from JSON (tuples become lists)."""
@@ -51,7 +55,9 @@ def flatten(node: Any, prefix: str = "", skip: Iterable[str] = RUN_ONLY) -> dict
         for k, v in node.items():
             out |= flatten(v, f"{prefix}.{k}" if prefix else str(k), skip)
         return out
-    return {} if prefix in skip else {prefix: jsonable(node)}
+    if prefix in skip or LATER_DEFAULTS.get(prefix, _UNSET) is node:
+        return {}
+    return {prefix: jsonable(node)}
 
 
 def settings_of(
