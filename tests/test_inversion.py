@@ -3,7 +3,6 @@ import dataclasses
 import chex
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -201,9 +200,9 @@ def test_vmapped_resnet_inversion_equals_reference_loop():
     params = jax.tree.map(lambda v: v + 0.2 * jax.random.normal(next(keys), v.shape), params)
     full = models.join(graphdef, params, rest)
     apply_fn = inv.recognizer_apply(graphdef)
-    x, labels, clone_keys = _batch(3)
+    x, labels, clone_keys = _batch(2)
     got = inv.invert_batch(apply_fn, full, x, labels, clone_keys, cfg, 5)
-    for i in range(3):
+    for i in range(2):
         want, taken, _ = reference(cfg, apply_fn, full, x[i], clone_keys[i], labels[i], 5)
         np.testing.assert_allclose(got.clones[i], want, atol=1e-5)
         assert got.steps[i] == taken
@@ -401,11 +400,13 @@ def test_attack_raises_target_confidence_on_synthetic_faces():
     images, labels, _ = synthetic.make_faces(ids + aux, 10, size, 1, seed=3)
     known = labels < ids
     mc = models.ModelConfig(num_classes=ids, image_size=size, dense_features=(64, 64), dropout=0.0)
-    tc = ml_collections.ConfigDict(
+    from jaxmia import config as config_lib
+
+    tc = config_lib.default_config().train
+    tc.update(
         dict(
             epochs=8, batch_size=16, optimizer="adam", learning_rate=3e-3,
-            schedule="constant", warmup_epochs=0, weight_decay=0.0, momentum=0.0, nesterov=False,
-            augment=False,
+            schedule="constant", warmup_epochs=0, augment=False,
             checkpoint_every=100, keep_checkpoints=1,
         )
     )  # fmt: skip

@@ -110,20 +110,21 @@ RESNET = dict(arch="resnet", widths=(8, 16), blocks=(1, 1), stem_kernel=3, stem_
 @pytest.mark.parametrize(
     "kw,feature_size",
     [
-        (RESNET, 16),
-        ({**RESNET, "block": "bottleneck"}, 64),
-        ({"arch": "resnet", "blocks": (1, 1, 1, 1), "widths": (4, 8, 8, 8)}, 8),
+        ({**RESNET, "block": "bottleneck"}, 64),  # stride-1 stem, no downsampling conv at 1
+        ({"arch": "resnet", "blocks": (1, 1, 1, 1), "widths": (4, 8, 8, 8)}, 8),  # torchvision's
     ],
 )
 def test_resnet_shapes_and_flops_match_xla(kw, feature_size):
     cfg = models.ModelConfig(num_classes=7, image_size=(32, 32), channels=3, **kw)
-    graphdef, state = models.init(cfg, jax.random.key(0))
-    x = jnp.zeros((2, 32, 32, 3))
-    assert models.logits(graphdef, state, x).shape == (2, 7)
-    assert models.features(graphdef, state, x).shape == (2, feature_size) == (2, cfg.feature_size)
+    graphdef, state = models.abstract(cfg)
+    x = jax.ShapeDtypeStruct((2, 32, 32, 3), jnp.float32)
+    assert jax.eval_shape(functools.partial(models.logits, graphdef), state, x).shape == (2, 7)
+    feats = jax.eval_shape(functools.partial(models.features, graphdef), state, x)
+    assert feats.shape == (2, feature_size) == (2, cfg.feature_size)
     # XLA's own count of one image's forward pass: it skips the padding's taps (ours counts
     # every tap, the usual convention) and adds the elementwise work ours leaves out.
-    xla = jax.jit(functools.partial(models.logits, graphdef)).lower(state, x[:1]).compile()
+    one = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+    xla = jax.jit(functools.partial(models.logits, graphdef)).lower(state, one).compile()
     counted = xla.cost_analysis()["flops"]
     assert 0.9 < counted / cfg.flops_per_image() < 1.1
 
@@ -135,18 +136,20 @@ def test_resnet_batch_norm_trains_on_batch_statistics_and_infers_on_running_ones
     assert set(rest) == {"stem_norm", "stages"}
     np.testing.assert_array_equal(rest["stem_norm"]["mean"], 0)
     x = jax.random.uniform(jax.random.key(1), (6, 16, 16, 1))
-    _, new = models.train_logits(graphdef, params, rest, x, jax.random.key(2))
+    train_logits = jax.jit(functools.partial(models.train_logits, graphdef))
+    logits = jax.jit(functools.partial(models.logits, graphdef))
+    _, new = train_logits(params, rest, x, jax.random.key(2))
     # Running mean after one batch: 0.9 * 0 + 0.1 * the stem's batch mean (PyTorch's update).
     stem = nnx.merge(graphdef, state).stem
     h = stem((x - 0.5) / 0.5)
     np.testing.assert_allclose(new["stem_norm"]["mean"], 0.1 * h.mean((0, 1, 2)), atol=1e-6)
     # Inference: each image's logits do not depend on the rest of its batch.
     full = models.join(graphdef, params, new)
-    both = models.logits(graphdef, full, x)
-    np.testing.assert_allclose(models.logits(graphdef, full, x[:1]), both[:1], atol=1e-5)
+    both = logits(full, x)
+    np.testing.assert_allclose(logits(full, x[:1]), both[:1], atol=1e-5)
     # Training mode normalises by the batch: the same image in another batch scores otherwise.
-    a, _ = models.train_logits(graphdef, params, rest, x, jax.random.key(2))
-    b, _ = models.train_logits(graphdef, params, rest, x[:3], jax.random.key(2))
+    a, _ = train_logits(params, rest, x, jax.random.key(2))
+    b, _ = train_logits(params, rest, x[:3], jax.random.key(2))
     assert not np.allclose(a[:3], b, atol=1e-4)
 
 
