@@ -28,7 +28,9 @@ A ResNet instead of the paper CNN (slow on this CPU; see the lever table):
   --config.model.dropout=0.0
 """
 
-from jaxmia.config import default_config
+from pathlib import Path
+
+from jaxmia.config import default_config, load
 
 CELEBA = "../shared/datasets/celeba128"
 
@@ -58,16 +60,7 @@ def get_config(source: str = CELEBA):
     t.saturation = 0.3
     t.label_smoothing = 0.1
     # The attack of configs/att.py (chosen on AT&T, never on these faces).
-    inv = c.inversion
-    inv.clones = 20
-    inv.steps = 200
-    inv.seed = "subset_mean"
-    inv.loss = "max_margin"
-    inv.margin = 20.0
-    inv.optimizer = "adam"
-    inv.learning_rate = 0.05
-    inv.denoise = "gaussian"
-    inv.denoise_sigma = 1.0
-    inv.denoise_every = 10
-    c.experiment.restarts = 1
+    att = load(str(Path(__file__).with_name("att.py")))
+    c.inversion = att.inversion
+    c.experiment = att.experiment
     return c
