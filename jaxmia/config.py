@@ -95,6 +95,53 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.cloning = _cloning_defaults()
     c.experiment = _experiment_defaults()
+    c.judges = _judges_defaults()
+    return c
+
+
+def _judges_defaults() -> ml_collections.ConfigDict:
+    """The judges beside R_E (jaxmia/verdicts.py): how much of a success survives them."""
+    c = ml_collections.ConfigDict()
+    # A second evaluation recognizer, trained by `jaxmia experiment` on R_E's photos: "auto" is
+    # an architecture other than R_T's (resnet for the paper CNN, the paper CNN for a resnet),
+    # "" none. Its model and train fields are R_T's with those of other_model / other_train.
+    c.other_arch = "auto"
+    c.other_model = ml_collections.ConfigDict()
+    c.other_model.widths = (16, 32, 64, 128)
+    c.other_model.blocks = (1, 1, 1, 1)
+    c.other_model.stem_kernel = 3
+    c.other_model.stem_stride = 1
+    c.other_model.stem_pool = True
+    c.other_train = ml_collections.ConfigDict()
+    c.other_train.optimizer = "sgd"
+    c.other_train.learning_rate = 0.1
+    c.other_train.momentum = 0.9
+    c.other_train.nesterov = True
+    c.other_train.weight_decay = 5e-4
+    c.other_train.epochs = 60
+    # The non-CNN judges' eigenface space: components of R_E's training photos (fewer photos:
+    # as many as they allow, noted).
+    c.eigenfaces = 64
+    # R_E's verdict averaged over random small transforms (jaxmia/robust.py).
+    c.transforms = ml_collections.ConfigDict()
+    c.transforms.max_shift = 4  # pixels
+    c.transforms.flip = True
+    c.transforms.scale = 0.1  # zoom factor in 1 +- scale
+    c.transforms.blur_sigma = 1.0  # pixels, uniform in [0, blur_sigma]
+    c.transforms.noise_std = 0.02
+    c.transforms.samples = 8
+    c.transforms.seed = 0
+    # The adversarial control: a targeted L-inf PGD from seeds against R_T (jaxmia/adversarial.py),
+    # for the first `per_identity` clones' seeds of each identity.
+    c.pgd = ml_collections.ConfigDict()
+    # 16 grey levels in 30 steps: R_T accepts all on AT&T (8 levels in 20 steps: 67%).
+    c.pgd.epsilon = 16 / 255
+    c.pgd.step_size = 2 / 255
+    c.pgd.steps = 30
+    c.pgd.per_identity = 5
+    # The report's clone grids in order of this judge's rank of the target (e.g. "pixel_nn");
+    # "": in clone order.
+    c.sort_by = ""
     return c
 
 

@@ -18,21 +18,21 @@ Identities are matched by name: R_T's and R_E's label orders differ.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from jaxmia import batching, models
 from jaxmia.errors import JaxmiaError
 
+# Scores and target_ranks are re-exported: jaxmia.evaluation is where users find them.
+from jaxmia.scores import Scores, check_image_shape, score_images, target_ranks  # noqa: F401
+
 if TYPE_CHECKING:
+    from jaxmia import verdicts
     from jaxmia.checkpoint import LoadedRecognizer
     from jaxmia.data import FaceSet
 
@@ -54,15 +54,6 @@ class Inversions:
     steps: np.ndarray | None  # [ids, clones]
     summary: dict[str, Any]
     source: str  # where it was read from, for messages
-
-
-@dataclasses.dataclass(frozen=True)
-class Scores:
-    """One recognizer's verdict on a batch of images, each with its own target class."""
-
-    score: np.ndarray  # [n] softmax probability of the target
-    rank: np.ndarray  # [n] int, 1 = target has the highest logit
-    features: np.ndarray | None  # [n, d] penultimate features (R_E only)
 
 
 def load_inversions(folder: str | Path) -> Inversions:
@@ -148,81 +139,6 @@ def labels_by_name(
                 f"({len(index)} identities, e.g. {', '.join(map(repr, recognizer.names[:3]))})"
             )
     return np.array([index[name] for name in identities], np.int32)
-
-
-def check_image_shape(
-    images: np.ndarray, recognizer: LoadedRecognizer, what: str, role: str
-) -> None:
-    """Raises a JaxmiaError if images are not the size and channels the recognizer takes.
-
-    R_T and R_E of one experiment share the image size, so a mismatch is a mix-up of runs or
-    checkpoints; resizing would hide it.
-    """
-    cfg = recognizer.config
-    want = (*cfg.image_size, cfg.channels)
-    got = tuple(images.shape[-3:])
-    if got != want:
-        raise JaxmiaError(
-            f"{what}: images are {got[0]}x{got[1]}x{got[2]} but the {role} "
-            f"{getattr(recognizer, 'path', '')} expects {want[0]}x{want[1]}x{want[2]} "
-            "(R_T and R_E of one experiment share the image size: wrong checkpoint or run?)"
-        )
-
-
-# ---------------------------------------------------------------------------------------------
-# Device: scores, ranks and features in fixed-size batches.
-
-
-def target_ranks(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """Rank of each row's target class, 1 = top. # [n, k], [n] -> [n] int32
-
-    Ties count against the target (a row of equal logits ranks it last), so an attack is never
-    credited for a recognizer that cannot tell classes apart. A row with a NaN or Inf ranks last.
-    """
-    t = jnp.take_along_axis(logits, targets[:, None], axis=1)  # [n, 1]
-    rank = jnp.sum(logits >= t, axis=1, dtype=jnp.int32)
-    finite = jnp.all(jnp.isfinite(logits), axis=1)
-    return jnp.where(finite, rank, logits.shape[1])
-
-
-@functools.partial(jax.jit, static_argnums=(0, 4))
-def _score_batch(graphdef, params, x, targets, with_features: bool):
-    z = models.logits(graphdef, params, x)  # [b, k]
-    score = jnp.take_along_axis(jax.nn.softmax(z), targets[:, None], axis=1)[:, 0]
-    feats = models.features(graphdef, params, x) if with_features else None  # [b, d]
-    return score, target_ranks(z, targets), feats
-
-
-def score_images(
-    recognizer: LoadedRecognizer,
-    images: np.ndarray,
-    targets: np.ndarray,
-    *,
-    with_features: bool = False,
-    batch_size: int = 256,
-    progress: bool = False,
-    desc: str = "scoring",
-) -> Scores:
-    """Softmax score and rank of each image's target class (and features), batch by batch.
-
-    Args:
-      recognizer: the model (graphdef, params, config).
-      images: values in [0, 1]. # [n, h, w, c]
-      targets: the recognizer's label of each image's identity. # [n]
-      with_features: also return the penultimate features (for KNN distances).
-      batch_size: images per compiled call; the last batch is padded so there is one compile.
-      progress: show a progress bar.
-      desc: the progress bar's label.
-    """
-    score, rank, feats = batching.map_batches(
-        lambda x, t: _score_batch(recognizer.graphdef, recognizer.params, x, t, with_features),
-        np.asarray(images),
-        np.asarray(targets),
-        sizes=batching.sizes_for(len(images), batch_size),
-        progress=progress,
-        desc=desc,
-    )
-    return Scores(score=score, rank=rank, features=feats)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -353,6 +269,7 @@ def evaluate(
     *,
     real_faces: Mapping[str, np.ndarray] | None = None,
     target: LoadedRecognizer | None = None,
+    panel: verdicts.Panel | None = None,
     batch_size: int = 256,
     progress: bool = False,
 ) -> Evaluation:
@@ -365,6 +282,8 @@ def evaluate(
         distances are None for an identity without any (or all, if None).
       target: R_T, to recompute its scores; if None they are the run's recorded confidences
         (None where it recorded none).
+      panel: the judges beside R_E (``jaxmia.verdicts``); their table goes into the summary's
+        ``judges`` and each clone's rank by each of them into ``rank_<judge>``.
       batch_size: images per compiled call.
       progress: show progress bars.
 
@@ -487,6 +406,15 @@ def evaluate(
         "identities": identities,
         "overall": overall,
     }
+    if panel is not None:
+        from jaxmia import verdicts  # the judges score images with this module
+
+        judged, ranks = verdicts.run(
+            panel, inv.clones, inv.seeds, inv.identities, batch_size=batch_size,
+            progress=progress,
+        )  # fmt: skip
+        summary["judges"] = judged
+        per |= {(f"rank_{j}" if j in verdicts.JUDGE_TITLES else j): r for j, r in ranks.items()}
     return Evaluation(summary=summary, clones=per, real_face=real_face)
 
 
@@ -498,6 +426,8 @@ def evaluate_run(
     real_faces: Mapping[str, np.ndarray] | None = None,
     target: LoadedRecognizer | None = None,
     real_faces_note: str | None = None,
+    panel: verdicts.Panel | None = None,
+    sort_by: str = "",
     batch_size: int = 256,
     progress: bool = True,
 ) -> dict[str, Any]:
@@ -513,25 +443,43 @@ def evaluate_run(
       real_faces: identity name -> R_E's real training images of it [m, h, w, c].
       target: R_T to recompute its scores (else the run's recorded confidences).
       real_faces_note: where the real faces came from, shown in the report.
+      panel: the judges beside R_E, or None.
+      sort_by: order each identity's grid by this judge's rank of the target ("": clone order;
+        "R_E" or a judge of the panel).
       batch_size: images per compiled call.
       progress: show progress bars.
 
     Returns:
       The summary written to ``evaluation.json``.
+
+    Raises:
+      JaxmiaError: ``sort_by`` names no judge of this evaluation.
     """
     from jaxmia import report  # matplotlib is slow to import; only the full job needs it
 
     inv = inversions if isinstance(inversions, Inversions) else load_inversions(inversions)
+    from jaxmia import verdicts  # the judges score images with this module
+
+    judges = ("R_E", *(verdicts.JUDGE_TITLES if panel is not None else ()))
+    if sort_by and sort_by not in judges:
+        raise JaxmiaError(
+            f"config field judges.sort_by: {sort_by!r} is no judge of this evaluation "
+            f"(expected '' or one of {', '.join(judges)})"
+        )
     ev = evaluate(
-        inv, evaluator, real_faces=real_faces, target=target, batch_size=batch_size,
-        progress=progress,
+        inv, evaluator, real_faces=real_faces, target=target, panel=panel,
+        batch_size=batch_size, progress=progress,
     )  # fmt: skip
-    summary = dict(ev.summary, real_faces_note=real_faces_note)
+    key = {"": None, "R_E": "rank_E"}.get(sort_by, f"rank_{sort_by}")
+    if key is not None and key not in ev.clones:
+        raise JaxmiaError(f"config field judges.sort_by: {sort_by!r} judged no clone here")
+    summary = dict(ev.summary, real_faces_note=real_faces_note, grid_order=sort_by or "clone")
     if inv.summary:
         summary["inversion_summary"] = inv.summary
     return report.write_all(
-        out_dir, summary, ev.clones, inv.clones, inv.seeds, ev.real_face, inv.steps
-    )
+        out_dir, summary, ev.clones, inv.clones, inv.seeds, ev.real_face, inv.steps,
+        order_key=key,
+    )  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------
@@ -560,20 +508,15 @@ def resolve_target(arg: str, inversions_dir: Path) -> LoadedRecognizer | None:
     return None
 
 
-def real_faces_for(
+def load_real_faces(
     evaluator: LoadedRecognizer,
-    identities: tuple[str, ...],
     source: str | None,
     *,
     cache_dir: str | None = None,
     progress: bool = True,
-) -> tuple[dict[str, np.ndarray] | None, str]:
-    """Each attacked identity's real faces among R_E's training images, and where they came from.
-
-    The face set (the one R_E's checkpoint records, or ``source``; "none" skips them) is loaded
-    at R_E's input size, from the cache ``cache_dir`` (else the one recorded); see
-    ``real_faces_from`` for which of its photos count.
-    """
+) -> tuple[FaceSet | None, str]:
+    """The face set R_E's checkpoint records (or ``source``; "none": None) at R_E's input size,
+    from the cache ``cache_dir`` (else the one recorded), and a note of where it came from."""
     if source == "none":
         return None, "none (--faces none)"
     from jaxmia import data  # tensorflow_datasets is slow to import; only this path needs it
@@ -593,7 +536,38 @@ def real_faces_for(
         # Another source (--faces) is cropped like the recognizer's own data only if it is it.
         crop=recorded.get("crop", 1.0) if src == recorded.get("source") else 1.0,
     )
+    return faces, src
+
+
+def real_faces_for(
+    evaluator: LoadedRecognizer,
+    identities: tuple[str, ...],
+    source: str | None,
+    *,
+    cache_dir: str | None = None,
+    progress: bool = True,
+) -> tuple[dict[str, np.ndarray] | None, str]:
+    """Each attacked identity's real faces among R_E's training images, and where they came from.
+
+    The face set is ``load_real_faces``'; see ``real_faces_from`` for which of its photos count.
+    """
+    faces, note = load_real_faces(evaluator, source, cache_dir=cache_dir, progress=progress)
+    if faces is None:
+        return None, note
     return real_faces_from(faces, identities, evaluator.meta.get("train_files"))
+
+
+def resolve_other(arg: str, evaluator_dir: Path) -> LoadedRecognizer | None:
+    """The second R_E as ``--other-evaluator`` asks: a path, 'none', or 'auto': the
+    ``evaluation_other`` folder beside R_E's (as ``jaxmia experiment`` writes), if there."""
+    from jaxmia import checkpoint
+
+    if arg == "none":
+        return None
+    path = evaluator_dir.parent / "evaluation_other" if arg == "auto" else Path(arg)
+    if arg == "auto" and not (path / "checkpoints").is_dir():
+        return None
+    return checkpoint.load_recognizer(path)
 
 
 def run(
@@ -603,39 +577,58 @@ def run(
     inversions: str | Path,
     evaluator: str | Path,
     target: str = "auto",
+    other: str = "auto",
     faces: str | None = None,
+    judges: bool = True,
     batch_size: int = 256,
     progress: bool = True,
 ) -> dict[str, Any]:
     """The ``jaxmia evaluate`` stage: an inversion run's clones judged by R_E into ``workdir``.
 
     Args:
-      config: the jaxmia config (its ``data.cache_dir`` locates the real faces' cache).
+      config: the jaxmia config (its ``data.cache_dir`` locates the real faces' cache; its
+        ``judges`` section sets the judges beside R_E).
       workdir: where the report goes.
       inversions: a ``jaxmia invert`` folder.
       evaluator: R_E's checkpoint folder.
       target: R_T's checkpoint, "auto" (the one the run recorded, if still there) or "none"
         (the confidences the run recorded).
+      other: a second R_E of another architecture: a checkpoint, "auto" (``evaluation_other``
+        beside R_E's folder, if there) or "none".
       faces: the real faces' data source (default: R_E's training data as its checkpoint
-        records; "none": no KNN distances).
+        records; "none": no KNN distances and no judges).
+      judges: run the judges beside R_E (they need the real faces).
       batch_size: images per compiled call.
       progress: show progress bars.
 
     Returns:
       The summary written to ``workdir/evaluation.json``.
     """
-    from jaxmia import checkpoint
+    from jaxmia import checkpoint, verdicts
 
     if batch_size < 1:
         raise JaxmiaError(f"--batch-size {batch_size}: expected a positive integer")
+    settings = verdicts.Settings.from_config(config.judges) if judges else None
     inv = load_inversions(inversions)  # fail fast, before loading any model
     rec_e = checkpoint.load_recognizer(evaluator)
     labels_by_name(inv.identities, rec_e, "evaluator")
     check_image_shape(inv.clones, rec_e, inv.source, "evaluator")
     rec_t = resolve_target(target, Path(inversions))
-    real, note = real_faces_for(
-        rec_e, inv.identities, faces, cache_dir=config.data.cache_dir, progress=progress
+    rec_o = resolve_other(other, Path(evaluator)) if judges else None
+    if rec_o is not None:
+        labels_by_name(inv.identities, rec_o, "second evaluator")
+        check_image_shape(inv.clones, rec_o, inv.source, "second evaluator")
+    face_set, src = load_real_faces(
+        rec_e, faces, cache_dir=config.data.cache_dir, progress=progress
     )
+    real, note = (None, src) if face_set is None else real_faces_from(
+        face_set, inv.identities, rec_e.meta.get("train_files")
+    )  # fmt: skip
+    panel = None
+    if settings is not None and face_set is not None:
+        panel = verdicts.panel_from_faces(
+            rec_e, face_set, inv.identities, settings, other=rec_o, target=rec_t
+        )
     return evaluate_run(
         inv,
         rec_e,
@@ -643,6 +636,8 @@ def run(
         real_faces=real,
         target=rec_t,
         real_faces_note=note,
+        panel=panel,
+        sort_by=config.judges.sort_by,
         batch_size=batch_size,
         progress=progress,
     )

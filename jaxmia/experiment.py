@@ -2,7 +2,7 @@
 
     jaxmia experiment --config configs/att.py --workdir OUT
 
-Five stages, each into its own place in OUT:
+Six stages, each into its own place in OUT:
 
 1. ``split``: the faces of the ``data`` section and the paper's split of its identities
    (``split`` section) -> ``split.json``. With the default counts (-1) a data set too small for
@@ -14,8 +14,12 @@ Five stages, each into its own place in OUT:
    invert``), ``experiment.restarts`` x ``inversion.clones`` clones per identity. With restarts
    > 1 the ``inversion.clones`` best of each identity by R_T (``experiment.select``) are kept
    in ``OUT/inversions/selected``: the attacker cannot ask R_E, but can ask R_T.
-5. ``report``: the clones judged by R_E -> ``OUT/report`` (as ``jaxmia evaluate``:
-   ``report.html``, ``evaluation.json``, CSVs and pictures); ``OUT/experiment.json`` sums up.
+5. ``evaluation_other``: a second R_E of another architecture (``judges.other_arch``) on R_E's
+   photos -> ``OUT/evaluation_other``; skipped with ``judges.other_arch=""``. After the
+   inversions, so that a change of its recipe does not redo them.
+6. ``report``: the clones judged by R_E and by the judges beside it (``jaxmia.verdicts``), with
+   the controls -> ``OUT/report`` (as ``jaxmia evaluate``: ``report.html``, ``evaluation.json``,
+   CSVs and pictures); ``OUT/experiment.json`` sums up.
 
 Resuming: ``OUT/stages.json`` records for each stage the settings it depends on (the config
 fields it reads, those of the stages before it included), when it started and whether it
@@ -24,9 +28,10 @@ with the same settings; an interrupted stage resumes through its own resume (tra
 checkpoints, inversion chunks, each claimed for its settings: ``jaxmia.workdir``). A finished
 stage whose settings changed, or an interrupted one that left outputs under other settings, is an
 error that names the changed fields, unless ``redo`` is given: then that stage's outputs and those
-of every later stage are deleted and the stages run again. Erroring is the default because a
-changed field may be a typo, and the training stages of the paper's size take hours. A stage that
-failed before writing anything (bad input) holds nothing against the corrected rerun.
+of every later stage whose settings changed too are deleted and the stages run again (a later
+stage with unchanged settings does not read the redone stage's outputs). Erroring is the default
+because a changed field may be a typo, and the training stages of the paper's size take hours. A
+stage that failed before writing anything (bad input) holds nothing against the corrected rerun.
 
 Every stage runs through the library function its own command calls (``train.run_job``,
 ``invert.run``, ``evaluation.evaluate_run``); ``run`` is the ``jaxmia experiment`` stage.
@@ -43,12 +48,25 @@ from pathlib import Path
 from typing import Any
 
 import ml_collections
+import numpy as np
 
-from jaxmia import checkpoint, data, evaluation, files, invert, seeds, selection, splits, train
+from jaxmia import (
+    checkpoint,
+    data,
+    evaluation,
+    files,
+    invert,
+    models,
+    seeds,
+    selection,
+    splits,
+    train,
+    verdicts,
+)
 from jaxmia import workdir as workdir_lib
 from jaxmia.errors import JaxmiaError
 
-STAGES = ("split", "target", "evaluation", "inversions", "report")
+STAGES = ("split", "target", "evaluation", "inversions", "evaluation_other", "report")
 RECORD = "stages.json"
 # Where each stage writes, relative to the workdir (deleted by redo).
 OUTPUTS = {
@@ -56,6 +74,7 @@ OUTPUTS = {
     "target": ("target",),
     "evaluation": ("evaluation",),
     "inversions": ("inversions",),
+    "evaluation_other": ("evaluation_other",),
     "report": ("report", "experiment.json"),
 }
 PAPER_AUX_FACES = 256  # the paper's seed: the mean of 256 auxiliary faces
@@ -70,13 +89,36 @@ def stage_settings(config: ml_collections.ConfigDict) -> dict[str, dict[str, Any
     split = workdir_lib.settings_of(config, "data", "split")
     recognizer = split | workdir_lib.settings_of(config, "model", "train") | {"seed": config.seed}
     inversions = recognizer | workdir_lib.settings_of(config, "inversion", "experiment")
+    judges = workdir_lib.settings_of(config, "judges")
+    other = recognizer | {k: v for k, v in judges.items() if k.startswith("judges.other_")}
     return {
         "split": split,
         "target": recognizer,
         "evaluation": recognizer,
         "inversions": inversions,
-        "report": inversions,
+        "evaluation_other": other,
+        "report": inversions | judges,
     }
+
+
+def other_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
+    """The config the second R_E trains with (``judges.other_*``), or None for none."""
+    j = config.judges
+    arch = j.other_arch
+    if arch == "auto":
+        arch = "resnet" if config.model.arch == "paper" else "paper"
+    if arch == "":
+        return None
+    if arch not in models.ARCHS:
+        raise JaxmiaError(
+            f"config field judges.other_arch: expected 'auto', '' or one of {models.ARCHS}, "
+            f"got {arch!r}"
+        )
+    other = ml_collections.ConfigDict(config.to_dict())
+    other.model.arch = arch
+    other.model.update(j.other_model.to_dict())
+    other.train.update(j.other_train.to_dict())
+    return other
 
 
 def read_records(workdir: Path) -> dict[str, Any]:
@@ -121,9 +163,18 @@ def _has_outputs(workdir: Path, stage: str) -> bool:
     return any((workdir / name).exists() for name in OUTPUTS[stage])
 
 
-def _clear_from(workdir: Path, records: dict[str, Any], stage: str) -> None:
-    """Deletes the outputs and records of ``stage`` and every later stage."""
+def _clear_from(
+    workdir: Path, records: dict[str, Any], stage: str, settings: dict[str, dict]
+) -> None:
+    """Deletes the outputs and records of ``stage`` and of every later stage whose settings
+    changed too. A stage's settings include those of every stage whose outputs it reads, so a
+    later stage with its recorded settings unchanged does not depend on ``stage``: the second
+    R_E is kept when only the inversion changed."""
     for later in STAGES[STAGES.index(stage) :]:
+        record = records.get(later, {})
+        old = record.get("settings") or record.get("attempted")
+        if later != stage and old is not None and not workdir_lib.differing(old, settings[later]):
+            continue
         for name in OUTPUTS[later]:
             path = workdir / name
             if path.is_dir():
@@ -261,12 +312,22 @@ def _check_split(run: _Run) -> None:
 
 def _stage_recognizer(run: _Run, role: str) -> dict[str, Any]:
     split, used, _, record = run.split()
-    part = getattr(split, role)
+    part = split.evaluation if role == "evaluation_other" else getattr(split, role)
+    if role == "evaluation_other":
+        used = other_config(used)
+        print(f"  {used.model.arch} architecture")
     print(f"  {len(part.identities)} identities, {len(part.train)} training photos")
     job = train.make_job(used, run.faces, part, role, run.workdir / role, record)
     summary = train.run_job(job, used.train, progress=run.progress)
     print(f"  test accuracy {summary['test_accuracy']:.4f} after {summary['epochs']} epochs")
     return {"test_accuracy": summary["test_accuracy"], "epochs": summary["epochs"]}
+
+
+def _stage_other(run: _Run) -> dict[str, Any]:
+    if other_config(run.config) is None:
+        print("  none (judges.other_arch is empty)")
+        return {"skipped": True}
+    return _stage_recognizer(run, "evaluation_other")
 
 
 def _stage_inversions(run: _Run) -> dict[str, Any]:
@@ -293,9 +354,27 @@ def _stage_inversions(run: _Run) -> dict[str, Any]:
 def _stage_report(run: _Run) -> dict[str, Any]:
     rec_e = checkpoint.load_recognizer(run.workdir / "evaluation")
     rec_t = checkpoint.load_recognizer(run.workdir / "target")
+    other_dir = run.workdir / "evaluation_other"
+    rec_o = checkpoint.load_recognizer(other_dir) if (other_dir / "checkpoints").is_dir() else None
     inversions = evaluation.load_inversions(run.inversions_dir())
     real, note = evaluation.real_faces_from(
         run.faces, inversions.identities, rec_e.meta.get("train_files")
+    )
+    split = run.split()[0]
+    faces = run.faces
+    names = np.asarray(faces.names, object)
+    attacked = np.isin(names[faces.labels], list(split.attacked))
+    held_out = np.union1d(split.target.test, split.evaluation.test)
+    held_out = held_out[attacked[held_out]]
+    panel = verdicts.make_panel(
+        rec_e,
+        faces.images[split.evaluation.train],
+        list(names[faces.labels[split.evaluation.train]]),
+        faces.images[held_out],
+        list(names[faces.labels[held_out]]),
+        verdicts.Settings.from_config(run.config.judges),
+        other=rec_o,
+        target=rec_t,
     )
     summary = evaluation.evaluate_run(
         inversions,
@@ -304,6 +383,8 @@ def _stage_report(run: _Run) -> dict[str, Any]:
         real_faces=real,
         target=rec_t,
         real_faces_note=note,
+        panel=panel,
+        sort_by=run.config.judges.sort_by,
         progress=run.progress,
     )
     return {"headline": headline(summary)}
@@ -312,7 +393,7 @@ def _stage_report(run: _Run) -> dict[str, Any]:
 def headline(summary: dict[str, Any]) -> dict[str, Any]:
     """The numbers the closing line quotes, from an evaluation summary."""
     o, s = summary["overall"], summary["overall"]["seed"]
-    return {
+    out = {
         "top1": o["top1"],
         "top5": o["top5"],
         "seed_top1": s["top1"],
@@ -321,6 +402,16 @@ def headline(summary: dict[str, Any]) -> dict[str, Any]:
         "clones": o["count"],
         "identities": summary["num_identities"],
     }
+    judged = summary.get("judges")
+    if judged:
+        top = judged["top"]
+        out["judges_top1"] = {
+            g: {j: v["top1"] for j, v in table.items()} for g, table in top.items()
+        }
+        out["adversarial_inflation"] = judged["inflation"]["adversarial_inflation"]
+        out["most_generous_robust_judge"] = judged["inflation"]["most_generous_robust_judge"]
+        out["judges_seconds"] = judged["seconds"]
+    return out
 
 
 STAGE_FUNCTIONS = {
@@ -328,6 +419,7 @@ STAGE_FUNCTIONS = {
     "target": lambda run: _stage_recognizer(run, "target"),
     "evaluation": lambda run: _stage_recognizer(run, "evaluation"),
     "inversions": _stage_inversions,
+    "evaluation_other": _stage_other,
     "report": _stage_report,
 }
 WHAT = {
@@ -335,7 +427,8 @@ WHAT = {
     "target": "train the target recognizer R_T",
     "evaluation": "train the evaluation recognizer R_E",
     "inversions": "invert R_T's attacked identities",
-    "report": "judge the clones with R_E",
+    "evaluation_other": "train a second R_E of another architecture",
+    "report": "judge the clones with R_E and the judges beside it",
 }
 
 
@@ -360,6 +453,17 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         )
     invert.check_settings(config)
     train.check_train_config(config.train)
+    verdicts.Settings.from_config(config.judges)
+    other = other_config(config)
+    if other is not None:
+        try:
+            train.check_train_config(other.train)
+            train.model_config_for(other, 2)
+        except JaxmiaError as e:
+            raise JaxmiaError(
+                f"the second R_E (judges.other_arch={other.model.arch!r}, with "
+                f"judges.other_model / other_train over model / train): {e}"
+            ) from e
 
 
 def run_stages(
@@ -388,8 +492,11 @@ def run_stages(
                 f"workdir {workdir}: stage {stage!r} {which} with other settings ({what}); "
                 f"pass --redo to redo it and the stages after it, or use another --workdir"
             )
-        print(f"settings of stage {stage!r} changed ({what}): redoing it and the stages after it")
-        _clear_from(workdir, records, stage)
+        print(
+            f"settings of stage {stage!r} changed ({what}): redoing it and the stages after it "
+            "that depend on it"
+        )
+        _clear_from(workdir, records, stage, settings)
     run = _Run(config, workdir, progress)
     for n, stage in enumerate(STAGES[: STAGES.index(until) + 1], 1):
         record = records.get(stage, {})
@@ -438,7 +545,9 @@ def run(
     summary = {
         "headline": h,
         "notes": records["split"]["result"]["notes"],
-        "recognizers": {s: records[s]["result"] for s in ("target", "evaluation")},
+        "recognizers": {
+            s: records[s]["result"] for s in ("target", "evaluation", "evaluation_other")
+        },
         "stage_seconds": stage_seconds,
         "report": str(workdir / "report" / "report.html"),
         "config": config.to_dict(),
@@ -452,5 +561,15 @@ def run(
         f"{100 * h['chance_top1']:.1f}%; stages took {total:.0f} s "
         f"(this run {time.perf_counter() - t0:.0f} s)"
     )
+    if "judges_top1" in h:
+        clones = h["judges_top1"]["clones"]
+        robust = ", ".join(
+            f"{j} {100 * clones[j]:.1f}%" for j in verdicts.ROBUST + ("R_E_other",) if j in clones
+        )
+        print(
+            f"judges beside R_E, clones top-1: {robust}; adversarial inflation "
+            f"{100 * h['adversarial_inflation']:.1f} points (R_E minus "
+            f"{h['most_generous_robust_judge']}); judges took {h['judges_seconds']:.0f} s"
+        )
     print(f"report: {workdir / 'report' / 'report.html'}")
     return summary

@@ -42,6 +42,8 @@ def clone_grid(
     real: np.ndarray | None,
     best: int | None,
     seed_label: str = "seed",
+    order: np.ndarray | None = None,
+    order_label: str = "",
 ) -> None:
     """One identity's clones, each titled with its R_E score and rank, after a real face and the
     seed; the best clone framed red. At most ``grids.MAX_CLONES`` clones (the best among them).
@@ -56,8 +58,12 @@ def clone_grid(
       real: a real face of the identity, or None. # [h, w, c]
       best: index of the best clone, or None.
       seed_label: the seed's title.
+      order: the clones' indices in the order to show them (default: clone order). # [n]
+      order_label: what that order is, for the caption.
     """
-    shown = grids.shown_clones(len(clones), best)
+    order = np.arange(len(clones)) if order is None else np.asarray(order)
+    at_best = None if best is None else int(np.flatnonzero(order == best)[0])
+    shown = [int(order[p]) for p in grids.shown_clones(len(clones), at_best)]
     cells = [
         grids.Cell(
             real,
@@ -78,11 +84,12 @@ def clone_grid(
             cells.append(grids.Cell(clones[j], label, colour))
     top1 = int(np.sum(np.asarray(ranks) == 1))
     more = f" ({len(shown)} of {len(clones)} shown)" if len(shown) < len(clones) else ""
+    ordered = f"; in order of {order_label}" if order_label else ""
     grids.draw(
         path,
         cells,
         f"{name}: {top1}/{len(clones)} clones recognized top-1 by R_E{more}\n"
-        "titles: clone #, R_E score of the target, its rank r by R_E",
+        f"titles: clone #, R_E score of the target, its rank r by R_E{ordered}",
     )
 
 
@@ -171,6 +178,34 @@ def score_histogram(
     _save(fig, Path(path))
 
 
+def judges_plot(path: str | Path, judged: dict[str, Any]) -> None:
+    """Top-1 of every judge on each group (clones, seeds, held-out real photos, PGD controls).
+
+    Args:
+      path: the PNG to write.
+      judged: the evaluation summary's ``judges`` (``jaxmia.verdicts.summarise``).
+    """
+    names = list(judged["judges"])
+    groups = [g for g in judged["groups"] if judged["top"].get(g)]
+    colours = {"clones": "#d62728", "seeds": "#7f7f7f", "real": "#2ca02c", "pgd": "#9467bd"}
+    fig = Figure(figsize=(max(6.4, 1.1 * len(names)), 4.4), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / max(len(groups), 1)
+    x = np.arange(len(names))
+    for k, g in enumerate(groups):
+        top = [judged["top"][g].get(j, {}).get("top1") for j in names]
+        ax.bar(x + (k - (len(groups) - 1) / 2) * width,
+               [np.nan if v is None else 100 * v for v in top], width,
+               color=colours.get(g), label=judged["groups"][g])  # fmt: skip
+    ax.axhline(100 * judged["chance_top1"], color="black", lw=1, ls=":", label="chance")
+    ax.set_xticks(x, [n.replace("_", " ") for n in names], rotation=30, ha="right")
+    ax.set_ylabel("top-1 (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=8)
+    ax.set_title("Who recognises what: every judge on clones and controls", fontsize=11)
+    _save(fig, Path(path))
+
+
 def write_pictures(
     out_dir: str | Path,
     summary: dict[str, Any],
@@ -178,6 +213,7 @@ def write_pictures(
     clones: np.ndarray,
     seeds: np.ndarray,
     real_face: dict[str, np.ndarray],
+    order_key: str | None = None,
 ) -> dict[str, Any]:
     """Writes every picture of an evaluation; returns their file names relative to out_dir.
 
@@ -188,18 +224,25 @@ def write_pictures(
       clones: # [ids, clones, h, w, c]
       seeds: each clone's seed. # [ids, clones, h, w, c]
       real_face: identity name -> one real image of it. # [h, w, c]
+      order_key: the per_clone ranks ("rank_E", "rank_pixel_nn", ...) to order each grid by,
+        best first (ties by R_E's score); None: clone order.
     """
     out = Path(out_dir)
     c = per_clone
     names, taken = {}, set()
+    label = "" if order_key is None else f"{summary.get('grid_order', order_key)}'s rank"
     for i, ident in enumerate(summary["identities"]):
         name = ident["name"]
         names[name] = grids.filename(name, taken)
         shared = bool(np.all(seeds[i] == seeds[i, :1]))
+        order = None
+        if order_key is not None:
+            score = np.nan_to_num(np.asarray(c["score_E"][i], np.float64), nan=-np.inf)
+            order = np.lexsort((-score, np.asarray(c[order_key][i])))
         clone_grid(
             out / names[name], name, clones[i], c["score_E"][i], c["rank_E"][i],
             seeds[i, 0], real_face.get(name), ident["best_clone"],
-            "seed" if shared else "seed of #0",
+            "seed" if shared else "seed of #0", order, label,
         )  # fmt: skip
     cmc_plot(
         out / "cmc.png",
@@ -219,6 +262,7 @@ def write_all(
     seeds: np.ndarray,
     real_face: dict[str, np.ndarray],
     steps: np.ndarray | None = None,
+    order_key: str | None = None,
 ) -> dict[str, Any]:
     """Writes (atomically) ``evaluation.json``, ``clones.csv``, ``identities.csv``, the pictures
     and ``report.html`` into out_dir; returns the summary as written (with its ``files``).
@@ -226,10 +270,11 @@ def write_all(
     Args: as ``write_pictures``, and ``steps``, the inversion's steps per clone if recorded.
     """
     out = Path(out_dir)
-    summary = {
-        **summary,
-        "files": write_pictures(out, summary, per_clone, clones, seeds, real_face),
-    }
+    pictures = write_pictures(out, summary, per_clone, clones, seeds, real_face, order_key)
+    if "judges" in summary:
+        judges_plot(out / "judges.png", summary["judges"])
+        pictures["judges"] = "judges.png"
+    summary = {**summary, "files": pictures}
     files.write_json(out / "evaluation.json", summary)
     files.write_text(out / "clones.csv", clones_csv(summary, per_clone, steps))
     files.write_text(out / "identities.csv", identities_csv(summary))
@@ -283,6 +328,7 @@ def clones_csv(
       steps: the inversion's steps per clone, if recorded. # [ids, clones]
     """
     c = per_clone
+    extra = judge_columns(c)
     rows = []
     for i, ident in enumerate(summary["identities"]):
         for j in range(c["rank_E"].shape[1]):
@@ -292,9 +338,15 @@ def clones_csv(
                 int(rank <= 1), int(rank <= 5), c["knn_distance"][i, j], c["diverged"][i, j],
                 "" if steps is None else steps[i, j],
                 c["seed_score_T"][i, j], c["seed_score_E"][i, j], c["seed_rank_E"][i, j],
-                c["seed_knn_distance"][i, j],
+                c["seed_knn_distance"][i, j], *(c[key][i, j] for key in extra),
             ])  # fmt: skip
-    return _csv(CLONE_COLUMNS, rows)
+    return _csv(CLONE_COLUMNS + extra, rows)
+
+
+def judge_columns(per_clone: dict[str, np.ndarray]) -> tuple[str, ...]:
+    """The per-clone columns the judges beside R_E add (``jaxmia.verdicts``), if they ran."""
+    ranks = tuple(k for k in per_clone if k.startswith("rank_") and k != "rank_E")
+    return ranks + tuple(k for k in ("knn_ratio", "residual_energy") if k in per_clone)
 
 
 def identity_row(name: str, s: dict[str, Any]) -> dict[str, Any]:
@@ -373,6 +425,65 @@ img { max-width: 100%; } .note { color: #555; font-size: 13px; }
 """
 
 
+def judges_html(judged: dict[str, Any], folder: Path, pics: dict[str, Any]) -> str:
+    """The report's section on the judges beside R_E: inflation, the table, realism, plot."""
+    e = html.escape
+    groups = [g for g in judged["groups"] if judged["top"].get(g)]
+    head = "".join(f"<th>{e(judged['groups'][g])}</th>" for g in groups)
+    rows = []
+    for j, title in judged["judges"].items():
+        cells = []
+        for g in groups:
+            cell = judged["top"][g].get(j)
+            cells.append(
+                "<td>n/a</td>" if cell is None or cell["top1"] is None else
+                f"<td>{format_cell(cell['top1'], 'pct')} ({format_cell(cell['top5'], 'pct')})</td>"
+            )  # fmt: skip
+        mark = " *" if j in judged["robust"] else ""
+        rows.append(f"<tr><td>{e(title)}{mark}</td>{''.join(cells)}</tr>")
+    counts = "".join(f"<td>{next(iter(judged['top'][g].values()))['count']}</td>" for g in groups)
+    rows.append(f"<tr><td>images</td>{counts}</tr>")
+    real_head = "".join(f"<th>{e(judged['groups'][g])}</th>" for g in judged["realism"])
+    measures = (
+        ("frechet_eigenface", "Fréchet distance to R_E's photos (eigenface space)", "num"),
+        ("knn_ratio_median", "KNN ratio, median (target / anyone else)", "num"),
+        ("knn_ratio_below_1", "closer to the target than to anyone else", "pct"),
+        ("residual_energy_mean", "energy outside the eigenfaces' span", "pct"),
+    )
+    real_rows = "".join(
+        f"<tr><td>{e(title)}</td>"
+        + "".join(f"<td>{format_cell(r.get(key), kind)}</td>" for r in judged["realism"].values())
+        + "</tr>"
+        for key, title, kind in measures
+    )
+    inf = judged.get("inflation")
+    lead = ""
+    if inf:
+        lead = (
+            f"<p><b>Adversarial inflation: {100 * inf['adversarial_inflation']:.1f} points</b> "
+            f"(R_E's top-1 on the clones minus that of the most generous robust judge, "
+            f"{e(judged['judges'][inf['most_generous_robust_judge']])}).</p>"
+        )
+    plot = _img(folder / pics["judges"], "judges") if "judges" in pics else ""
+    notes = "<br>".join(e(n) for n in judged.get("notes", []))
+    return f"""<h2>Judges beside R_E</h2>
+{lead}
+<p class="note">Top-1 (top-5) of the target among R_E's {round(1 / judged["chance_top1"])}
+identities (chance {format_cell(judged["chance_top1"], "pct")}). * robust judges: not fooled by
+small gradient patterns. Held-out real photos were fitted on by no recognizer or judge (every
+judge should score them high); the seeds should score near chance; the PGD controls are seeds
+moved within an L-inf ball of {judged["pgd"]["epsilon"]:.4g} towards the target against R_T
+({judged["pgd"]["steps"]} steps): R_T accepts them, a robust judge should not. Judges took
+{judged["seconds"]:.1f} s.<br>{notes}</p>
+<table><thead><tr><th>judge</th>{head}</tr></thead><tbody>
+{chr(10).join(rows)}
+</tbody></table>
+<h3>Realism and closeness</h3>
+<table><thead><tr><th>measure</th>{real_head}</tr></thead><tbody>{real_rows}</tbody></table>
+{plot}
+"""
+
+
 def write_html(path: str | Path, summary: dict[str, Any]) -> None:
     """The self-contained report: headline, table, CMC plot, histogram and one grid per identity.
 
@@ -393,7 +504,7 @@ def write_html(path: str | Path, summary: dict[str, Any]) -> None:
         )
         body.append(f"<tr{cls}>{cells}</tr>")
     pics = summary.get("files", {})
-    figures = []
+    figures = [judges_html(summary["judges"], path.parent, pics)] if "judges" in summary else []
     if pics:
         figures.append(f"<h2>CMC</h2>{_img(path.parent / pics['cmc'], 'CMC curves')}")
         figures.append(f"<h2>R_E scores</h2>{_img(path.parent / pics['scores_hist'], 'scores')}")

@@ -35,6 +35,8 @@ from jaxmia.errors import JaxmiaError
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
 RECOGNIZERS = ("all", "target", "evaluation", "both")
+# Every role a checkpoint may have; its position keys the initialisation.
+KEYED_ROLES = (*RECOGNIZERS, "evaluation_other")
 ROLES = {
     "all": ("all",),
     "target": ("target",),
@@ -518,7 +520,7 @@ def make_job(
         names=names,
         train=train,
         test=test,
-        key=jax.random.fold_in(jax.random.key(config.seed), RECOGNIZERS.index(role)),
+        key=jax.random.fold_in(jax.random.key(config.seed), KEYED_ROLES.index(role)),
         meta=meta,
     )
 

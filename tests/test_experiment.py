@@ -35,6 +35,13 @@ TINY = [
     "--config.inversion.optimizer=adam",
     "--config.inversion.learning_rate=0.05",
     "--config.inversion.max_batch=2",
+    "--config.judges.other_model.widths=(4,8)",
+    "--config.judges.other_model.blocks=(1,1)",
+    "--config.judges.other_train.epochs=2",
+    "--config.judges.eigenfaces=8",
+    "--config.judges.transforms.samples=2",
+    "--config.judges.pgd.steps=3",
+    "--config.judges.pgd.per_identity=2",
 ]
 
 
@@ -132,8 +139,11 @@ def test_outputs_and_report_numbers_equal_json(finished):
         assert (w / "report" / name).is_file(), name
     assert checkpoint.load_recognizer(w / "target").step == 2
     assert checkpoint.load_recognizer(w / "evaluation").step == 2
+    other = checkpoint.load_recognizer(w / "evaluation_other")
+    assert other.config.arch == "resnet" and other.config.widths == (4, 8)
+    assert other.names == checkpoint.load_recognizer(w / "evaluation").names
     records = json.loads((w / "stages.json").read_text())
-    assert [records[s]["status"] for s in experiment.STAGES] == ["done"] * 5
+    assert [records[s]["status"] for s in experiment.STAGES] == ["done"] * 6
 
     summary = json.loads((w / "report" / "evaluation.json").read_text())
     assert summary["num_identities"] == 2 and summary["clones_per_identity"] == 2
@@ -154,6 +164,29 @@ def test_outputs_and_report_numbers_equal_json(finished):
     assert float(html.unescape(titles["top5"])) == o["top5"]
     head_json = json.loads((w / "experiment.json").read_text())["headline"]
     assert head_json["top1"] == o["top1"] and head_json["seed_top1"] == s["top1"]
+
+    # Every judge on every group, R_E's row the same as its own table, the report shows them.
+    judged = summary["judges"]
+    assert set(judged["top"]) == {"clones", "seeds", "real", "pgd"}
+    every = {"R_T", "R_E", "R_E_transformed", "R_E_other", "R_E_other_transformed",
+             "eigenface_nn", "eigenface_mean", "pixel_nn"}  # fmt: skip
+    assert set(judged["top"]["clones"]) == every
+    assert judged["top"]["clones"]["R_E"]["top1"] == o["top1"]
+    assert judged["top"]["seeds"]["R_E"]["top1"] == s["top1"]
+    assert judged["top"]["clones"]["R_E"]["count"] == 4
+    assert judged["top"]["pgd"]["R_T"]["count"] == 4  # 2 per identity
+    assert judged["top"]["real"]["R_E"]["count"] == 4  # 2 test photos of each attacked person
+    inflation = judged["inflation"]
+    best = max(judged["robust"], key=lambda j: judged["top"]["clones"][j]["top1"])
+    assert inflation["adversarial_inflation"] == pytest.approx(
+        o["top1"] - judged["top"]["clones"][best]["top1"]
+    )
+    assert head_json["adversarial_inflation"] == inflation["adversarial_inflation"]
+    assert any("8 components of 16 R_E training photos" in n for n in judged["notes"])
+    assert "Judges beside R_E" in page and "Adversarial inflation" in page
+    assert (w / "report" / "judges.png").is_file()
+    header = (w / "report" / "clones.csv").read_text().splitlines()[0].split(",")
+    assert "rank_pixel_nn" in header and "rank_R_E_other" in header and "knn_ratio" in header
 
 
 def test_selection_keeps_the_best_by_r_t(finished):
@@ -209,7 +242,7 @@ def test_rerun_skips_every_stage(finished, capsys, monkeypatch):
     before = (finished / "report" / "evaluation.json").stat().st_mtime_ns
     rc, out, err = run_cli(capsys, finished, "--config.experiment.restarts=2")
     assert rc == 0, err
-    assert out.count("skipped") == 5
+    assert out.count("skipped") == 6
     summary = json.loads((finished / "report" / "evaluation.json").read_text())
     assert f"top-1 by R_E {100 * summary['overall']['top1']:.1f}%" in out
     assert f"report: {finished / 'report' / 'report.html'}" in out
@@ -281,6 +314,11 @@ def test_an_interrupted_stage_with_outputs_holds_its_settings(finished, tmp_path
         (["--config.split.num_aux=0", "--config.split.num_attacked=2"], ["split.num_aux=0"]),
         (["--config.split.num_attacked=9", "--config.split.num_aux=2"], ["identities"]),
         (["--config.experiment.bogus=1"], ["experiment.bogus"]),
+        (["--config.judges.other_arch=vgg"], ["judges.other_arch", "resnet"]),
+        (["--config.judges.other_train.epochs=0"], ["second R_E", "epochs"]),
+        (["--config.judges.sort_by=bogus"], ["judges.sort_by", "pixel_nn"]),
+        (["--config.judges.pgd.epsilon=0"], ["epsilon"]),
+        (["--config.judges.eigenfaces=0"], ["judges.eigenfaces"]),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, capsys, extra, words):

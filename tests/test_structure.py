@@ -139,7 +139,9 @@ def test_every_third_party_import_is_declared():
 
 def test_every_dev_dependency_is_used():
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    dev = _requirement_names(project["optional-dependencies"]["dev"]) - {"pytest", "ruff"}
+    # pytest-xdist is a plugin the test command loads (-n 2), never imported.
+    tools = {"pytest", "pytest-xdist", "ruff"}
+    dev = _requirement_names(project["optional-dependencies"]["dev"]) - tools
     used = set()
     for path in [*(ROOT / "tests").rglob("*.py"), *(ROOT / "benchmarks").rglob("*.py")]:
         used |= {DISTRIBUTION.get(m.split(".")[0], m.split(".")[0]) for m in _imports(path)}

@@ -1,0 +1,212 @@
+"""R_E's verdict averaged over small random transforms: a judge that adversarial patterns fool less.
+
+A face keeps its identity under a small shift, flip, zoom, blur or noise; an adversarial pixel
+pattern (``jaxmia.adversarial``) mostly does not, since it is tuned to the exact pixels. So the
+robust score of an image is the recognizer's softmax probability of the target averaged over
+``samples`` random transforms of it, and its rank is the target's rank in those mean
+probabilities.
+
+Each image draws its transforms from its own key, ``fold_in(key, i)`` for the image at index
+``i``, so its verdict does not depend on the batch size or on the other images. The transforms
+and the recognizer run on the device, one jitted program per batch shape (``jaxmia.batching``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxmia import batching, models, scores, transforms
+from jaxmia.errors import JaxmiaError
+
+if TYPE_CHECKING:
+    from jaxmia.checkpoint import LoadedRecognizer
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformSettings:
+    """The ranges of the random transforms (hashable: the jitted scoring takes it as static).
+
+    A range of 0 (or ``flip=False``) leaves that transform out, exactly.
+
+    Attributes:
+      max_shift: shift in pixels, uniform in [-max_shift, max_shift] per axis, edges replicated
+        (``transforms.shift``).
+      flip: a horizontal flip with probability 1/2.
+      scale: zoom about the centre by a factor uniform in [1 - scale, 1 + scale], bilinear, edges
+        replicated; in [0, 1) (a factor must stay positive).
+      blur_sigma: Gaussian blur of a sigma uniform in [0, blur_sigma] pixels, edges replicated.
+      noise_std: standard deviation of additive Gaussian noise (then clipped to [0, 1]).
+      samples: transforms per image, >= 1.
+    """
+
+    max_shift: int = 4
+    flip: bool = True
+    scale: float = 0.1
+    blur_sigma: float = 1.0
+    noise_std: float = 0.02
+    samples: int = 8
+
+    def __post_init__(self):
+        for name in ("max_shift", "samples"):
+            value, low = getattr(self, name), 1 if name == "samples" else 0
+            if not isinstance(value, int) or value < low:
+                raise JaxmiaError(f"robust {name}={value!r}: expected an integer >= {low}")
+        if not 0 <= self.scale < 1:
+            raise JaxmiaError(f"robust scale={self.scale}: expected in [0, 1)")
+        for name in ("blur_sigma", "noise_std"):
+            value = getattr(self, name)
+            if not 0 <= value < math.inf:
+                raise JaxmiaError(f"robust {name}={value}: expected finite >= 0")
+
+
+def zoom(x: jax.Array, factor: jax.Array, max_scale: float) -> jax.Array:
+    """The image magnified by ``factor`` about its centre, bilinear, edges replicated.
+
+    ``jax.image.scale_and_translate`` gives zero weight to samples beyond the input, which would
+    frame a shrunk image in black; the image is edge-padded first by as much as the smallest
+    factor, ``1 - max_scale``, can reveal, so the border repeats the edge instead.
+
+    Args:
+      x: the image. # [h, w, c]
+      factor: > 1 magnifies, < 1 shrinks; a traced scalar in [1 - max_scale, 1 + max_scale].
+      max_scale: static, in [0, 1): sets the padding.
+
+    Returns:
+      The zoomed image. # [h, w, c]
+    """
+    h, w, _ = x.shape
+    # Output pixel o samples the padded input at (o + 0.5 - t) / factor - 0.5; the centre stays
+    # put when t = size / 2 - factor (size / 2 + pad).
+    pad = math.ceil(max(h, w) * (1 / (1 - max_scale) - 1) / 2) + 1
+    xp = jnp.pad(x, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+    half = jnp.asarray([h / 2, w / 2])
+    scale = jnp.stack([factor, factor])
+    return jax.image.scale_and_translate(
+        xp, x.shape, (0, 1), scale, half - scale * (half + pad), "linear", antialias=False
+    )
+
+
+def gaussian_blur(x: jax.Array, sigma: jax.Array, radius: int) -> jax.Array:
+    """Per-channel Gaussian blur, separable, kernel radius ``radius``, edges replicated.
+
+    Sigma may be traced (one program serves every draw); sigma 0 is the identity, exactly: the
+    kernel is then 1 at its centre and 0 elsewhere, not 0 / 0.
+
+    Args:
+      x: the image. # [h, w, c]
+      sigma: the blur's standard deviation in pixels, scalar >= 0.
+      radius: static int >= 1.
+
+    Returns:
+      The blurred image. # [h, w, c]
+    """
+    h, w, _ = x.shape
+    t = jnp.arange(-radius, radius + 1, dtype=x.dtype)
+    k = jnp.exp(-0.5 * (t / jnp.maximum(sigma, 1e-6)) ** 2)  # [2r + 1]; exp(-inf) = 0
+    k = k / k.sum()
+    xp = jnp.pad(x, ((radius, radius), (radius, radius), (0, 0)), mode="edge")
+    xp = sum(k[i] * xp[i : i + h] for i in range(2 * radius + 1))  # [h, w + 2r, c]
+    return sum(k[j] * xp[:, j : j + w] for j in range(2 * radius + 1))
+
+
+def random_transform(x: jax.Array, key: jax.Array, settings: TransformSettings) -> jax.Array:
+    """A random shift, flip, zoom, blur and noise of one image, in that order.
+
+    The key is split in five, one part per transform, so leaving one out does not change the
+    draws of the others. # [h, w, c] -> [h, w, c]
+    """
+    k_shift, k_flip, k_zoom, k_blur, k_noise = jax.random.split(key, 5)
+    x = transforms.random_shift(x, k_shift, settings.max_shift)
+    if settings.flip:
+        x = transforms.random_flip(x, k_flip)
+    if settings.scale > 0:
+        s = settings.scale
+        x = zoom(x, jax.random.uniform(k_zoom, (), minval=1 - s, maxval=1 + s), s)
+    if settings.blur_sigma > 0:
+        sigma = jax.random.uniform(k_blur, (), maxval=settings.blur_sigma)
+        x = gaussian_blur(x, sigma, math.ceil(3 * settings.blur_sigma))
+    if settings.noise_std > 0:
+        noise = settings.noise_std * jax.random.normal(k_noise, x.shape, x.dtype)
+        x = jnp.clip(x + noise, 0.0, 1.0)
+    return x
+
+
+def image_keys(key: jax.Array, index: jax.Array, samples: int) -> jax.Array:
+    """The transform keys of the images at ``index``: ``split(fold_in(key, i), samples)``.
+
+    # [b] -> [b, samples]
+    """
+    return jax.vmap(lambda i: jax.random.split(jax.random.fold_in(key, i), samples))(index)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 5))
+def _robust_batch(
+    graphdef: nnx.GraphDef,
+    params: nnx.State | dict,
+    x: jax.Array,
+    targets: jax.Array,
+    index: jax.Array,
+    settings: TransformSettings,
+    key: jax.Array,
+) -> tuple[jax.Array, jax.Array]:
+    """(mean target probability [b], target rank in the mean probabilities [b]) of one batch."""
+    b, s = x.shape[0], settings.samples
+    keys = image_keys(key, index, s)  # [b, s]
+    each = jax.vmap(lambda xi, ki: random_transform(xi, ki, settings), (None, 0))
+    moved = jax.vmap(each)(x, keys)  # [b, s, h, w, c]
+    z = models.logits(graphdef, params, moved.reshape(b * s, *x.shape[1:]))  # [b s, k]
+    probs = jax.nn.softmax(z).reshape(b, s, -1).mean(axis=1)  # [b, k]
+    score = jnp.take_along_axis(probs, targets[:, None], axis=1)[:, 0]
+    return score, scores.target_ranks(probs, targets)
+
+
+def robust_scores(
+    recognizer: LoadedRecognizer,
+    images: np.ndarray,
+    targets: np.ndarray,
+    settings: TransformSettings,
+    key: jax.Array,
+    *,
+    batch_size: int = 256,
+    progress: bool = False,
+    desc: str = "robust",
+) -> scores.Scores:
+    """Each image's target probability averaged over random transforms, and the target's rank.
+
+    Args:
+      recognizer: the judge (graphdef, params, config), usually R_E.
+      images: values in [0, 1]. # [n, h, w, c]
+      targets: the recognizer's label of each image's identity. # [n]
+      settings: the transforms' ranges and how many per image.
+      key: PRNG key; image i's transforms use ``image_keys(key, i, samples)``.
+      batch_size: images per compiled call (the recognizer sees ``batch_size * samples``); the
+        last batch is padded so there is one compile.
+      progress: show a progress bar.
+      desc: the progress bar's label.
+
+    Returns:
+      Scores: the mean probability of the target, its rank in the mean probabilities (1 = top;
+      ties count against the target, a non-finite row ranks last, as
+      ``scores.target_ranks``), and no features.
+    """
+    images = np.asarray(images, np.float32)
+    score, rank = batching.map_batches(
+        lambda x, t, i: _robust_batch(
+            recognizer.graphdef, recognizer.params, x, t, i, settings, key
+        ),
+        images,
+        np.asarray(targets, np.int32),
+        np.arange(len(images), dtype=np.int32),  # padding repeats an index: its row is dropped
+        sizes=batching.sizes_for(len(images), batch_size),
+        progress=progress,
+        desc=desc,
+    )
+    return scores.Scores(score=score, rank=rank, features=None)

@@ -1,0 +1,448 @@
+"""Every judge on every group of images: how much of an attack's success survives honest judges.
+
+R_E, the paper's judge, shares R_T's architecture, and a gradient pattern that fools one CNN
+often fools its twin. So beside R_E the clones are judged by
+
+- ``R_E_transformed``: R_E's softmax averaged over random small shifts, flips, zooms, blurs and
+  noise (``jaxmia.robust``); a face keeps its identity under them, a pixel pattern mostly not;
+- ``R_E_other``: a second evaluation recognizer of another architecture, trained on R_E's
+  photos (``jaxmia experiment``'s ``evaluation_other`` stage), and the same under transforms;
+- ``eigenface_nn``, ``eigenface_mean``, ``pixel_nn``: judges that are not CNNs, fitted on R_E's
+  real training photos (``jaxmia.judges``): the identity of the nearest photo, or class mean, in
+  an eigenface space of those photos, and of the nearest photo in pixels.
+
+Every judge ranks the target among R_E's identities (the same gallery, so the same chance), and
+judges four groups alike: the **clones**; their **seeds** (the floor: near chance); **held-out
+real photos** of the attacked identities that no recognizer or judge was fitted on (the
+ceiling); and **PGD controls**, seeds pushed towards the target against R_T within a small L-inf
+ball (``jaxmia.adversarial``): R_T accepts them, so a judge that accepts them too is fooled by
+adversarial patterns. R_T's own ranks are reported beside them (it is the attacked model, not a
+judge). "Adversarial inflation" is R_E's top-1 on the clones minus the most generous robust
+judge's (``ROBUST``): the share of R_E's success that no robust judge confirms.
+
+Realism and closeness, per group: the Fréchet distance to R_E's real photos in the eigenface
+coefficient space (FID's formula, not its Inception features, which cannot be downloaded here),
+the KNN ratio (eigenface distance to the target's nearest photo over that to anyone else's: < 1
+is "closer to the target than to anyone else") and the energy outside the span of the eigenfaces.
+
+The recognizers run in JAX on the device; the statistics are NumPy on the host.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import TYPE_CHECKING, Any
+
+import jax
+import ml_collections
+import numpy as np
+
+from jaxmia import adversarial, judges, robust, scores
+from jaxmia.errors import JaxmiaError
+
+if TYPE_CHECKING:
+    from jaxmia.checkpoint import LoadedRecognizer
+    from jaxmia.data import FaceSet
+
+GROUPS = ("clones", "seeds", "real", "pgd")
+GROUP_TITLES = {
+    "clones": "clones",
+    "seeds": "seeds (floor)",
+    "real": "held-out real photos (ceiling)",
+    "pgd": "PGD controls (adversarial)",
+}
+ROBUST = ("R_E_transformed", "eigenface_nn", "eigenface_mean", "pixel_nn")
+JUDGE_TITLES = {
+    "R_T": "R_T (the attacked model; not a judge)",
+    "R_E": "R_E (R_T's architecture: the paper's judge)",
+    "R_E_transformed": "R_E under random transforms",
+    "R_E_other": "R_E of another architecture",
+    "R_E_other_transformed": "R_E of another architecture under transforms",
+    "eigenface_nn": "nearest real photo, eigenface space",
+    "eigenface_mean": "nearest class mean, eigenface space",
+    "pixel_nn": "nearest real photo, pixels",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The judges' settings (``config.judges``)."""
+
+    eigenfaces: int
+    transforms: robust.TransformSettings
+    pgd: adversarial.PGDSettings
+    pgd_per_identity: int
+    seed: int
+
+    @classmethod
+    def from_config(cls, judges_config: ml_collections.ConfigDict) -> Settings:
+        """Raises a JaxmiaError naming the first nonsensical field."""
+        c = judges_config
+        if not isinstance(c.eigenfaces, int) or c.eigenfaces < 1:
+            raise JaxmiaError(
+                f"config field judges.eigenfaces: expected an integer >= 1, got {c.eigenfaces!r}"
+            )
+        if not isinstance(c.pgd.per_identity, int) or c.pgd.per_identity < 0:
+            raise JaxmiaError(
+                "config field judges.pgd.per_identity: expected an integer >= 0, got "
+                f"{c.pgd.per_identity!r}"
+            )
+        if c.sort_by not in ("", *JUDGE_TITLES):
+            raise JaxmiaError(
+                f"config field judges.sort_by: expected '' or one of {', '.join(JUDGE_TITLES)}, "
+                f"got {c.sort_by!r}"
+            )
+        t = c.transforms
+        try:
+            return cls(
+                eigenfaces=c.eigenfaces,
+                transforms=robust.TransformSettings(
+                    max_shift=t.max_shift,
+                    flip=t.flip,
+                    scale=t.scale,
+                    blur_sigma=t.blur_sigma,
+                    noise_std=t.noise_std,
+                    samples=t.samples,
+                ),  # fmt: skip
+                pgd=adversarial.PGDSettings(
+                    epsilon=c.pgd.epsilon, step_size=c.pgd.step_size, steps=c.pgd.steps
+                ),
+                pgd_per_identity=c.pgd.per_identity,
+                seed=t.seed,
+            )
+        except JaxmiaError as e:  # the modules name their own fields; say where they are set
+            raise JaxmiaError(f"config section judges.pgd / judges.transforms: {e}") from e
+
+
+@dataclasses.dataclass(frozen=True)
+class Panel:
+    """The judges of one evaluation, fitted, and the held-out real photos they are checked on."""
+
+    evaluator: LoadedRecognizer  # R_E
+    other: LoadedRecognizer | None  # R_E of another architecture
+    target: LoadedRecognizer | None  # R_T, for the PGD controls and its own ranks
+    fitted: judges.Judges  # on R_E's real training photos, R_E's label order
+    real: np.ndarray  # held-out real photos of the attacked identities # [m, h, w, c]
+    real_names: tuple[str, ...]  # [m] their identities
+    settings: Settings
+    notes: tuple[str, ...]
+
+
+def make_panel(
+    evaluator: LoadedRecognizer,
+    gallery: np.ndarray,
+    gallery_names: list[str] | tuple[str, ...],
+    real: np.ndarray,
+    real_names: list[str] | tuple[str, ...],
+    settings: Settings,
+    *,
+    other: LoadedRecognizer | None = None,
+    target: LoadedRecognizer | None = None,
+) -> Panel:
+    """Fits the non-CNN judges on R_E's real training photos.
+
+    Args:
+      evaluator: R_E; its label order is the judges' gallery order.
+      gallery: R_E's real training photos. # [g, h, w, c]
+      gallery_names: their identities (each known to R_E). # [g]
+      real: held-out real photos of the attacked identities (none fitted on). # [m, h, w, c]
+      real_names: their identities. # [m]
+      settings: the judges' settings.
+      other: a second R_E of another architecture, or None.
+      target: R_T, or None (then no PGD controls).
+
+    Raises:
+      JaxmiaError: photos of another size than R_E takes, names R_E does not know, or too few
+        photos for an eigenface space.
+    """
+    cfg = evaluator.config
+    want = (*cfg.image_size, cfg.channels)
+    for what, images in (("R_E's real training photos", gallery), ("held-out photos", real)):
+        if len(images) and tuple(images.shape[1:]) != want:
+            raise JaxmiaError(
+                f"judges: {what} are {'x'.join(map(str, images.shape[1:]))}, R_E takes "
+                f"{'x'.join(map(str, want))}"
+            )
+    labels = _labels(gallery_names, evaluator, "R_E's real training photos")
+    notes = []
+    components = settings.eigenfaces
+    if len(gallery) - 1 < components:
+        if len(gallery) < 2:
+            raise JaxmiaError(
+                f"judges: {len(gallery)} real training photos of R_E; an eigenface space needs 2"
+            )
+        components = len(gallery) - 1
+        notes.append(
+            f"judges.eigenfaces={settings.eigenfaces}: {len(gallery)} real photos allow "
+            f"{components} components, used"
+        )
+    fitted = judges.fit(
+        judges.Gallery(np.asarray(gallery, np.float32), labels, cfg.num_classes), components
+    )
+    notes.append(
+        f"eigenface space: {components} components of {len(gallery)} R_E training photos "
+        f"({100 * fitted.eigenfaces.explained:.1f}% of their variance)"
+    )
+    if not len(real):
+        notes.append("no held-out real photos of the attacked identities: no ceiling control")
+    if target is None:
+        notes.append("no R_T: no PGD controls")
+    return Panel(
+        evaluator=evaluator,
+        other=other,
+        target=target,
+        fitted=fitted,
+        real=np.asarray(real, np.float32),
+        real_names=tuple(real_names),
+        settings=settings,
+        notes=tuple(notes),
+    )
+
+
+def panel_from_faces(
+    evaluator: LoadedRecognizer,
+    faces: FaceSet,
+    identities: tuple[str, ...],
+    settings: Settings,
+    *,
+    other: LoadedRecognizer | None = None,
+    target: LoadedRecognizer | None = None,
+) -> Panel:
+    """The judges of ``jaxmia evaluate``: fitted on the face set's photos R_E trained on.
+
+    The held-out real photos are those of the attacked ``identities`` that no given recognizer
+    trained on (by the ``train_files`` their checkpoints record). Where the face set holds none
+    of R_E's training files (another source), the judges are fitted on all its photos of R_E's
+    identities and there is no held-out control (noted).
+    """
+    names = np.asarray(faces.names, object)[faces.labels]  # [n] each photo's identity
+    known = np.isin(names, list(evaluator.names))
+    files = np.asarray(faces.files or [""] * len(names), object)
+    trained_e = np.isin(files, list(evaluator.meta.get("train_files") or ()))
+    extra = []
+    if trained_e.any():
+        gallery = trained_e & known
+        trained = trained_e.copy()
+        for rec in (target, other):
+            if rec is not None:
+                trained |= np.isin(files, list(rec.meta.get("train_files") or ()))
+        held_out = np.isin(names, list(identities)) & ~trained
+    else:
+        gallery, held_out = known, np.zeros(len(names), bool)
+        extra.append(
+            f"judges fitted on every photo of R_E's identities in {faces.source}: it holds none "
+            "of R_E's training files"
+        )
+    panel = make_panel(
+        evaluator, faces.images[gallery], list(names[gallery]), faces.images[held_out],
+        list(names[held_out]), settings, other=other, target=target,
+    )  # fmt: skip
+    return dataclasses.replace(panel, notes=(*extra, *panel.notes))
+
+
+def _labels(names, recognizer: LoadedRecognizer, what: str) -> np.ndarray:
+    index = {name: i for i, name in enumerate(recognizer.names)}
+    unknown = sorted({n for n in names if n not in index})
+    if unknown:
+        raise JaxmiaError(
+            f"judges: {what} include identities R_E does not know: {', '.join(unknown[:5])}"
+        )
+    return np.array([index[n] for n in names], np.int32)
+
+
+def pgd_controls(
+    panel: Panel, seeds: np.ndarray, identities: tuple[str, ...], *, batch_size: int = 256
+) -> tuple[np.ndarray, tuple[str, ...]]:
+    """The adversarial controls: the first seeds of each identity pushed towards it against R_T.
+
+    Args:
+      panel: the judges (its ``target`` must be set).
+      seeds: each clone's seed. # [ids, clones, h, w, c]
+      identities: the targets. # [ids]
+      batch_size: images per compiled call.
+
+    Returns:
+      (images [ids * k, h, w, c], their targets' names), k = min(per_identity, clones).
+    """
+    k = min(panel.settings.pgd_per_identity, seeds.shape[1])
+    start = seeds[:, :k].reshape(-1, *seeds.shape[2:])
+    names = tuple(np.repeat(np.asarray(identities, object), k))
+    if panel.target is None or k == 0:
+        return start[:0], ()
+    targets = _labels(names, panel.target, "the inversion's identities")
+    images = adversarial.adversarial_controls(
+        panel.target, start, targets, panel.settings.pgd, batch_size=batch_size
+    )
+    return images, names
+
+
+def judge_groups(
+    panel: Panel,
+    groups: dict[str, tuple[np.ndarray, tuple[str, ...]]],
+    *,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> dict[str, dict[str, np.ndarray]]:
+    """Every judge's rank of the target, and the realism measures, for each group of images.
+
+    Args:
+      panel: the judges.
+      groups: group name -> (images [n, h, w, c], the target identity of each [n]).
+      batch_size: images per compiled call.
+      progress: show progress bars.
+
+    Returns:
+      group -> {judge name -> ranks [n] (1 = top), "knn_ratio" [n], "residual_energy" [n]}.
+    """
+    key = jax.random.key(panel.settings.seed)
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for g, (images, names) in groups.items():
+        images = np.asarray(images, np.float32)
+        targets = _labels(names, panel.evaluator, f"the {g}")
+        found: dict[str, np.ndarray] = {}
+        if panel.target is not None:
+            found["R_T"] = scores.score_images(
+                panel.target, images, _labels(names, panel.target, f"the {g}"),
+                batch_size=batch_size, progress=progress, desc=f"R_T {g}",
+            ).rank  # fmt: skip
+        cnns = [("R_E", panel.evaluator)]
+        if panel.other is not None:
+            cnns.append(("R_E_other", panel.other))
+        for name, rec in cnns:
+            found[name] = scores.score_images(
+                rec, images, targets, batch_size=batch_size, progress=progress,
+                desc=f"{name} {g}",
+            ).rank  # fmt: skip
+            found[f"{name}_transformed"] = robust.robust_scores(
+                rec, images, targets, panel.settings.transforms,
+                jax.random.fold_in(key, GROUPS.index(g)), batch_size=batch_size,
+                progress=progress, desc=f"{name} transformed {g}",
+            ).rank  # fmt: skip
+        found |= judges.judge(panel.fitted, images, targets)
+        found["frechet"] = np.asarray(_frechet(panel, images))
+        out[g] = found
+    return out
+
+
+def _frechet(panel: Panel, images: np.ndarray) -> float:
+    return judges.frechet_to_gallery(panel.fitted, images) if len(images) >= 2 else np.nan
+
+
+def _mean(a: np.ndarray) -> float | None:
+    a = np.asarray(a, np.float64)
+    a = a[np.isfinite(a)]
+    return float(a.mean()) if a.size else None
+
+
+def summarise(verdicts: dict[str, dict[str, np.ndarray]], num_classes: int) -> dict[str, Any]:
+    """The JSON-ready table: per group and judge top-1 / top-5, realism, adversarial inflation."""
+    table: dict[str, dict[str, Any]] = {}
+    realism: dict[str, dict[str, Any]] = {}
+    for g, found in verdicts.items():
+        ranks = {j: r for j, r in found.items() if j in JUDGE_TITLES}
+        table[g] = {
+            j: {
+                "top1": float(np.mean(r <= 1)) if len(r) else None,
+                "top5": float(np.mean(r <= 5)) if len(r) else None,
+                "count": len(r),
+            }
+            for j, r in ranks.items()
+        }
+        ratio = np.asarray(found["knn_ratio"], np.float64)
+        finite = ratio[np.isfinite(ratio)]
+        realism[g] = {
+            "count": len(ratio),
+            "frechet_eigenface": _mean(found["frechet"]),
+            "knn_ratio_median": float(np.median(finite)) if finite.size else None,
+            "knn_ratio_below_1": float(np.mean(finite < 1)) if finite.size else None,
+            "residual_energy_mean": _mean(found["residual_energy"]),
+        }
+    judges_seen = [j for j in JUDGE_TITLES if any(j in t for t in table.values())]
+    summary = {
+        "judges": {j: JUDGE_TITLES[j] for j in judges_seen},
+        "robust": [j for j in ROBUST if j in judges_seen],
+        "groups": {g: GROUP_TITLES[g] for g in table},
+        "top": table,
+        "realism": realism,
+        "chance_top1": 1 / num_classes,
+    }
+    clones = table.get("clones")
+    if clones:
+        robust_top1 = {j: clones[j]["top1"] for j in summary["robust"]}
+        best = max(robust_top1, key=robust_top1.get)
+        summary["inflation"] = {
+            "adversarial_inflation": clones["R_E"]["top1"] - robust_top1[best],
+            "most_generous_robust_judge": best,
+            "per_judge": {j: clones["R_E"]["top1"] - v for j, v in robust_top1.items()},
+        }
+        if "R_E_other" in clones:
+            other = clones["R_E_other"]["top1"]
+            summary["inflation"]["vs_R_E_other"] = clones["R_E"]["top1"] - other
+    return summary
+
+
+def run(
+    panel: Panel,
+    clones: np.ndarray,
+    seeds: np.ndarray,
+    identities: tuple[str, ...],
+    *,
+    batch_size: int = 256,
+    progress: bool = False,
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """All judges on an inversion's clones, its seeds and the controls.
+
+    Args:
+      panel: the fitted judges.
+      clones: # [ids, clones, h, w, c]
+      seeds: # [ids, clones, h, w, c]
+      identities: the target of each row. # [ids]
+      batch_size: images per compiled call.
+      progress: show progress bars.
+
+    Returns:
+      (the summary of ``summarise`` with notes and seconds, per-clone ranks of every judge but
+      R_E (the caller has those), the KNN ratio and residual energy ``{name: [ids, clones]}``).
+    """
+    t0 = time.perf_counter()
+    ids, n = clones.shape[:2]
+    names = tuple(np.repeat(np.asarray(identities, object), n))
+    pgd, pgd_names = pgd_controls(panel, seeds, identities, batch_size=batch_size)
+    groups = {
+        "clones": (clones.reshape(-1, *clones.shape[2:]), names),
+        "seeds": (seeds.reshape(-1, *seeds.shape[2:]), names),
+        "real": (panel.real, panel.real_names),
+        "pgd": (pgd, pgd_names),
+    }
+    verdicts = judge_groups(panel, groups, batch_size=batch_size, progress=progress)
+    summary = summarise(verdicts, panel.evaluator.config.num_classes)
+    summary["notes"] = list(panel.notes)
+    summary["pgd"] = dataclasses.asdict(panel.settings.pgd) | {
+        "per_identity": min(panel.settings.pgd_per_identity, n)
+    }
+    summary["transforms"] = dataclasses.asdict(panel.settings.transforms)
+    summary["seconds"] = time.perf_counter() - t0
+    per_clone = {
+        j: np.asarray(r).reshape(ids, n)
+        for j, r in verdicts["clones"].items()
+        if (j in JUDGE_TITLES and j != "R_E") or j in ("knn_ratio", "residual_energy")
+    }
+    return summary, per_clone
+
+
+def lines(judged: dict[str, Any] | None) -> list[str]:
+    """What a command prints of the judges' summary (nothing if they did not run)."""
+    if not judged:
+        return []
+    out = []
+    for g, title in judged["groups"].items():
+        cells = ", ".join(f"{j} {100 * v['top1']:.1f}%" for j, v in judged["top"][g].items())
+        out.append(f"  {title}: {cells}")
+    inf = judged.get("inflation")
+    if inf:
+        out.append(
+            f"adversarial inflation {100 * inf['adversarial_inflation']:.1f} points (R_E minus "
+            f"{inf['most_generous_robust_judge']})"
+        )
+    return out
