@@ -187,8 +187,8 @@ def robust_scores(
       targets: the recognizer's label of each image's identity. # [n]
       settings: the transforms' ranges and how many per image.
       key: PRNG key; image i's transforms use ``image_keys(key, i, samples)``.
-      batch_size: images per compiled call (the recognizer sees ``batch_size * samples``); the
-        last batch is padded so there is one compile.
+      batch_size: images per compiled call (the recognizer sees ``batch_size * samples``); every
+        batch is padded to it, so there is one compile whatever the number of images.
       progress: show a progress bar.
       desc: the progress bar's label.
 
@@ -205,7 +205,9 @@ def robust_scores(
         images,
         np.asarray(targets, np.int32),
         np.arange(len(images), dtype=np.int32),  # padding repeats an index: its row is dropped
-        sizes=batching.sizes_for(len(images), batch_size),
+        # One size for every call: each group of images a judge sees (clones, seeds, real
+        # photos, controls) has its own count, and this program takes seconds to compile.
+        sizes=(batch_size,),
         progress=progress,
         desc=desc,
     )
