@@ -76,6 +76,15 @@ RECIPES = {
         "train.weight_decay": 0.05,
         "train.epochs": 100,
     },
+    "paper-adamw-crop": {
+        **_PAPER,
+        **_RECIPE,
+        **_ADAMW,
+        "data.crop": 0.75,
+        "train.learning_rate": 1e-3,
+        "train.weight_decay": 0.05,
+        "train.epochs": 100,
+    },
     "resnet10-adamw": {
         **_R10,
         **_RECIPE,

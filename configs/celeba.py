@@ -40,6 +40,9 @@ def get_config(source: str = CELEBA):
     c.data.source = f"folder:{source}"
     c.data.channels = 3
     c.data.image_size = (64, 64)
+    # The central 75% of each 128x128 photo (the face, less hair and background), resized:
+    # 41.8% -> 50.2% test accuracy on split.seed 2 (benchmarks/train_levers.md).
+    c.data.crop = 0.75
     s = c.split
     # The training recipe was chosen on split.seed 2 (benchmarks/train_levers.py); the figures
     # are reported on a draw it was not chosen on.
