@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxmia import batching, models, scores
+from jaxmia import batching, fastconv, scores
 from jaxmia import inversion as inv
 from jaxmia.errors import JaxmiaError
 
@@ -90,7 +90,7 @@ def pgd_step(
     """
 
     def margin(image):  # [h, w, c] -> []
-        return inv.logit_margin(models.logits(graphdef, params, image[None])[0], target)
+        return inv.logit_margin(fastconv.logits(graphdef, params, image[None])[0], target)
 
     x = x + settings.step_size * jnp.sign(jax.grad(margin)(x))
     return project(x, start, settings.epsilon)

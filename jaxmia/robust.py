@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 import jax
@@ -23,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxmia import batching, models, scores, transforms
+from jaxmia import batching, fastconv, scores, transforms
 from jaxmia.errors import JaxmiaError
 
 if TYPE_CHECKING:
@@ -149,23 +150,69 @@ def image_keys(key: jax.Array, index: jax.Array, samples: int) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=(0, 5))
 def _robust_batch(
-    graphdef: nnx.GraphDef,
-    params: nnx.State | dict,
+    graphdefs: tuple[nnx.GraphDef, ...],
+    params: tuple[nnx.State | dict, ...],
     x: jax.Array,
-    targets: jax.Array,
+    targets: tuple[jax.Array, ...],
     index: jax.Array,
     settings: TransformSettings,
     key: jax.Array,
-) -> tuple[jax.Array, jax.Array]:
-    """(mean target probability [b], target rank in the mean probabilities [b]) of one batch."""
+) -> tuple[tuple[jax.Array, jax.Array], ...]:
+    """Per recognizer (mean target probability [b], target rank in the mean probabilities [b])
+    of one batch; the transforms are drawn and applied once for all recognizers."""
     b, s = x.shape[0], settings.samples
     keys = image_keys(key, index, s)  # [b, s]
     each = jax.vmap(lambda xi, ki: random_transform(xi, ki, settings), (None, 0))
-    moved = jax.vmap(each)(x, keys)  # [b, s, h, w, c]
-    z = models.logits(graphdef, params, moved.reshape(b * s, *x.shape[1:]))  # [b s, k]
-    probs = jax.nn.softmax(z).reshape(b, s, -1).mean(axis=1)  # [b, k]
-    score = jnp.take_along_axis(probs, targets[:, None], axis=1)[:, 0]
-    return score, scores.target_ranks(probs, targets)
+    moved = jax.vmap(each)(x, keys).reshape(b * s, *x.shape[1:])  # [b s, h, w, c]
+    out = []
+    for graphdef, p, t in zip(graphdefs, params, targets, strict=True):
+        z = fastconv.logits(graphdef, p, moved)  # [b s, k]
+        probs = jax.nn.softmax(z).reshape(b, s, -1).mean(axis=1)  # [b, k]
+        score = jnp.take_along_axis(probs, t[:, None], axis=1)[:, 0]
+        out.append((score, scores.target_ranks(probs, t)))
+    return tuple(out)
+
+
+def robust_scores_each(
+    recognizers: Sequence[LoadedRecognizer],
+    images: np.ndarray,
+    targets: Sequence[np.ndarray],
+    settings: TransformSettings,
+    key: jax.Array,
+    *,
+    batch_size: int = 256,
+    progress: bool = False,
+    desc: str = "robust",
+) -> list[scores.Scores]:
+    """``robust_scores`` of several recognizers on the same transformed images.
+
+    The transforms cost as much as a small recognizer's forward pass (the noise's random
+    numbers most of it), so they are drawn and applied once per batch for every judge.
+
+    Args:
+      recognizers: the judges; they take the same image shape.
+      images: values in [0, 1]. # [n, h, w, c]
+      targets: per recognizer, its label of each image's identity. # each [n]
+      settings, key, batch_size, progress, desc: as ``robust_scores``.
+
+    Returns:
+      One ``Scores`` per recognizer, in their order.
+    """
+    images = np.asarray(images, np.float32)
+    graphdefs = tuple(r.graphdef for r in recognizers)
+    params = tuple(r.params for r in recognizers)
+    found = batching.map_batches(
+        lambda x, i, *t: _robust_batch(graphdefs, params, x, t, i, settings, key),
+        images,
+        np.arange(len(images), dtype=np.int32),  # padding repeats an index: its row is dropped
+        *(np.asarray(t, np.int32) for t in targets),
+        # One size for every call: the caller's number of images varies, and this program
+        # takes seconds to compile.
+        sizes=(batch_size,),
+        progress=progress,
+        desc=desc,
+    )
+    return [scores.Scores(score=score, rank=rank, features=None) for score, rank in found]
 
 
 def robust_scores(
@@ -197,18 +244,7 @@ def robust_scores(
       ties count against the target, a non-finite row ranks last, as
       ``scores.target_ranks``), and no features.
     """
-    images = np.asarray(images, np.float32)
-    score, rank = batching.map_batches(
-        lambda x, t, i: _robust_batch(
-            recognizer.graphdef, recognizer.params, x, t, i, settings, key
-        ),
-        images,
-        np.asarray(targets, np.int32),
-        np.arange(len(images), dtype=np.int32),  # padding repeats an index: its row is dropped
-        # One size for every call: each group of images a judge sees (clones, seeds, real
-        # photos, controls) has its own count, and this program takes seconds to compile.
-        sizes=(batch_size,),
-        progress=progress,
-        desc=desc,
-    )
-    return scores.Scores(score=score, rank=rank, features=None)
+    return robust_scores_each(
+        (recognizer,), images, (targets,), settings, key,
+        batch_size=batch_size, progress=progress, desc=desc,
+    )[0]  # fmt: skip

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxmia import batching, models
+from jaxmia import batching, fastconv, models
 from jaxmia.errors import JaxmiaError
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ def target_ranks(logits: jax.Array, targets: jax.Array) -> jax.Array:
 
 @functools.partial(jax.jit, static_argnums=(0, 4))
 def _score_batch(graphdef, params, x, targets, with_features: bool):
-    z = models.logits(graphdef, params, x)  # [b, k]
+    z = fastconv.logits(graphdef, params, x)  # [b, k]
     score = jnp.take_along_axis(jax.nn.softmax(z), targets[:, None], axis=1)[:, 0]
     feats = models.features(graphdef, params, x) if with_features else None  # [b, d]
     return score, target_ranks(z, targets), feats

@@ -45,7 +45,6 @@ if TYPE_CHECKING:
     from jaxmia.checkpoint import LoadedRecognizer
     from jaxmia.data import FaceSet
 
-GROUPS = ("clones", "seeds", "real", "pgd")
 GROUP_TITLES = {
     "clones": "clones",
     "seeds": "seeds (floor)",
@@ -158,6 +157,13 @@ def make_panel(
     """
     cfg = evaluator.config
     want = (*cfg.image_size, cfg.channels)
+    if other is not None and (*other.config.image_size, other.config.channels) != want:
+        o = other.config
+        raise JaxmiaError(
+            f"judges: the other R_E {getattr(other, 'path', '')} takes "
+            f"{'x'.join(map(str, (*o.image_size, o.channels)))}, R_E takes "
+            f"{'x'.join(map(str, want))}"
+        )
     for what, images in (("R_E's real training photos", gallery), ("held-out photos", real)):
         if len(images) and tuple(images.shape[1:]) != want:
             raise JaxmiaError(
@@ -246,7 +252,8 @@ def _labels(names, recognizer: LoadedRecognizer, what: str) -> np.ndarray:
     unknown = sorted({n for n in names if n not in index})
     if unknown:
         raise JaxmiaError(
-            f"judges: {what} include identities R_E does not know: {', '.join(unknown[:5])}"
+            f"judges: {what} include identities that {getattr(recognizer, 'path', 'a judge')} "
+            f"does not know: {', '.join(unknown[:5])}"
         )
     return np.array([index[n] for n in names], np.int32)
 
@@ -286,6 +293,9 @@ def judge_groups(
 ) -> dict[str, dict[str, np.ndarray]]:
     """Every judge's rank of the target, and the realism measures, for each group of images.
 
+    The groups are judged as one set of images, so each judge pads one last batch and compiles
+    once, whatever the groups' sizes; R_E and R_E_other see the same random transforms.
+
     Args:
       panel: the judges.
       groups: group name -> (images [n, h, w, c], the target identity of each [n]).
@@ -295,33 +305,39 @@ def judge_groups(
     Returns:
       group -> {judge name -> ranks [n] (1 = top), "knn_ratio" [n], "residual_energy" [n]}.
     """
-    key = jax.random.key(panel.settings.seed)
-    out: dict[str, dict[str, np.ndarray]] = {}
-    for g, (images, names) in groups.items():
-        images = np.asarray(images, np.float32)
-        targets = _labels(names, panel.evaluator, f"the {g}")
-        found: dict[str, np.ndarray] = {}
-        if panel.target is not None:
-            found["R_T"] = scores.score_images(
-                panel.target, images, _labels(names, panel.target, f"the {g}"),
-                batch_size=batch_size, progress=progress, desc=f"R_T {g}",
-            ).rank  # fmt: skip
-        cnns = [("R_E", panel.evaluator)]
-        if panel.other is not None:
-            cnns.append(("R_E_other", panel.other))
-        for name, rec in cnns:
-            found[name] = scores.score_images(
-                rec, images, targets, batch_size=batch_size, progress=progress,
-                desc=f"{name} {g}",
-            ).rank  # fmt: skip
-            found[f"{name}_transformed"] = robust.robust_scores(
-                rec, images, targets, panel.settings.transforms,
-                jax.random.fold_in(key, GROUPS.index(g)), batch_size=batch_size,
-                progress=progress, desc=f"{name} transformed {g}",
-            ).rank  # fmt: skip
-        found |= judges.judge(panel.fitted, images, targets)
-        found["frechet"] = np.asarray(_frechet(panel, images))
-        out[g] = found
+    cfg = panel.evaluator.config
+    shape = (*cfg.image_size, cfg.channels)
+    images = np.concatenate(
+        [np.asarray(im, np.float32).reshape(-1, *shape) for im, _ in groups.values()]
+    )  # [n, h, w, c]
+    names = [name for _, group_names in groups.values() for name in group_names]
+    bounds = np.cumsum([0, *(len(group_names) for _, group_names in groups.values())])
+    found: dict[str, np.ndarray] = {}
+    if panel.target is not None:
+        found["R_T"] = scores.score_images(
+            panel.target, images, _labels(names, panel.target, "the images"),
+            batch_size=batch_size, progress=progress, desc="R_T",
+        ).rank  # fmt: skip
+    cnns = {"R_E": panel.evaluator}
+    if panel.other is not None:
+        cnns["R_E_other"] = panel.other
+    targets = {j: _labels(names, rec, "the images") for j, rec in cnns.items()}
+    for j, rec in cnns.items():
+        found[j] = scores.score_images(
+            rec, images, targets[j], batch_size=batch_size, progress=progress, desc=j
+        ).rank
+    transformed = robust.robust_scores_each(
+        list(cnns.values()), images, list(targets.values()), panel.settings.transforms,
+        jax.random.key(panel.settings.seed), batch_size=batch_size, progress=progress,
+        desc="transformed",
+    )  # fmt: skip
+    for j, got in zip(cnns, transformed, strict=True):
+        found[f"{j}_transformed"] = got.rank
+    found |= judges.judge(panel.fitted, images, targets["R_E"])
+    out = {}
+    for g, lo, hi in zip(groups, bounds[:-1], bounds[1:], strict=True):
+        out[g] = {j: v[lo:hi] for j, v in found.items()}
+        out[g]["frechet"] = np.asarray(_frechet(panel, images[lo:hi]))
     return out
 
 

@@ -200,3 +200,18 @@ def test_one_compile_per_batch_shape(rec):
     for n in (5, 7):  # batches of 4, the last one padded; a new key is a traced argument
         robust.robust_scores(rec, images[:n], targets[:n], SOME, jax.random.key(n), batch_size=4)
     assert robust._robust_batch._cache_size() <= before + 1
+
+
+def test_judges_sharing_the_transforms_score_as_each_alone(rec):
+    # A second judge: the same network with other weights (halved: its scores differ).
+    other = dataclasses.replace(rec, params=jax.tree.map(lambda p: 0.5 * p, rec.params))
+    images, key = _images(5, seed=12), jax.random.key(3)
+    t_rec, t_other = np.array([0, 1, 2, 3, 4]), np.array([4, 3, 2, 1, 0])
+    both = robust.robust_scores_each(
+        (rec, other), images, (t_rec, t_other), SOME, key, batch_size=4
+    )
+    for got, judge, t in zip(both, (rec, other), (t_rec, t_other), strict=True):
+        alone = robust.robust_scores(judge, images, t, SOME, key, batch_size=4)
+        np.testing.assert_allclose(got.score, alone.score, rtol=1e-5)
+        np.testing.assert_array_equal(got.rank, alone.rank)
+    assert not np.allclose(both[0].score, both[1].score, rtol=1e-3)

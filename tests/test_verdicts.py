@@ -132,6 +132,33 @@ def test_pgd_controls_stay_in_the_ball(att):
     assert np.abs(images - 0.5).max() <= panel.settings.pgd.epsilon + 1e-6
 
 
+def test_groups_judged_together_equal_each_group_alone(att):
+    panel, _, _, split, seeds = att
+    # The other R_E: R_E with its classes in another order, so each judge needs its own labels.
+    rec = panel.evaluator
+    perm = np.random.default_rng(1).permutation(len(rec.names))
+    params = jax.tree.map(lambda x: x, rec.params)  # a copy of the pure dict train.fit returns
+    params["head"] = {
+        "kernel": params["head"]["kernel"][:, perm],
+        "bias": params["head"]["bias"][perm],
+    }
+    other = dataclasses.replace(rec, params=params, names=tuple(np.asarray(rec.names)[perm]))
+    panel = dataclasses.replace(panel, other=other)
+    names = tuple(np.repeat(np.asarray(split.attacked, object), 2))
+    groups = {
+        "seeds": (seeds.reshape(-1, *SIZE, 1), names),
+        "real": (panel.real, panel.real_names),
+    }
+    together = verdicts.judge_groups(panel, groups, batch_size=64)
+    for g, (images, group_names) in groups.items():
+        alone = verdicts.judge_groups(panel, {g: (images, group_names)}, batch_size=64)[g]
+        for j in ("R_T", "R_E", "R_E_other", "eigenface_nn", "pixel_nn"):
+            np.testing.assert_array_equal(together[g][j], alone[j], err_msg=f"{g} {j}")
+        assert together[g]["frechet"] == pytest.approx(alone["frechet"])
+    # Ranks are per name, not per label: the permuted copy ranks like R_E itself.
+    np.testing.assert_array_equal(together["real"]["R_E_other"], together["real"]["R_E"])
+
+
 def test_too_few_photos_for_the_components_is_a_note(att):
     panel, _, _, _, _ = att
     few = panel.fitted.gallery.images[:6]
