@@ -257,6 +257,17 @@ def _inversion_defaults() -> ml_collections.ConfigDict:
     c.denoise_sigma = 1.0  # gaussian: standard deviation in pixels
     c.jitter = 0  # random shift (pixels) per step: robust rather than adversarial clones
     c.flip = False
+    # What each clone's variables are (jaxmia/priors.py): "pixels" (the paper's free pixels) or
+    # "linear": coefficients of the auxiliary pool's first prior_components principal
+    # components (the seed pool's faces, public: never R_T's or R_E's photos), starting at the
+    # seed's projection; with prior_residual a pixel residual is added (it is what a denoiser
+    # filters). residual_weight and coef_weight penalise the mean squared residual and
+    # coefficient (the coefficients have unit variance over the pool's own faces).
+    c.prior = "pixels"
+    c.prior_components = 64
+    c.prior_residual = False
+    c.residual_weight = 0.0
+    c.coef_weight = 0.0
     c.stop_confidence = 0.0  # stop a clone at this target confidence; 0: off
     c.patience = 0  # stop a clone whose best loss has not improved for this many steps; 0: off
     c.min_delta = 0.0

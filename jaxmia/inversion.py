@@ -50,7 +50,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxmia import fastconv, models, sharding, transforms
+from jaxmia import fastconv, models, priors, sharding, transforms
 from jaxmia.errors import JaxmiaError
 
 LOSSES = ("least_squares", "cross_entropy", "max_margin", "poincare")
@@ -89,6 +89,11 @@ class ProgramSpec:
     steps_per_call: int  # resolved (``resolved_steps_per_call``): >= 1, or 0: one while_loop
     tv: bool  # the total variation term is in the objective (tv_weight != 0)
     l2: bool  # the squared pixel term is in the objective (l2_weight != 0)
+    # What a clone's variables are (jaxmia.priors): "pixels", or a prior's coefficients with a
+    # pixel residual (residual), their Gaussian penalty in the objective (coef_penalty).
+    prior: str = "pixels"
+    residual: bool = False
+    coef_penalty: bool = False
 
 
 class Hyper(NamedTuple):
@@ -103,6 +108,8 @@ class Hyper(NamedTuple):
     min_delta: jax.Array  # [] float32
     patience: jax.Array  # [] int32; 0: off
     denoise_every: jax.Array  # [] int32
+    residual_weight: jax.Array  # [] float32: mean squared pixel residual (priors)
+    coef_weight: jax.Array  # [] float32: mean squared prior coefficient (priors)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -143,9 +150,21 @@ class InversionConfig:
     check_every: int = 50  # steps between host checks whether every clone has stopped
     # Split the clones over every device JAX sees when there are several (jaxmia.sharding).
     shard: bool = True
+    # The clone's parametrisation (jaxmia.priors): "pixels" (the paper's) or "linear" (the
+    # auxiliary pool's first prior_components eigenfaces).
+    prior: str = "pixels"
+    prior_components: int = 64
+    prior_residual: bool = False  # add a pixel residual to the prior's image
+    residual_weight: float = 0.0  # x mean squared residual
+    coef_weight: float = 0.0  # x mean squared coefficient (a unit Gaussian prior on them)
 
     def __post_init__(self):
-        choices = {"loss": LOSSES, "optimizer": OPTIMIZERS, "denoise": DENOISERS}
+        choices = {
+            "loss": LOSSES,
+            "optimizer": OPTIMIZERS,
+            "denoise": DENOISERS,
+            "prior": priors.PRIORS,
+        }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise JaxmiaError(
@@ -166,6 +185,17 @@ class InversionConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise JaxmiaError(f"inversion.{name}={value}: expected >= 0")
+        for name in ("residual_weight", "coef_weight"):
+            if not 0 <= getattr(self, name) < math.inf:
+                raise JaxmiaError(f"inversion.{name}={getattr(self, name)}: expected finite >= 0")
+        if self.prior_components < 1:
+            raise JaxmiaError(f"inversion.prior_components={self.prior_components}: expected >= 1")
+        if self.prior != "pixels" and self.denoise != "none" and not self.prior_residual:
+            raise JaxmiaError(
+                f"inversion.denoise={self.denoise!r} filters pixels, and inversion.prior="
+                f"{self.prior!r} has none: set inversion.denoise=none or "
+                "inversion.prior_residual=True (the residual is filtered)"
+            )
 
     @classmethod
     def from_config(cls, section: Any) -> InversionConfig:
@@ -187,6 +217,9 @@ class InversionConfig:
             steps_per_call=resolved_steps_per_call(self, backend),
             tv=self.tv_weight != 0,
             l2=self.l2_weight != 0,
+            prior=self.prior,
+            residual=self.prior != "pixels" and bool(self.prior_residual),
+            coef_penalty=self.prior != "pixels" and self.coef_weight != 0,
         )
 
     def hyper(self) -> Hyper:
@@ -207,6 +240,8 @@ class InversionConfig:
             min_delta=f32(self.min_delta),
             patience=i32(self.patience),
             denoise_every=i32(self.denoise_every),
+            residual_weight=f32(self.residual_weight),
+            coef_weight=f32(self.coef_weight),
         )
 
 
@@ -237,7 +272,7 @@ class Records(NamedTuple):
 
     clones: np.ndarray  # [n, h, w, c] float32 in [0, 1]
     steps: np.ndarray  # [n] int32 updates applied
-    loss: np.ndarray  # [n] objective of the final image (no random transforms)
+    loss: np.ndarray  # [n] objective of the final image (no random transforms, no prior penalty)
     confidence: np.ndarray  # [n] softmax target probability of the final image
     reason: np.ndarray  # [n] int32 index into STOP_REASONS
 
@@ -247,7 +282,7 @@ class Records(NamedTuple):
 
 
 class _State(NamedTuple):
-    x: jax.Array  # [b, h, w, c]
+    x: Any  # [b, h, w, c], or a prior's variables per clone (jaxmia.priors)
     opt_state: Any
     best: jax.Array  # [b] lowest objective seen
     since: jax.Array  # [b] int32 steps since `best` last improved
@@ -346,21 +381,26 @@ def objective(
     cfg: InversionConfig,
     apply_fn: ApplyFn,
     params: Any,
-    x: jax.Array,
+    x: Any,
     key: jax.Array | None,
     label: jax.Array,
+    decoder: priors.Decoder | None = None,
+    prior_params: Any = None,
 ) -> tuple[jax.Array, jax.Array]:
     """One clone's objective and target confidence (``cfg``'s numbers as constants).
 
     Args:
-      x: the clone. # [h, w, c]
+      x: the clone: its image [h, w, c], or with a prior its variables (``jaxmia.priors``).
       key: the step's key for the random transforms; None evaluates the image as it is.
       label: the target class, int scalar.
+      decoder, prior_params: the prior (None: pixels).
 
     Returns:
       (data loss + regularisers, softmax probability of ``label``), scalars.
     """
-    return _objective(cfg.spec(), cfg.hyper(), apply_fn, params, x, key, label)
+    return _objective(
+        cfg.spec(), cfg.hyper(), apply_fn, params, x, key, label, decoder, prior_params
+    )
 
 
 def _objective(
@@ -368,11 +408,14 @@ def _objective(
     hyper: Hyper,
     apply_fn: ApplyFn,
     params: Any,
-    x: jax.Array,
+    w: Any,
     key: jax.Array | None,
     label: jax.Array,
+    decoder: priors.Decoder | None = None,
+    prior_params: Any = None,
 ) -> tuple[jax.Array, jax.Array]:
     """``objective`` with the numeric settings as (possibly traced) ``hyper``."""
+    x = priors.image(decoder, prior_params, w)  # [h, w, c]
     seen = x if key is None else random_transform(x, key, spec.jitter, spec.flip)
     z = apply_fn(params, seen[None])[0]  # [n]
     loss = data_loss(spec.loss, z, label, hyper.margin)
@@ -380,6 +423,10 @@ def _objective(
         loss = loss + hyper.tv_weight * total_variation(x)
     if spec.l2:
         loss = loss + hyper.l2_weight * jnp.mean(x**2)
+    if spec.residual:
+        loss = loss + hyper.residual_weight * jnp.mean(w["pixels"] ** 2)
+    if spec.coef_penalty:
+        loss = loss + hyper.coef_weight * jnp.mean(w["coef"] ** 2)
     return loss, jax.nn.softmax(z)[label]
 
 
@@ -412,6 +459,8 @@ def clone_step(
     label: jax.Array,
     step: jax.Array,
     max_steps: jax.Array,
+    decoder: priors.Decoder | None = None,
+    prior_params: Any = None,
 ) -> _State:
     """One step of one clone (state fields without the batch axis; ``cfg``'s numbers as
     constants).
@@ -419,7 +468,19 @@ def clone_step(
     The objective and confidence are those of the current image: a clone that meets a stopping
     rule is frozen at that image, before any update.
     """
-    return _step(cfg.spec(), cfg.hyper(), apply_fn, params, state, key, label, step, max_steps)
+    return _step(
+        cfg.spec(),
+        cfg.hyper(),
+        apply_fn,
+        params,
+        state,
+        key,
+        label,
+        step,
+        max_steps,
+        decoder,
+        prior_params,
+    )
 
 
 def _step(
@@ -432,15 +493,20 @@ def _step(
     label: jax.Array,
     step: jax.Array,
     max_steps: jax.Array,
+    decoder: priors.Decoder | None = None,
+    prior_params: Any = None,
 ) -> _State:
     """``clone_step`` with the numeric settings as (possibly traced) ``hyper``."""
     opt = optimizer(spec.optimizer, hyper.learning_rate, hyper.momentum)
     running = (state.reason == RUNNING) & (step < max_steps)
     step_key = jax.random.fold_in(key, step)
     (loss, conf), grad = jax.value_and_grad(
-        lambda x: _objective(spec, hyper, apply_fn, params, x, step_key, label), has_aux=True
+        lambda w: _objective(
+            spec, hyper, apply_fn, params, w, step_key, label, decoder, prior_params
+        ),
+        has_aux=True,
     )(state.x)
-    finite = jnp.isfinite(loss) & jnp.all(jnp.isfinite(grad))
+    finite = jnp.isfinite(loss) & _all_finite(grad)
 
     improved = loss < state.best - hyper.min_delta
     best = jnp.where(running & finite & improved, loss, state.best)
@@ -449,14 +515,20 @@ def _step(
     patient = (hyper.patience > 0) & (since >= hyper.patience)
 
     updates, opt_state = opt.update(grad, state.opt_state, state.x)
-    x = jnp.clip(state.x + updates, 0.0, 1.0)
-    if spec.denoise != "none":
+    x = optax.apply_updates(state.x, updates)
+    # The pixels the denoiser filters: the image, or a prior's residual (unclipped: the prior's
+    # image is clipped as a whole).
+    pixels = x if spec.prior == "pixels" else x.get("pixels")
+    if spec.prior == "pixels":
+        pixels = jnp.clip(pixels, 0.0, 1.0)
+    if spec.denoise != "none" and pixels is not None:
         denoise = {
             "median": lambda v: median_filter(v, spec.denoise_size),
             "gaussian": lambda v: gaussian_filter(v, spec.denoise_sigma),
         }[spec.denoise]
-        x = jax.lax.cond(step % hyper.denoise_every == 0, denoise, lambda v: v, x)
-    finite = finite & jnp.all(jnp.isfinite(x))
+        pixels = jax.lax.cond(step % hyper.denoise_every == 0, denoise, lambda v: v, pixels)
+    x = pixels if spec.prior == "pixels" else {**x, **({"pixels": pixels} if spec.residual else {})}
+    finite = finite & _all_finite(x)
 
     reason = jnp.select(
         [~running, ~finite, confident, patient],
@@ -466,7 +538,7 @@ def _step(
     move = running & (reason == RUNNING)
     keep = lambda new, old: jnp.where(move, new, old)  # noqa: E731
     return _State(
-        x=keep(x, state.x),
+        x=jax.tree.map(keep, x, state.x),
         opt_state=jax.tree.map(keep, opt_state, state.opt_state),
         best=best,
         since=since,
@@ -475,42 +547,68 @@ def _step(
     )
 
 
+def _all_finite(tree: Any) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(v)) for v in jax.tree.leaves(tree)]))
+
+
 # ---------------------------------------------------------------------------------------------
 # The batched program.
 
 
 @dataclasses.dataclass(frozen=True)
 class Program:
-    """The jitted pieces for one (apply_fn, spec); each compiles once per input shape."""
+    """The jitted pieces for one (apply_fn, spec, decoder); each compiles once per input shape."""
 
     spec: ProgramSpec
-    init: Callable  # (seeds [b,h,w,c]) -> _State
-    # (params, state, keys [b], labels [b], step0, max_steps, hyper) -> _State (state donated)
+    # (seeds [b,h,w,c], keys [b], prior params) -> _State: the clones' starting variables
+    init: Callable
+    # (params, state, keys [b], labels [b], step0, max_steps, hyper, prior params) -> _State
+    # (state donated)
     steps: Callable
-    evaluate: Callable  # (params, x [b,h,w,c], labels [b], hyper) -> (loss [b], confidence [b])
+    decode: Callable  # (variables [b, ...], prior params) -> images [b,h,w,c]
+    # (params, images [b,h,w,c], labels [b], hyper) -> (loss [b], confidence [b]): the image's
+    # objective, without a prior's penalties (so seeds and clones compare)
+    evaluate: Callable
     compiled: dict = dataclasses.field(default_factory=dict, compare=False, hash=False)
 
 
-def make_program(apply_fn: ApplyFn, cfg: InversionConfig) -> Program:
-    """The program for ``apply_fn`` and ``cfg``'s structure (``cfg.spec()``).
+def make_program(
+    apply_fn: ApplyFn, cfg: InversionConfig, decoder: priors.Decoder | None = None
+) -> Program:
+    """The program for ``apply_fn``, ``cfg``'s structure (``cfg.spec()``) and the prior.
 
     Cached (``build_program``): configs that differ only in numeric settings, ``check_every`` or
     ``shard`` share one program and its compilations; its jitted pieces take ``cfg.hyper()``.
     """
-    return build_program(apply_fn, cfg.spec())
+    spec = cfg.spec()
+    if (decoder is None) != (spec.prior == "pixels") or (
+        decoder is not None and decoder.kind != spec.prior
+    ):
+        raise JaxmiaError(
+            f"inversion.prior={spec.prior!r}: expected "
+            f"{'no prior' if spec.prior == 'pixels' else 'its fitted prior'}, got "
+            f"{decoder.kind if decoder else 'none'}"
+        )
+    return build_program(apply_fn, spec, decoder)
 
 
 @functools.lru_cache(maxsize=32)
-def build_program(apply_fn: ApplyFn, spec: ProgramSpec) -> Program:
-    """The program for ``apply_fn`` and ``spec`` (cached: the same pair reuses its compilations)."""
+def build_program(
+    apply_fn: ApplyFn, spec: ProgramSpec, decoder: priors.Decoder | None = None
+) -> Program:
+    """The program for ``apply_fn``, ``spec`` and ``decoder`` (cached: the same triple reuses
+    its compilations)."""
     # The state's structure depends on the optimizer's kind alone: the values are placeholders.
     opt = optimizer(spec.optimizer, 1.0, 0.0)
 
-    def init(seeds):
+    def init(seeds, keys, prior_params):
         b = seeds.shape[0]
+        x = jax.vmap(lambda s, k: priors.start(decoder, prior_params, s, k, spec.residual))(
+            seeds, keys
+        )
         return _State(
-            x=seeds,
-            opt_state=jax.vmap(opt.init)(seeds),
+            x=x,
+            opt_state=jax.vmap(opt.init)(x),
             best=jnp.full((b,), jnp.inf, seeds.dtype),
             since=jnp.zeros((b,), jnp.int32),
             steps=jnp.zeros((b,), jnp.int32),
@@ -518,13 +616,15 @@ def build_program(apply_fn: ApplyFn, spec: ProgramSpec) -> Program:
         )
 
     step_all = jax.vmap(
-        lambda hyper, params, s, k, y, t, n: _step(spec, hyper, apply_fn, params, s, k, y, t, n),
-        in_axes=(None, None, 0, 0, 0, None, None),
+        lambda hyper, params, s, k, y, t, n, pp: _step(
+            spec, hyper, apply_fn, params, s, k, y, t, n, decoder, pp
+        ),
+        in_axes=(None, None, 0, 0, 0, None, None, None),
     )
 
-    def steps(params, state, keys, labels, step0, max_steps, hyper):
+    def steps(params, state, keys, labels, step0, max_steps, hyper, prior_params):
         def body(i, s):
-            return step_all(hyper, params, s, keys, labels, step0 + i, max_steps)
+            return step_all(hyper, params, s, keys, labels, step0 + i, max_steps, prior_params)
 
         if spec.steps_per_call == 1:
             return body(0, state)
@@ -537,11 +637,27 @@ def build_program(apply_fn: ApplyFn, spec: ProgramSpec) -> Program:
 
         return jax.lax.while_loop(cond, lambda c: (c[0] + 1, body(*c)), (0, state))[1]
 
+    def decode(x, prior_params):
+        return jax.vmap(lambda v: priors.image(decoder, prior_params, v))(x)
+
+    image_spec = _image_spec(spec)
+
     def evaluate(params, x, labels, hyper):
-        one = lambda xi, yi: _objective(spec, hyper, apply_fn, params, xi, None, yi)  # noqa: E731
+        one = lambda xi, yi: _objective(image_spec, hyper, apply_fn, params, xi, None, yi)  # noqa: E731
         return jax.vmap(one)(x, labels)
 
-    return Program(spec, jax.jit(init), jax.jit(steps, donate_argnums=1), jax.jit(evaluate))
+    return Program(
+        spec,
+        jax.jit(init),
+        jax.jit(steps, donate_argnums=1),
+        jax.jit(decode),
+        jax.jit(evaluate),
+    )
+
+
+def _image_spec(spec: ProgramSpec) -> ProgramSpec:
+    """The spec of an image's own objective: a prior's penalties left out."""
+    return dataclasses.replace(spec, prior="pixels", residual=False, coef_penalty=False)
 
 
 @functools.lru_cache(maxsize=32)
@@ -592,6 +708,7 @@ def invert_batch(
     cfg: InversionConfig,
     steps: int,
     timing: Timing | None = None,
+    prior: priors.Prior | None = None,
 ) -> Records:
     """Inverts one batch of clones as one program (no chunking).
 
@@ -605,13 +722,15 @@ def invert_batch(
       cfg: the settings (its ``spec()`` picks the program, its ``hyper()`` goes in traced).
       steps: the most updates per clone (> 0).
       timing: accumulates compile and run seconds if given.
+      prior: the fitted prior ``cfg.prior`` names (None for pixels).
 
     Returns:
       Records with the final images and their per-clone results.
     """
     if steps < 1:
         raise JaxmiaError(f"steps={steps}: expected a positive number of steps")
-    program = make_program(apply_fn, cfg)
+    decoder, prior_params = prior if prior is not None else (None, None)
+    program = make_program(apply_fn, cfg, decoder)
     hyper = cfg.hyper()
     seeds = jnp.asarray(seeds, jnp.float32)
     labels = jnp.asarray(labels, jnp.int32)
@@ -619,33 +738,36 @@ def invert_batch(
     mesh = sharding.clone_mesh(n) if cfg.shard else None
     if mesh is not None:  # padded to a multiple of the devices; the padding is dropped below
         seeds, labels, keys = sharding.shard_clones(mesh, (seeds, labels, keys))
-        params = sharding.replicate(mesh, params)
+        params, prior_params = sharding.replicate(mesh, (params, prior_params))
     max_steps = jnp.int32(steps)
     per_call = program.spec.steps_per_call or steps
 
-    init, c0 = _compiled(program, "init", seeds)
-    state = init(seeds)
+    init, c0 = _compiled(program, "init", seeds, keys, prior_params)
+    state = init(seeds, keys, prior_params)
     if mesh is not None:  # constants such as `best` would otherwise come out replicated
         state = sharding.shard_clones(mesh, state)
     step0 = jnp.int32(0)
-    run, c1 = _compiled(program, "steps", params, state, keys, labels, step0, max_steps, hyper)
-    evaluate, c2 = _compiled(program, "evaluate", params, state.x, labels, hyper)
+    run_args = (params, state, keys, labels, step0, max_steps, hyper, prior_params)
+    run, c1 = _compiled(program, "steps", *run_args)
+    decode, c2 = _compiled(program, "decode", state.x, prior_params)
+    evaluate, c3 = _compiled(program, "evaluate", params, seeds, labels, hyper)
     jax.block_until_ready(state)
 
     t = time.perf_counter()
     calls_per_check = max(1, cfg.check_every // per_call)
     done = 0
     while done < steps:
-        state = run(params, state, keys, labels, jnp.int32(done), max_steps, hyper)
+        state = run(params, state, keys, labels, jnp.int32(done), max_steps, hyper, prior_params)
         done += per_call
         if (done // per_call) % calls_per_check == 0 and not bool(jnp.any(state.reason == RUNNING)):
             break
-    loss, conf = evaluate(params, state.x, labels, hyper)
-    out = sharding.to_host((state.x, state.steps, loss, conf, state.reason))
+    final = decode(state.x, prior_params)
+    loss, conf = evaluate(params, final, labels, hyper)
+    out = sharding.to_host((final, state.steps, loss, conf, state.reason))
     x, taken, loss, conf, reason = (np.asarray(a)[:n] for a in out)
     if timing is not None:
         timing.run_s += time.perf_counter() - t
-        timing.compile_s += c0 + c1 + c2
+        timing.compile_s += c0 + c1 + c2 + c3
         # A while_loop program runs until every clone stopped, so its longest clone counts.
         executed = min(done, steps) if program.spec.steps_per_call else int(taken.max())
         timing.gradients += n * executed
@@ -662,7 +784,7 @@ def evaluate(
     timing: Timing | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Objective and target confidence of images as they are (e.g. seeds). # [b] each"""
-    program = make_program(apply_fn, cfg)
+    program = build_program(apply_fn, _image_spec(cfg.spec()))
     images, labels = jnp.asarray(images, jnp.float32), jnp.asarray(labels, jnp.int32)
     args = (params, images, labels, cfg.hyper())
     fn, compile_s = _compiled(program, "evaluate", *args)
@@ -760,6 +882,7 @@ def invert(
     *,
     size: int,
     timing: Timing | None = None,
+    prior: priors.Prior | None = None,
 ) -> Records:
     """``invert_batch`` over chunks of ``size`` clones (see ``chunk_size``), results concatenated.
 
@@ -770,6 +893,6 @@ def invert(
     for _, sl in chunks(total, size):
         n = sl.stop - sl.start
         batch = pad_to((jnp.asarray(seeds[sl]), jnp.asarray(labels[sl]), keys[sl]), size)
-        rec = invert_batch(apply_fn, params, *batch, cfg, steps, timing)
+        rec = invert_batch(apply_fn, params, *batch, cfg, steps, timing, prior)
         parts.append(Records(*(f[:n] for f in rec)))
     return Records(*(np.concatenate(f) for f in zip(*parts, strict=True)))

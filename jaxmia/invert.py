@@ -46,7 +46,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from jaxmia import checkpoint, files, grids, seeds, sharding
+from jaxmia import checkpoint, files, grids, priors, seeds, sharding
 from jaxmia import inversion as inv
 from jaxmia import workdir as workdir_lib
 from jaxmia.errors import JaxmiaError
@@ -146,8 +146,9 @@ def make_start(
     config: ml_collections.ConfigDict,
     labels: list[int],
     clones: int,
-) -> tuple[jax.Array, jax.Array, str]:
-    """Seeds and inversion keys of every clone, flattened identity-major. # [n, h, w, c], [n]"""
+) -> tuple[jax.Array, jax.Array, str, np.ndarray | None]:
+    """Seeds and inversion keys of every clone, flattened identity-major, where the seeds came
+    from, and the auxiliary pool where one was read. # [n, h, w, c], [n], str, [m, h, w, c]"""
     cfg = config.inversion
     shape = (*rec.config.image_size, rec.config.channels)
     root = jax.random.key(cfg.rng_seed)
@@ -178,7 +179,21 @@ def make_start(
         grey=cfg.seed_grey,
         images=images,
     )
-    return start, keys(1), where
+    return start, keys(1), where, pool
+
+
+def make_prior(
+    rec: checkpoint.LoadedRecognizer,
+    config: ml_collections.ConfigDict,
+    pool: np.ndarray | None,
+) -> priors.Prior | None:
+    """The prior ``inversion.prior`` names, fitted on the auxiliary pool (read if not given)."""
+    cfg = config.inversion
+    if cfg.prior == "pixels":
+        return None
+    if pool is None:
+        pool, _ = seed_pool(rec, config)
+    return priors.Prior(priors.LINEAR, priors.fit_linear(pool, cfg.prior_components))
 
 
 # --- the run ------------------------------------------------------------------------------
@@ -209,7 +224,7 @@ def _settings(
 
 
 def _invert_chunks(
-    rec, config, start, keys, targets, steps, workdir, size
+    rec, config, start, keys, targets, steps, workdir, size, prior
 ) -> tuple[dict, inv.Timing, int]:
     """Runs (or loads) every chunk: (per-clone arrays [n], total timing, chunks resumed)."""
     cfg = inv.InversionConfig.from_config(config.inversion)
@@ -237,7 +252,7 @@ def _invert_chunks(
             batch = inv.pad_to((start[sl], targets[sl], keys[sl]), size)
             timing = inv.Timing()
             _, seed_conf = inv.evaluate(apply_fn, rec.params, batch[0], batch[1], cfg, timing)
-            rec_ = inv.invert_batch(apply_fn, rec.params, *batch, cfg, steps, timing)
+            rec_ = inv.invert_batch(apply_fn, rec.params, *batch, cfg, steps, timing, prior)
             part = {k: np.asarray(v)[:count] for k, v in rec_._asdict().items()}
             part["seed_confidence"] = np.asarray(seed_conf)[:count]
             part |= {
@@ -347,7 +362,8 @@ def run(
     rec = checkpoint.load_recognizer(checkpoint_dir)
     labels = parse_identities(identities, rec.names, rec.meta)
     names = [rec.names[i] for i in labels]
-    start, keys, seed_from = make_start(rec, config, labels, clones)
+    start, keys, seed_from, pool = make_start(rec, config, labels, clones)
+    prior = make_prior(rec, config, pool)
     size = inv.chunk_size(
         len(labels) * clones, config.inversion.max_batch, inv.bytes_per_clone(rec.config, cfg)
     )
@@ -360,7 +376,9 @@ def run(
     size = int(sharding.agree(np.int32(size)))
 
     targets = jnp.repeat(jnp.asarray(labels, jnp.int32), clones)
-    r, timing, resumed = _invert_chunks(rec, config, start, keys, targets, steps, workdir, size)
+    r, timing, resumed = _invert_chunks(
+        rec, config, start, keys, targets, steps, workdir, size, prior
+    )
     if not sharding.is_main():
         return None
 

@@ -292,7 +292,7 @@ def test_jit_equals_eager_step():
         loss="cross_entropy", optimizer="adam", learning_rate=0.05, jitter=1, patience=2
     )
     x = jax.random.uniform(jax.random.key(0), (1, 6, 6, 1))
-    state = jax.tree.map(lambda a: a[0], inv.make_program(_toy, cfg).init(x))
+    state = jax.tree.map(lambda a: a[0], inv.make_program(_toy, cfg).init(x, None, None))
     for step in range(2):
         args = (
             cfg,
@@ -485,7 +485,7 @@ def test_a_sweep_of_numeric_settings_compiles_once(tiny, sweep):
     recs = [inv.invert_batch(apply_fn, params, x, labels, keys, c, 4) for c in cfgs]
     program = inv.make_program(apply_fn, cfgs[0])
     assert all(inv.make_program(apply_fn, c) is program for c in cfgs)
-    assert len(program.compiled) == 3  # init, steps, evaluate
+    assert len(program.compiled) == 4  # init, steps, decode, evaluate
     # the traced values are used: every setting gives other clones
     flat = [r.clones.tobytes() for r in recs]
     assert len(set(flat)) == len(flat)
