@@ -257,6 +257,13 @@ def _inversion_defaults() -> ml_collections.ConfigDict:
     c.denoise_sigma = 1.0  # gaussian: standard deviation in pixels
     c.jitter = 0  # random shift (pixels) per step: robust rather than adversarial clones
     c.flip = False
+    # A transform-robust objective: each step's data loss averaged over `views` random views of
+    # the clone, each shifted (jitter) and flipped (flip) as above, zoomed by 1 +- zoom, blurred
+    # by a sigma up to `blur` pixels and noised with std `noise`.
+    c.views = 1
+    c.zoom = 0.0
+    c.blur = 0.0
+    c.noise = 0.0
     # What each clone's variables are (jaxmia/priors.py): "pixels" (the paper's free pixels) or
     # "linear": coefficients of the auxiliary pool's first prior_components principal
     # components (the seed pool's faces, public: never R_T's or R_E's photos), starting at the

@@ -86,6 +86,10 @@ class ProgramSpec:
     denoise_sigma: float | None  # the Gaussian's kernel: its radius ceil(3 sigma) and its taps
     jitter: int  # the width of the edge padding of the random shift
     flip: bool
+    views: int  # random views of the clone per step, their data losses averaged
+    zoom: float  # largest zoom range (static: the padding) of a view; 0: none
+    blur: float  # largest blur sigma (static: the kernel's radius) of a view; 0: none
+    noise: float  # standard deviation of a view's noise; 0: none
     steps_per_call: int  # resolved (``resolved_steps_per_call``): >= 1, or 0: one while_loop
     tv: bool  # the total variation term is in the objective (tv_weight != 0)
     l2: bool  # the squared pixel term is in the objective (l2_weight != 0)
@@ -137,8 +141,16 @@ class InversionConfig:
     denoise_sigma: float = 1.0  # standard deviation in pixels (gaussian)
     jitter: int = 0  # random shift of up to this many pixels per step (edge padded)
     flip: bool = False  # random horizontal flip per step
+    # A transform-robust objective (the idea of Plug-In Inversion and AlignMI): each step
+    # averages the data loss over `views` random views of the clone, each shifted and flipped
+    # as above, zoomed by a factor in 1 +- zoom, blurred by a sigma in [0, blur] pixels and
+    # given Gaussian noise of std `noise` (as R_E's transformed judge, jaxmia.robust).
+    views: int = 1
+    zoom: float = 0.0
+    blur: float = 0.0
+    noise: float = 0.0
     # Stop a clone once its target confidence >= this (of the image as the step saw it, i.e.
-    # transformed when jitter/flip are on); 0: off.
+    # transformed when jitter/flip are on, the mean over the views); 0: off.
     stop_confidence: float = 0.0
     patience: int = (
         0  # stop a clone once its best loss has not improved for this many steps; 0: off
@@ -185,7 +197,11 @@ class InversionConfig:
             value = getattr(self, name)
             if value is not None and value < 0:
                 raise JaxmiaError(f"inversion.{name}={value}: expected >= 0")
-        for name in ("residual_weight", "coef_weight"):
+        if not isinstance(self.views, int) or self.views < 1:
+            raise JaxmiaError(f"inversion.views={self.views!r}: expected an integer >= 1")
+        if not 0 <= self.zoom < 1:
+            raise JaxmiaError(f"inversion.zoom={self.zoom}: expected in [0, 1)")
+        for name in ("blur", "noise", "residual_weight", "coef_weight"):
             if not 0 <= getattr(self, name) < math.inf:
                 raise JaxmiaError(f"inversion.{name}={getattr(self, name)}: expected finite >= 0")
         if self.prior_components < 1:
@@ -214,6 +230,10 @@ class InversionConfig:
             denoise_sigma=self.denoise_sigma if self.denoise == "gaussian" else None,
             jitter=self.jitter,
             flip=bool(self.flip),
+            views=self.views,
+            zoom=float(self.zoom),
+            blur=float(self.blur),
+            noise=float(self.noise),
             steps_per_call=resolved_steps_per_call(self, backend),
             tv=self.tv_weight != 0,
             l2=self.l2_weight != 0,
@@ -363,17 +383,38 @@ def median_filter(x: jax.Array, size: int) -> jax.Array:
     return jnp.median(jnp.stack(windows), axis=0)
 
 
-def random_transform(x: jax.Array, key: jax.Array, jitter: int, flip: bool) -> jax.Array:
-    """A random shift of up to ``jitter`` pixels (edges replicated) and optional h-flip.
+def random_transform(
+    x: jax.Array,
+    key: jax.Array,
+    jitter: int,
+    flip: bool,
+    zoom: float = 0.0,
+    blur: float = 0.0,
+    noise: float = 0.0,
+) -> jax.Array:
+    """A random shift of up to ``jitter`` pixels (edges replicated), optional h-flip, and
+    optionally a zoom by a factor in ``1 +- zoom``, a blur of sigma in ``[0, blur]`` pixels and
+    Gaussian noise of std ``noise`` (then clipped to [0, 1]).
 
-    Optimising through it makes a clone that works under small shifts (a robust clone) rather
-    than an adversarial pattern tied to exact pixel positions. The key is split in two, for
-    ``transforms.random_shift`` and ``transforms.random_flip``. # [h, w, c] -> [h, w, c]
+    Optimising through it makes a clone that works under small changes (a robust clone) rather
+    than an adversarial pattern tied to exact pixels. The shift and flip take the two halves of
+    ``split(key)``; the others ``fold_in(key, 2 | 3 | 4)``, so turning them on leaves the shift
+    and flip draws as they were. # [h, w, c] -> [h, w, c]
     """
     kshift, kflip = jax.random.split(key)
     x = transforms.random_shift(x, kshift, jitter)
     if flip:
         x = transforms.random_flip(x, kflip)
+    if zoom > 0:
+        kzoom = jax.random.fold_in(key, 2)
+        factor = jax.random.uniform(kzoom, (), minval=1 - zoom, maxval=1 + zoom)
+        x = transforms.zoom(x, factor, zoom)
+    if blur > 0:
+        sigma = jax.random.uniform(jax.random.fold_in(key, 3), (), maxval=blur)
+        x = transforms.gaussian_blur(x, sigma, math.ceil(3 * blur))
+    if noise > 0:
+        x = x + noise * jax.random.normal(jax.random.fold_in(key, 4), x.shape, x.dtype)
+        x = jnp.clip(x, 0.0, 1.0)
     return x
 
 
@@ -416,9 +457,17 @@ def _objective(
 ) -> tuple[jax.Array, jax.Array]:
     """``objective`` with the numeric settings as (possibly traced) ``hyper``."""
     x = priors.image(decoder, prior_params, w)  # [h, w, c]
-    seen = x if key is None else random_transform(x, key, spec.jitter, spec.flip)
-    z = apply_fn(params, seen[None])[0]  # [n]
-    loss = data_loss(spec.loss, z, label, hyper.margin)
+    if key is None:
+        seen = x[None]
+    else:
+        # One view draws from the step's key itself, as before views existed.
+        keys = key[None] if spec.views == 1 else jax.random.split(key, spec.views)
+        view = lambda k: random_transform(  # noqa: E731
+            x, k, spec.jitter, spec.flip, spec.zoom, spec.blur, spec.noise
+        )
+        seen = jax.vmap(view)(keys)  # [views, h, w, c]
+    z = apply_fn(params, seen)  # [views, n]
+    loss = jnp.mean(jax.vmap(lambda zi: data_loss(spec.loss, zi, label, hyper.margin))(z))
     if spec.tv:
         loss = loss + hyper.tv_weight * total_variation(x)
     if spec.l2:
@@ -427,7 +476,7 @@ def _objective(
         loss = loss + hyper.residual_weight * jnp.mean(w["pixels"] ** 2)
     if spec.coef_penalty:
         loss = loss + hyper.coef_weight * jnp.mean(w["coef"] ** 2)
-    return loss, jax.nn.softmax(z)[label]
+    return loss, jnp.mean(jax.nn.softmax(z)[:, label])
 
 
 def optimizer(

@@ -2,7 +2,8 @@
 functions to vmap and jit.
 
 An image is ``[h, w, c]``. Offsets and coin flips may be traced values, so one compiled program
-serves every draw; only ``max_shift`` (the padding's width) is static. Edges are replicated, so a
+serves every draw; only ``max_shift`` (the padding's width), a zoom's largest factor and a blur's
+kernel radius are static. Edges are replicated, so a
 shifted image has no black border for a recognizer to key on.
 
 Sign convention of ``shift``: the output is the ``[h, w]`` window of the edge-padded image whose
@@ -13,6 +14,8 @@ with fixed offsets see the convention.
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import jax.numpy as jnp
@@ -93,3 +96,53 @@ def saturate(x: jax.Array, factor: jax.Array) -> jax.Array:
         return x
     grey = x @ jnp.asarray([0.299, 0.587, 0.114], x.dtype)
     return grey[..., None] + factor * (x - grey[..., None])
+
+
+def zoom(x: jax.Array, factor: jax.Array, max_scale: float) -> jax.Array:
+    """The image magnified by ``factor`` about its centre, bilinear, edges replicated.
+
+    ``jax.image.scale_and_translate`` gives zero weight to samples beyond the input, which would
+    frame a shrunk image in black; the image is edge-padded first by as much as the smallest
+    factor, ``1 - max_scale``, can reveal, so the border repeats the edge instead.
+
+    Args:
+      x: the image. # [h, w, c]
+      factor: > 1 magnifies, < 1 shrinks; a traced scalar in [1 - max_scale, 1 + max_scale].
+      max_scale: static, in [0, 1): sets the padding.
+
+    Returns:
+      The zoomed image. # [h, w, c]
+    """
+    h, w, _ = x.shape
+    # Output pixel o samples the padded input at (o + 0.5 - t) / factor - 0.5; the centre stays
+    # put when t = size / 2 - factor (size / 2 + pad).
+    pad = math.ceil(max(h, w) * (1 / (1 - max_scale) - 1) / 2) + 1
+    xp = jnp.pad(x, ((pad, pad), (pad, pad), (0, 0)), mode="edge")
+    half = jnp.asarray([h / 2, w / 2])
+    scale = jnp.stack([factor, factor])
+    return jax.image.scale_and_translate(
+        xp, x.shape, (0, 1), scale, half - scale * (half + pad), "linear", antialias=False
+    )
+
+
+def gaussian_blur(x: jax.Array, sigma: jax.Array, radius: int) -> jax.Array:
+    """Per-channel Gaussian blur, separable, kernel radius ``radius``, edges replicated.
+
+    Sigma may be traced (one program serves every draw); sigma 0 is the identity, exactly: the
+    kernel is then 1 at its centre and 0 elsewhere, not 0 / 0.
+
+    Args:
+      x: the image. # [h, w, c]
+      sigma: the blur's standard deviation in pixels, scalar >= 0.
+      radius: static int >= 1.
+
+    Returns:
+      The blurred image. # [h, w, c]
+    """
+    h, w, _ = x.shape
+    t = jnp.arange(-radius, radius + 1, dtype=x.dtype)
+    k = jnp.exp(-0.5 * (t / jnp.maximum(sigma, 1e-6)) ** 2)  # [2r + 1]; exp(-inf) = 0
+    k = k / k.sum()
+    xp = jnp.pad(x, ((radius, radius), (radius, radius), (0, 0)), mode="edge")
+    xp = sum(k[i] * xp[i : i + h] for i in range(2 * radius + 1))  # [h, w + 2r, c]
+    return sum(k[j] * xp[:, j : j + w] for j in range(2 * radius + 1))

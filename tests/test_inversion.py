@@ -121,6 +121,42 @@ def test_random_transform_shifts_within_jitter():
     np.testing.assert_array_equal(inv.random_transform(x, jax.random.key(0), 0, False), x)
 
 
+def test_views_average_the_data_loss_over_hand_made_views(tiny):
+    apply_fn, params = tiny
+    x, label, key = _batch(1)[0][0], jnp.int32(1), jax.random.key(4)
+    cfg = inv.InversionConfig(loss="cross_entropy", views=3, noise=0.1)
+    loss, conf = inv.objective(cfg, apply_fn, params, x, key, label)
+    # Each view: the image plus N(0, 0.1^2) noise drawn from fold_in(its key, 4), clipped.
+    views = [
+        jnp.clip(x + 0.1 * jax.random.normal(jax.random.fold_in(k, 4), x.shape), 0, 1)
+        for k in jax.random.split(key, 3)
+    ]
+    z = np.asarray(apply_fn(params, jnp.stack(views)), np.float64)  # [3, n]
+    logp = z - np.log(np.exp(z).sum(1, keepdims=True))
+    assert float(loss) == pytest.approx(-logp[:, 1].mean(), rel=1e-5)
+    assert float(conf) == pytest.approx(np.exp(logp[:, 1]).mean(), rel=1e-5)
+    # identical views (nothing random) give the single view's objective
+    plain = inv.InversionConfig(loss="cross_entropy")
+    same = inv.objective(dataclasses.replace(plain, views=4), apply_fn, params, x, key, label)
+    np.testing.assert_allclose(
+        same, inv.objective(plain, apply_fn, params, x, key, label), rtol=1e-6
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs, words",
+    [
+        (dict(views=0), "inversion.views=0"),
+        (dict(zoom=1.0), r"inversion.zoom=1.0: expected in \[0, 1\)"),
+        (dict(blur=-1.0), "inversion.blur=-1.0"),
+        (dict(noise=float("nan")), "inversion.noise=nan"),
+    ],
+)
+def test_bad_view_settings(kwargs, words):
+    with pytest.raises(JaxmiaError, match=words):
+        inv.InversionConfig(**kwargs)
+
+
 # --- the batched program against the per-clone reference loop ----------------------------------
 
 
@@ -151,8 +187,22 @@ def test_random_transform_shifts_within_jitter():
             patience=2,
             min_delta=1e-3,
         ),
+        inv.InversionConfig(
+            loss="max_margin",
+            optimizer="adam",
+            learning_rate=0.05,
+            margin=0.5,
+            jitter=1,
+            flip=True,
+            views=3,
+            zoom=0.1,
+            blur=1.0,
+            noise=0.02,
+        ),
     ],
-    ids=lambda c: f"{c.loss}-{c.optimizer}{'-levers' if c.jitter else ''}",
+    ids=lambda c: (
+        f"{c.loss}-{c.optimizer}{'-levers' if c.jitter else ''}{'-views' if c.views > 1 else ''}"
+    ),
 )
 def test_vmapped_program_equals_reference_loop(tiny, cfg):
     apply_fn, params = tiny

@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 from scipy import ndimage
 
-from jaxmia import evaluation, models, robust
+from jaxmia import evaluation, models, robust, transforms
 from jaxmia.errors import JaxmiaError
 
 TINY = models.ModelConfig(
@@ -87,7 +87,7 @@ def test_flip_only_flips_the_columns_or_nothing():
 
 def test_blur_equals_scipy_and_sigma_zero_is_the_identity():
     x = _images(1, (9, 8, 2), seed=1)[0]
-    blur = jax.jit(robust.gaussian_blur, static_argnums=2)
+    blur = jax.jit(transforms.gaussian_blur, static_argnums=2)
     np.testing.assert_array_equal(blur(x, 0.0, 3), x)
     for sigma in (0.4, 1.0):
         # scipy's radius is int(truncate * sigma + 0.5): 3; "nearest" replicates the edges
@@ -107,7 +107,7 @@ def test_noise_stays_in_the_image_range():
 def test_zoom_is_bilinear_about_the_centre_with_edges_replicated():
     x = _images(1, (10, 12, 2), seed=3)[0]
     h, w, _ = x.shape
-    zoom = jax.jit(robust.zoom, static_argnums=2)
+    zoom = jax.jit(transforms.zoom, static_argnums=2)
     np.testing.assert_allclose(zoom(x, 1.0, 0.3), x, atol=1e-6)
     for factor in (0.75, 1.2):
         # output pixel (i, j) shows the input at (i + 0.5 - h / 2) / factor + h / 2 - 0.5
