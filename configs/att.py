@@ -12,20 +12,20 @@ step and every 10th, 200 steps. R_E then judges the clones (chance: 1/33).
 
 Chosen on one split, reported on another: the attack's settings were picked on split.seed 0
 (benchmarks/attack_levers.md, and compared on seed 1); this config draws split.seed 2, which no
-setting was chosen or compared on. Measured on the 2-core CPU (fresh workdir, 2 min 23 s:
-training 32 + 22 s, inversion 72 s, report 12 s): top-1 attack accuracy by R_E 44.1% (top-5
-79.1%) over the 660 clones, the seeds 2.7% (top-5 14.8%), chance 3.0%; R_T 93.9% and R_E 97.0%
-test accuracy. On split.seed 0, the split the settings were chosen on
-(--config.split.seed=0), the same command gives 49.4% (top-5 88.2%), the seeds 3.0%: choosing
-and reporting on one split flattered the figure by about 5 points. The clones are not
-photographs: R_E recognises them, a person mostly would not (see the report's grids), and R_E
-is R_T's twin architecture, so part of this is adversarial rather than a leaked face.
+setting was chosen or compared on. Measured on the 2-core CPU (fresh workdir, 10 min with every
+stage, the cores shared with another run: training R_T and R_E 96 s, inversion 205 s, the second
+R_E 165 s, report and judges 137 s): top-1 attack accuracy by R_E 39.4% (top-5 75.2%) over the
+660 clones, the seeds 1.7% (top-5 15.0%), chance 3.0%; R_T 97.0% and R_E 97.0% test accuracy.
+On split.seed 0, the split the settings were chosen on (--config.split.seed=0), the code of 2
+December gave 49.4% (top-5 88.2%): choosing and reporting on one split flatters a figure. The
+clones are not photographs: R_E recognises them, a person mostly would not (see the report's
+grids), and R_E is R_T's twin architecture.
 
 The judges beside R_E (README, "Judges beside R_E"; benchmarks/results/att_judges.json), same
-run with the second R_E stage, 13 min on 2 shared cores: the clones' top-1 is 56.4% by the
-nearest eigenface photo, 57.6% by the nearest class mean, 56.2% by the nearest pixel photo, 46.7%
-by R_E under transforms, but 8.6% by a ResNet R_E (90.9% on held-out real photos); PGD controls
-that R_T accepts (97.6%) are rejected by every judge (<= 7.9%).
+run: the clones' top-1 is 55.8% by the nearest eigenface photo, 59.4% by the nearest class mean,
+55.5% by the nearest pixel photo, 42.0% by R_E under transforms, but 13.0% by a ResNet R_E (89.4%
+on held-out real photos); PGD controls that R_T accepts (97.0%) are rejected by every judge
+(<= 6.1%).
 
 The paper's own settings (least squares, SGD 0.1, 600 steps, 5 attacked identities at
 128x128 RGB) are configs/paper.py. The same attack with the paper's 5 attacked identities:
