@@ -1,10 +1,12 @@
-"""Orbax checkpoints of recognizers: the only module that imports orbax.
+"""Orbax checkpoints of recognizers and generators: the only module that imports orbax.
 
 A recognizer folder holds ``checkpoints/<step>/`` with three items: ``params`` (a pure dict of
 arrays), ``opt_state`` (training only) and ``meta`` (JSON: the model config, identity names in label
 order, the data config, and anything the writer adds). That is everything needed to use the model
-alone: ``load_recognizer(folder)``. Orbax writes each step to a temporary folder and renames it when
-complete, so an interrupted save leaves no step that loads half-written.
+alone: ``load_recognizer(folder)``. A generator folder (``jaxmia prior``) has the same layout with
+the generator's config under ``meta["generator"]``: ``load_generator(folder)``. Orbax writes each
+step to a temporary folder and renames it when complete, so an interrupted save leaves no step that
+loads half-written.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jaxmia import models
+from jaxmia import generator, models
 from jaxmia.errors import JaxmiaError
 
 # Orbax logs every save and restore at INFO; a CLI user only needs the outcome.
@@ -72,8 +74,11 @@ def abstract_params(config: models.ModelConfig) -> dict:
     Placed on this process's first device: in a multi-process run each process restores its own
     whole copy (orbax would otherwise look for the topology the checkpoint was saved on).
     """
+    return _here(nnx.to_pure_dict(models.abstract(config)[1]))
+
+
+def _here(shapes: Any) -> Any:
     here = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-    shapes = nnx.to_pure_dict(models.abstract(config)[1])
     return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=here), shapes)
 
 
@@ -111,18 +116,24 @@ def restore(
     The parameters and the optimizer state are restored apart, so that an error says which of
     them does not fit: the parameters another model config, the optimizer state another optimizer.
     """
+    what = (
+        f"the model config (num_classes={config.num_classes}, image_size={config.image_size}, "
+        f"channels={config.channels})"
+    )
+    return _restore(mngr, step, abstract_params(config), what, abstract_opt_state)
+
+
+def _restore(
+    mngr: ocp.CheckpointManager, step: int, abstract: Any, what: str, abstract_opt_state: Any
+) -> tuple[dict, dict, Any]:
+    """``restore`` against the parameters' shapes ``abstract``; ``what`` names them in errors."""
     where = mngr.directory / str(step)
-    items = {
-        "params": ocp.args.StandardRestore(abstract_params(config)),
-        "meta": ocp.args.JsonRestore(),
-    }
+    items = {"params": ocp.args.StandardRestore(abstract), "meta": ocp.args.JsonRestore()}
     try:
         out = mngr.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError, TypeError) as e:
         raise JaxmiaError(
-            f"checkpoint {where}: its arrays do not fit the model config "
-            f"(num_classes={config.num_classes}, image_size={config.image_size}, "
-            f"channels={config.channels}): {_first_line(e)}"
+            f"checkpoint {where}: its arrays do not fit {what}: {_first_line(e)}"
         ) from e
     if abstract_opt_state is None:
         return out["params"], out["meta"], None
@@ -162,6 +173,22 @@ def _read_meta(mngr: ocp.CheckpointManager, step: int) -> dict:
     return out["meta"]
 
 
+def _open(
+    path: Path, step: int | None, what: str, writer: str
+) -> tuple[ocp.CheckpointManager, int]:
+    """The manager of an existing folder and its latest (or given) complete step."""
+    if not _manager_dir(path).is_dir():
+        raise JaxmiaError(
+            f"checkpoint {path}: not found (expected {what} with checkpoints/<step>/, "
+            f"as written by {writer})"
+        )
+    mngr = ocp.CheckpointManager(_manager_dir(path).absolute())
+    step = mngr.latest_step() if step is None else step
+    if step is None or step not in mngr.all_steps():
+        raise JaxmiaError(f"checkpoint {path}: no complete checkpoint step in {_manager_dir(path)}")
+    return mngr, step
+
+
 def load_recognizer(path: str | Path, step: int | None = None) -> LoadedRecognizer:
     """Loads the latest (or given) step of a recognizer folder written by ``jaxmia train``.
 
@@ -169,15 +196,7 @@ def load_recognizer(path: str | Path, step: int | None = None) -> LoadedRecogniz
       JaxmiaError: no checkpoint there, or its meta or arrays do not describe a recognizer.
     """
     path = Path(path)
-    if not _manager_dir(path).is_dir():
-        raise JaxmiaError(
-            f"checkpoint {path}: not found (expected a recognizer folder with checkpoints/<step>/, "
-            "as written by jaxmia train)"
-        )
-    mngr = ocp.CheckpointManager(_manager_dir(path).absolute())
-    step = mngr.latest_step() if step is None else step
-    if step is None or step not in mngr.all_steps():
-        raise JaxmiaError(f"checkpoint {path}: no complete checkpoint step in {_manager_dir(path)}")
+    mngr, step = _open(path, step, "a recognizer folder", "jaxmia train")
     meta = _read_meta(mngr, step)
     try:
         config = models.ModelConfig.from_dict(meta["model"])
@@ -194,3 +213,62 @@ def load_recognizer(path: str | Path, step: int | None = None) -> LoadedRecogniz
     graphdef, params = models.abstract(config)
     nnx.replace_by_pure_dict(params, pure)
     return LoadedRecognizer(graphdef, params, config, names, meta, path, step)
+
+
+# --- generators (jaxmia prior) ---------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedGenerator:
+    """A trained generator: its config, parameters (pure dict) and the meta it was saved with."""
+
+    config: generator.GeneratorConfig
+    params: dict
+    meta: dict[str, Any]
+    path: Path
+    step: int
+
+
+def save_generator(
+    mngr: ocp.CheckpointManager,
+    step: int,
+    params: dict,
+    config: generator.GeneratorConfig,
+    meta: dict[str, Any],
+    opt_state: Any = None,
+) -> None:
+    """Saves one step of a generator, its config in the meta (the folder describes itself)."""
+    save(mngr, step, params, {**meta, "generator": config.to_dict()}, opt_state)
+
+
+def restore_generator(
+    mngr: ocp.CheckpointManager,
+    step: int,
+    config: generator.GeneratorConfig,
+    abstract_opt_state: Any = None,
+) -> tuple[dict, dict, Any]:
+    """(params pure dict, meta, opt_state or None) of one step of a generator folder."""
+    shapes = _here(nnx.to_pure_dict(generator.abstract(config)[1]))
+    return _restore(
+        mngr, step, shapes, f"the generator config {config.to_dict()}", abstract_opt_state
+    )
+
+
+def load_generator(path: str | Path, step: int | None = None) -> LoadedGenerator:
+    """Loads the latest (or given) step of a generator folder written by ``jaxmia prior``.
+
+    Raises:
+      JaxmiaError: no checkpoint there, or its meta or arrays do not describe a generator.
+    """
+    path = Path(path)
+    mngr, step = _open(path, step, "a generator folder", "jaxmia prior")
+    meta = _read_meta(mngr, step)
+    try:
+        config = generator.GeneratorConfig.from_dict(meta["generator"])
+    except (KeyError, TypeError, ValueError, JaxmiaError) as e:
+        raise JaxmiaError(
+            f"checkpoint {path}: meta lacks a valid generator config (is it a folder written "
+            f"by jaxmia prior?): {_first_line(e)}"
+        ) from e
+    params, _, _ = restore_generator(mngr, step, config)
+    return LoadedGenerator(config, params, meta, path, step)

@@ -39,6 +39,10 @@ COMMANDS = {
         "jaxmia.commands.clone",
         "cloning attack vs intentional misrecognition and near-duplicate detection",
     ),
+    "prior": (
+        "jaxmia.commands.prior",
+        "train the generator prior (a VAE) on a recognizer's auxiliary faces",
+    ),
     "import-torch": (
         "jaxmia.commands.import_torch",
         "a torchvision-layout PyTorch ResNet state_dict as a recognizer folder",

@@ -92,6 +92,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.checkpoint_every = 5  # epochs
     c.train.keep_checkpoints = 2
     c.inversion = _inversion_defaults()
+    c.prior = _prior_defaults()
 
     c.cloning = _cloning_defaults()
     c.experiment = _experiment_defaults()
@@ -225,6 +226,27 @@ def _cloning_defaults() -> ml_collections.ConfigDict:
     return c
 
 
+def _prior_defaults() -> ml_collections.ConfigDict:
+    """``jaxmia prior``: the VAE of the generator prior (see jaxmia/generator.py), trained on
+    the auxiliary pool the inversion's seeds come from (inversion.seed_source)."""
+    c = ml_collections.ConfigDict()
+    c.latent_dim = 64
+    # Encoder channels per halving of the image (the decoder mirrors them): 4 halvings take
+    # 64x64 to 4x4; the image size must divide by 2**len(widths).
+    c.widths = (16, 32, 64, 128)
+    # Weight of the KL term against the pixels' reconstruction: lower gives sharper
+    # reconstructions but random codes that look less like faces.
+    c.beta = 1.0
+    c.epochs = 100
+    c.batch_size = 32
+    c.learning_rate = 1e-3  # Adam, constant
+    c.flip = True  # random horizontal flips: twice the faces for a small pool
+    c.seed = 0  # initialisation, batches, flips and codes
+    c.checkpoint_every = 10  # epochs
+    c.keep_checkpoints = 2
+    return c
+
+
 def _inversion_defaults() -> ml_collections.ConfigDict:
     """``jaxmia invert``: the paper's gray-box inversion (see jaxmia/inversion.py, seeds.py)."""
     c = ml_collections.ConfigDict()
@@ -264,14 +286,17 @@ def _inversion_defaults() -> ml_collections.ConfigDict:
     c.zoom = 0.0
     c.blur = 0.0
     c.noise = 0.0
-    # What each clone's variables are (jaxmia/priors.py): "pixels" (the paper's free pixels) or
+    # What each clone's variables are (jaxmia/priors.py): "pixels" (the paper's free pixels),
     # "linear": coefficients of the auxiliary pool's first prior_components principal
     # components (the seed pool's faces, public: never R_T's or R_E's photos), starting at the
-    # seed's projection; with prior_residual a pixel residual is added (it is what a denoiser
-    # filters). residual_weight and coef_weight penalise the mean squared residual and
-    # coefficient (the coefficients have unit variance over the pool's own faces).
+    # seed's projection, or "generator": the latent code of the VAE that `jaxmia prior` trained
+    # on that pool into the folder prior_checkpoint, starting at the encoder's code of the seed.
+    # With prior_residual a pixel residual is added (it is what a denoiser filters).
+    # residual_weight and coef_weight penalise the mean squared residual and coefficient (the
+    # coefficients have unit variance over the pool's own faces; the codes a unit Gaussian prior).
     c.prior = "pixels"
     c.prior_components = 64
+    c.prior_checkpoint = ""
     c.prior_residual = False
     c.residual_weight = 0.0
     c.coef_weight = 0.0

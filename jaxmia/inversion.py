@@ -162,10 +162,12 @@ class InversionConfig:
     check_every: int = 50  # steps between host checks whether every clone has stopped
     # Split the clones over every device JAX sees when there are several (jaxmia.sharding).
     shard: bool = True
-    # The clone's parametrisation (jaxmia.priors): "pixels" (the paper's) or "linear" (the
-    # auxiliary pool's first prior_components eigenfaces).
+    # The clone's parametrisation (jaxmia.priors): "pixels" (the paper's), "linear" (the
+    # auxiliary pool's first prior_components eigenfaces) or "generator" (the latent code of the
+    # VAE in the prior_checkpoint folder, written by `jaxmia prior`).
     prior: str = "pixels"
     prior_components: int = 64
+    prior_checkpoint: str = ""
     prior_residual: bool = False  # add a pixel residual to the prior's image
     residual_weight: float = 0.0  # x mean squared residual
     coef_weight: float = 0.0  # x mean squared coefficient (a unit Gaussian prior on them)
@@ -206,6 +208,11 @@ class InversionConfig:
                 raise JaxmiaError(f"inversion.{name}={getattr(self, name)}: expected finite >= 0")
         if self.prior_components < 1:
             raise JaxmiaError(f"inversion.prior_components={self.prior_components}: expected >= 1")
+        if self.prior == "generator" and not self.prior_checkpoint:
+            raise JaxmiaError(
+                "inversion.prior='generator': expected inversion.prior_checkpoint=DIR, a folder "
+                "written by jaxmia prior"
+            )
         if self.prior != "pixels" and self.denoise != "none" and not self.prior_residual:
             raise JaxmiaError(
                 f"inversion.denoise={self.denoise!r} filters pixels, and inversion.prior="

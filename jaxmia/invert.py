@@ -187,10 +187,21 @@ def make_prior(
     config: ml_collections.ConfigDict,
     pool: np.ndarray | None,
 ) -> priors.Prior | None:
-    """The prior ``inversion.prior`` names, fitted on the auxiliary pool (read if not given)."""
+    """The prior ``inversion.prior`` names: fitted on the auxiliary pool (read if not given),
+    or for "generator" loaded from ``inversion.prior_checkpoint`` (trained by ``jaxmia prior``)."""
     cfg = config.inversion
     if cfg.prior == "pixels":
         return None
+    if cfg.prior == "generator":
+        gen = checkpoint.load_generator(cfg.prior_checkpoint)
+        want = (tuple(rec.config.image_size), rec.config.channels)
+        if (gen.config.image_size, gen.config.channels) != want:
+            raise JaxmiaError(
+                f"inversion.prior_checkpoint={cfg.prior_checkpoint}: its generator makes "
+                f"{gen.config.image_size} images of {gen.config.channels} channel(s), the "
+                f"recognizer {rec.path} takes {want[0]} of {want[1]}"
+            )
+        return priors.generator_prior(gen.config, gen.params)
     if pool is None:
         pool, _ = seed_pool(rec, config)
     return priors.Prior(priors.LINEAR, priors.fit_linear(pool, cfg.prior_components))

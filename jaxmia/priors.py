@@ -8,6 +8,11 @@ A prior decides what the inversion optimises for each clone and how that becomes
   each basis image a component scaled by the pool's standard deviation along it, so that the
   pool's own faces have coefficients of unit variance and ``inversion.coef_weight`` is a
   Gaussian prior on them. The start is the seed's projection onto the span.
+- ``generator``: the latent code of a VAE trained on the auxiliary pool (``jaxmia prior``,
+  ``jaxmia.generator``): ``image = decoder(code)``. Its codes have a unit Gaussian prior, so
+  ``inversion.coef_weight`` penalises them as the linear prior's coefficients. The start is the
+  encoder's posterior mean of the seed image: the clone starts from the same seed as a pixel
+  attack, as the decoder sees it.
 
 With ``inversion.prior_residual`` a pixel residual is added to the decoded image (starting at
 zero, penalised by ``inversion.residual_weight``): the part of the clone outside the prior.
@@ -22,6 +27,7 @@ takes the clone's key, so that a prior that cannot start from the seed image can
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -29,9 +35,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxmia import generator
 from jaxmia.errors import JaxmiaError
 
-PRIORS = ("pixels", "linear")
+PRIORS = ("pixels", "linear", "generator")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +104,30 @@ def _linear_encode(params: LinearParams, seed: jax.Array, key: jax.Array) -> jax
 
 
 LINEAR = Decoder("linear", _linear_decode, _linear_encode)
+
+
+# One Decoder per generator architecture: equal configs give the same (hashable) object, so a
+# program compiled for one trained generator serves every other of that architecture.
+@functools.lru_cache(maxsize=16)
+def generator_decoder(config: generator.GeneratorConfig) -> Decoder:
+    """The ``generator`` prior's decoder for VAEs of ``config`` (params: the VAE's pure dict)."""
+    return Decoder(
+        "generator",
+        functools.partial(generator.decode, config),
+        functools.partial(_generator_encode, config),
+    )
+
+
+def _generator_encode(
+    config: generator.GeneratorConfig, params: dict, seed: jax.Array, key: jax.Array
+) -> jax.Array:
+    del key  # the posterior mean is deterministic
+    return generator.encode_mean(config, params, seed)
+
+
+def generator_prior(config: generator.GeneratorConfig, params: dict) -> Prior:
+    """A trained generator as a prior: its decoder (static) and its parameters (traced)."""
+    return Prior(generator_decoder(config), params)
 
 
 def image(decoder: Decoder | None, params: Any, variables: Any) -> jax.Array:

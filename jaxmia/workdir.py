@@ -34,12 +34,26 @@ RUN_ONLY = frozenset(
         "inversion.steps_per_call",
         "inversion.check_every",
         "inversion.shard",
+        "prior.checkpoint_every",
+        "prior.keep_checkpoints",
     }
 )
 
 # Fields added after records were first written, at the value that leaves results as before:
 # left out of settings at that value, so those records still equal a rerun's.
-LATER_DEFAULTS = {"train.stream": False}
+LATER_DEFAULTS = {
+    "train.stream": False,
+    "inversion.views": 1,
+    "inversion.zoom": 0.0,
+    "inversion.blur": 0.0,
+    "inversion.noise": 0.0,
+    "inversion.prior": "pixels",
+    "inversion.prior_components": 64,
+    "inversion.prior_checkpoint": "",
+    "inversion.prior_residual": False,
+    "inversion.residual_weight": 0.0,
+    "inversion.coef_weight": 0.0,
+}
 
 
 def jsonable(obj: Any) -> Any:
@@ -55,9 +69,15 @@ def flatten(node: Any, prefix: str = "", skip: Iterable[str] = RUN_ONLY) -> dict
         for k, v in node.items():
             out |= flatten(v, f"{prefix}.{k}" if prefix else str(k), skip)
         return out
-    if prefix in skip or LATER_DEFAULTS.get(prefix, _UNSET) is node:
+    if prefix in skip or _is_later_default(prefix, node):
         return {}
     return {prefix: jsonable(node)}
+
+
+def _is_later_default(prefix: str, value: Any) -> bool:
+    # Type and value: False == 0 == 0.0, but a 0 where False was the default is another setting.
+    default = LATER_DEFAULTS.get(prefix, _UNSET)
+    return type(value) is type(default) and value == default
 
 
 def settings_of(

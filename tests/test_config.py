@@ -110,3 +110,18 @@ def test_the_headline_split_is_not_one_the_settings_were_tuned_on():
     att = config.load(str(CONFIGS[0].parent / "att.py"))
     assert att.split.seed not in tuned
     assert attack_levers.TUNED_ON == {"setup": "many", "split.seed": 0}
+
+
+def test_fields_added_later_stay_out_of_records_at_their_defaults():
+    from jaxmia import workdir
+
+    # Records written before these fields existed must still equal a rerun's settings.
+    c = config.default_config()
+    flat = workdir.flatten(c)
+    assert not [k for k in workdir.LATER_DEFAULTS if k in flat]
+    # Any other value is a setting of its own, and so is another type of the same value.
+    c.inversion.views, c.inversion.zoom, c.train.stream = 2, 0.1, True
+    flat = workdir.flatten(c)
+    assert flat["inversion.views"] == 2 and flat["inversion.zoom"] == 0.1 and flat["train.stream"]
+    assert workdir._is_later_default("train.stream", False)
+    assert not workdir._is_later_default("train.stream", 0)

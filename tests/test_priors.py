@@ -1,4 +1,5 @@
-"""The linear face prior: its fit against NumPy, its clones against a per-clone loop, its span."""
+"""The face priors: the linear prior's fit against NumPy, its clones against a per-clone loop,
+its span; the generator prior's clones against a per-clone loop and its one compilation."""
 
 import json
 
@@ -8,7 +9,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxmia import checkpoint, cli, models, priors, synthetic
+from jaxmia import checkpoint, cli, generator, models, priors, synthetic
 from jaxmia import inversion as inv
 from jaxmia.errors import JaxmiaError
 
@@ -112,6 +113,65 @@ def test_vmapped_linear_prior_equals_reference_loop(tiny, pool, cfg):
     assert moved > 1e-3  # the clones moved from their start
 
 
+GEN = generator.GeneratorConfig(image_size=(16, 16), channels=1, latent_dim=8, widths=(8, 16))
+
+
+GEN_CODES = inv.InversionConfig(
+    prior="generator",
+    prior_checkpoint="-",
+    loss="max_margin",
+    optimizer="adam",
+    learning_rate=0.1,
+    margin=0.5,
+    coef_weight=0.1,
+)
+GEN_LEVERS = inv.InversionConfig(
+    prior="generator",
+    prior_checkpoint="-",
+    prior_residual=True,
+    residual_weight=1.0,
+    loss="cross_entropy",
+    optimizer="adam",
+    learning_rate=0.05,
+    denoise="gaussian",
+    denoise_every=2,
+    jitter=1,
+)
+
+
+@pytest.mark.parametrize("cfg", [GEN_CODES, GEN_LEVERS], ids=["codes", "residual-levers"])
+def test_vmapped_generator_prior_equals_reference_loop(tiny, pool, cfg):
+    """An (untrained) VAE's decoder as the prior: clones vmapped as one by one."""
+    apply_fn, params = tiny
+    prior = priors.generator_prior(GEN, generator.init(GEN, jax.random.key(4))[1])
+    seeds = jnp.asarray(pool[:2])
+    labels, keys = jnp.arange(2), jax.random.split(jax.random.key(1), 2)
+    got = inv.invert_batch(apply_fn, params, seeds, labels, keys, cfg, 6, prior=prior)
+    for i in range(2):
+        want = reference(cfg, apply_fn, params, prior, seeds[i], keys[i], labels[i], 6)
+        np.testing.assert_allclose(got.clones[i], want, atol=1e-5)
+        code = generator.encode_mean(GEN, prior.params, seeds[i])  # the start: the seed's code
+        start = generator.decode(GEN, prior.params, code)
+        assert float(jnp.abs(want - start).max()) > 1e-3  # the clone moved from its start
+
+
+def test_one_generator_architecture_compiles_one_program(tiny, pool):
+    """Equal generator configs give the same decoder; other weights compile nothing new."""
+    apply_fn, params = tiny
+    assert priors.generator_decoder(GEN) is priors.generator_decoder(
+        generator.GeneratorConfig(**GEN.to_dict())
+    )
+    seeds, labels = jnp.asarray(pool[:2]), jnp.arange(2)
+    keys = jax.random.split(jax.random.key(0), 2)
+    program = inv.make_program(apply_fn, GEN_CODES, priors.generator_decoder(GEN))
+    compiled = []
+    for seed in (5, 6):
+        prior = priors.generator_prior(GEN, generator.init(GEN, jax.random.key(seed))[1])
+        inv.invert_batch(apply_fn, params, seeds, labels, keys, GEN_CODES, 2, prior=prior)
+        compiled.append(dict(program.compiled))
+    assert compiled[0] == compiled[1] and len(compiled[1]) == 4  # init, steps, decode, evaluate
+
+
 def _outside_span(fitted: priors.LinearParams, images: np.ndarray) -> np.ndarray:
     """Each image's share of its energy about the pool mean outside the basis' span. # [n]"""
     k = fitted.basis.shape[0]
@@ -144,6 +204,7 @@ def test_linear_clones_lie_in_the_pool_span_and_pixel_clones_do_not(tiny, pool):
     "kwargs, words",
     [
         (dict(prior="vae"), "inversion.prior='vae'"),
+        (dict(prior="generator"), "expected inversion.prior_checkpoint=DIR"),
         (dict(prior="linear", prior_components=0), "inversion.prior_components=0"),
         (dict(prior="linear", denoise="gaussian"), "inversion.prior_residual=True"),
         (dict(prior="linear", coef_weight=-1.0), "inversion.coef_weight=-1.0"),
