@@ -63,6 +63,14 @@ TRIALS: dict[str, dict] = {
 }
 JUDGES = ("R_E", "R_E_transformed", "R_E_other", "R_E_other_transformed", "eigenface_nn",
           "eigenface_mean", "pixel_nn")  # fmt: skip
+# What a setting is chosen by: the mean top-1 of the judges beside R_E (R_E's alone rewards
+# adversarial patterns that fool R_T's twin).
+HONEST = JUDGES[1:]
+
+
+def honest_top1(row: dict) -> float:
+    """The mean top-1 of the judges beside R_E on a row's clones."""
+    return sum(row["top1"][j] for j in HONEST) / len(HONEST)
 
 
 def run_trial(
@@ -113,13 +121,13 @@ def run_trial(
 
 
 def markdown(rows: list[dict]) -> str:
-    head = ["setting", *JUDGES, "best robust", "Fréchet", "KNN < 1", "image-grads/s"]
+    head = ["setting", *JUDGES, "mean beside R_E", "Fréchet", "image-grads/s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [f"{100 * r['top1'][j]:.1f}%" if j in r["top1"] else "-" for j in JUDGES]
         lines.append(
-            f"| {r['name']} | " + " | ".join(cells) + f" | {100 * r['robust_best']:.1f}% | "
-            f"{r['frechet']:.1f} | {100 * r['knn_below_1']:.1f}% | {r['gradients_per_s']:.0f} |"
+            f"| {r['name']} | " + " | ".join(cells) + f" | {100 * honest_top1(r):.1f}% | "
+            f"{r['frechet']:.1f} | {r['gradients_per_s']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -153,6 +161,8 @@ def main() -> None:
         print(f"{name}: {top}; Fréchet {row['frechet']:.1f}", flush=True)
     print(markdown(rows))
     if rows:
+        best = max(rows, key=honest_top1)
+        print(f"best by the judges beside R_E: {best['name']} ({100 * honest_top1(best):.1f}%)")
         print(f"chance: {100 * rows[0]['chance_top1']:.1f}%; seeds: {rows[0]['seed_top1']}")
 
 
