@@ -149,9 +149,9 @@ def test_groups_judged_together_equal_each_group_alone(att):
         "seeds": (seeds.reshape(-1, *SIZE, 1), names),
         "real": (panel.real, panel.real_names),
     }
-    together = verdicts.judge_groups(panel, groups, batch_size=64)
+    together = verdicts.judge_groups(panel, groups)
     for g, (images, group_names) in groups.items():
-        alone = verdicts.judge_groups(panel, {g: (images, group_names)}, batch_size=64)[g]
+        alone = verdicts.judge_groups(panel, {g: (images, group_names)})[g]
         for j in ("R_T", "R_E", "R_E_other", "eigenface_nn", "pixel_nn"):
             np.testing.assert_array_equal(together[g][j], alone[j], err_msg=f"{g} {j}")
         assert together[g]["frechet"] == pytest.approx(alone["frechet"])
