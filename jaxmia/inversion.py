@@ -572,18 +572,11 @@ def _step(
 
     updates, opt_state = opt.update(grad, state.opt_state, state.x)
     x = optax.apply_updates(state.x, updates)
-    # The pixels the denoiser filters: the image, or a prior's residual (unclipped: the prior's
-    # image is clipped as a whole).
-    pixels = x if spec.prior == "pixels" else x.get("pixels")
     if spec.prior == "pixels":
-        pixels = jnp.clip(pixels, 0.0, 1.0)
-    if spec.denoise != "none" and pixels is not None:
-        denoise = {
-            "median": lambda v: median_filter(v, spec.denoise_size),
-            "gaussian": lambda v: gaussian_filter(v, spec.denoise_sigma),
-        }[spec.denoise]
-        pixels = jax.lax.cond(step % hyper.denoise_every == 0, denoise, lambda v: v, pixels)
-    x = pixels if spec.prior == "pixels" else {**x, **({"pixels": pixels} if spec.residual else {})}
+        x = _denoised(spec, hyper, step, jnp.clip(x, 0.0, 1.0))
+    elif spec.residual:
+        # A prior's image is clipped as a whole when decoded; its residual is what is filtered.
+        x = {**x, "pixels": _denoised(spec, hyper, step, x["pixels"])}
     finite = finite & _all_finite(x)
 
     reason = jnp.select(
@@ -601,6 +594,17 @@ def _step(
         steps=state.steps + move.astype(jnp.int32),
         reason=reason.astype(jnp.int32),
     )
+
+
+def _denoised(spec: ProgramSpec, hyper: Hyper, step: jax.Array, pixels: jax.Array) -> jax.Array:
+    """``pixels`` through the denoiser at its steps (after the first and every k-th). # [h, w, c]"""
+    if spec.denoise == "none":
+        return pixels
+    denoise = {
+        "median": lambda v: median_filter(v, spec.denoise_size),
+        "gaussian": lambda v: gaussian_filter(v, spec.denoise_sigma),
+    }[spec.denoise]
+    return jax.lax.cond(step % hyper.denoise_every == 0, denoise, lambda v: v, pixels)
 
 
 def _all_finite(tree: Any) -> jax.Array:
