@@ -8,18 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from test_inversion import TINY  # the same tiny R_T as the pixel attack's tests
 
 from jaxmia import checkpoint, cli, generator, models, priors, synthetic
 from jaxmia import inversion as inv
 from jaxmia.errors import JaxmiaError
-
-TINY = models.ModelConfig(
-    num_classes=3,
-    image_size=(16, 16),
-    conv_features=(4, 4, 4, 4),
-    dense_features=(16,),
-    dropout=0.0,
-)
 
 
 @pytest.fixture(scope="module")
