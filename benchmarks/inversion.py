@@ -229,7 +229,7 @@ def layer_times(mc, model, batch: int, reps: int = 20) -> list[dict]:
         v = v.reshape(v.shape[0], -1)
         for layer in model.dense:
             v = jax.nn.relu(layer(v))
-        return model.head(v)
+        return model.classify(v)[0]
 
     dims = [mc.flat_features, *mc.dense_features, mc.num_classes]
     flops = 2 * 2 * batch * sum(a * b for a, b in zip(dims[:-1], dims[1:], strict=False))

@@ -39,6 +39,10 @@ COMMANDS = {
         "jaxmia.commands.clone",
         "cloning attack vs intentional misrecognition and near-duplicate detection",
     ),
+    "defend": (
+        "jaxmia.commands.defend",
+        "train R_T under defences and attack each: leak against utility",
+    ),
     "prior": (
         "jaxmia.commands.prior",
         "train the generator prior (a VAE) on a recognizer's auxiliary faces",
@@ -49,7 +53,7 @@ COMMANDS = {
     ),
 }
 # Commands whose clone batches run faster split over one JAX CPU device per core.
-CPU_SHARDED = ("invert", "experiment")
+CPU_SHARDED = ("invert", "experiment", "defend")
 
 
 def _parser() -> argparse.ArgumentParser:

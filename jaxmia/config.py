@@ -89,14 +89,60 @@ def default_config() -> ml_collections.ConfigDict:
     # holding the images in memory, each batch split over every device (data-parallel; the
     # batch size must divide by the device count). Another shuffle than in memory: other weights.
     c.train.stream = False
+    c.train.defence = _defence_defaults()
     c.train.checkpoint_every = 5  # epochs
     c.train.keep_checkpoints = 2
     c.inversion = _inversion_defaults()
     c.prior = _prior_defaults()
 
     c.cloning = _cloning_defaults()
+    c.defences = _sweep_defaults()
     c.experiment = _experiment_defaults()
     c.judges = _judges_defaults()
+    return c
+
+
+def _defence_defaults() -> ml_collections.ConfigDict:
+    """Training-time defences against inversion (jaxmia/defences.py); all off by default.
+
+    They apply to the target recognizer R_T (``jaxmia train``, the experiment's ``target``
+    stage); R_E and the judges are never trained with them.
+    """
+    c = ml_collections.ConfigDict()
+    # Label smoothing in (-1, 1): > 0 the usual smoothing (known to *raise* leakage), < 0
+    # negative smoothing (Struppek et al. 2024: the strongest simple defence), reached linearly
+    # from 0 over the first smoothing_ramp_epochs (negative smoothing from the start does not
+    # train). Other than 0, it replaces train.label_smoothing (the recipe's) for R_T.
+    c.label_smoothing = 0.0
+    c.smoothing_ramp_epochs = 0
+    # DP-SGD (Abadi et al. 2016): each example's gradient clipped to L2 norm dp_clip, Gaussian
+    # noise of std dp_noise * dp_clip added to their sum; epsilon at dp_delta by an RDP
+    # accountant, recorded with the checkpoint. Paper CNN only (batch norm mixes examples).
+    c.dp = False
+    c.dp_clip = 1.0
+    c.dp_noise = 1.0
+    c.dp_delta = 1e-5
+    # MID (Wang et al. 2021): a variational bottleneck of this width before the classifier
+    # (0: none), its KL divergence weighted by bottleneck_weight in the loss.
+    c.bottleneck = 0
+    c.bottleneck_weight = 0.0
+    # For comparison, the plain regularisers as R_T's own: >= 0 replaces train.weight_decay
+    # (decoupled, under adam as adamw) / model.dropout for R_T only; -1: R_T's are R_E's.
+    c.weight_decay = -1.0
+    c.dropout = -1.0
+    return c
+
+
+def _sweep_defaults() -> ml_collections.ConfigDict:
+    """``jaxmia defend``: the defence sweep (jaxmia/defence_sweep.py, configs/defences.py)."""
+    c = ml_collections.ConfigDict()
+    # "NAME: field=value; field=value" per cell, the fields relative to the config's root
+    # (e.g. "nls: train.defence.label_smoothing=-0.05"); "NAME:" alone is the undefended R_T.
+    c.cells = ("none:",)
+    # The adaptive attacker's other attacks, "field=value; ..." each (the config's is always a
+    # candidate): the one R_T recognises best under transforms on a pilot is run in full.
+    c.adaptive = ("inversion.loss=cross_entropy",)
+    c.pilot_clones = 1  # per identity
     return c
 
 

@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -53,6 +54,7 @@ import numpy as np
 from jaxmia import (
     checkpoint,
     data,
+    defences,
     evaluation,
     files,
     invert,
@@ -88,13 +90,20 @@ def stage_settings(config: ml_collections.ConfigDict) -> dict[str, dict[str, Any
     """Per stage, the config fields its result depends on, earlier stages' included (JSON-ready)."""
     split = workdir_lib.settings_of(config, "data", "split")
     recognizer = split | workdir_lib.settings_of(config, "model", "train") | {"seed": config.seed}
+    # R_E and the second R_E are never defended (train.defence is R_T's): a defence sweep's
+    # cells share them
+    judge = (
+        split
+        | workdir_lib.settings_of(defences.undefended(config), "model", "train")
+        | {"seed": config.seed}
+    )
     inversions = recognizer | workdir_lib.settings_of(config, "inversion", "experiment")
     judges = workdir_lib.settings_of(config, "judges")
-    other = recognizer | {k: v for k, v in judges.items() if k.startswith("judges.other_")}
+    other = judge | {k: v for k, v in judges.items() if k.startswith("judges.other_")}
     return {
         "split": split,
         "target": recognizer,
-        "evaluation": recognizer,
+        "evaluation": judge,
         "inversions": inversions,
         "evaluation_other": other,
         "report": inversions | judges,
@@ -157,6 +166,48 @@ def changed_stage(
         if differ:
             return stage, which, differ
     return None
+
+
+def adopt(source: Path, workdir: Path, config: ml_collections.ConfigDict, stages) -> list[str]:
+    """Takes over finished stages of another experiment whose settings equal this config's.
+
+    Same settings, same results: a stage that ``source`` finished with exactly the settings
+    ``config`` gives it is hard-linked (copied where links fail) into ``workdir`` with its
+    record, instead of run again; a stage ``workdir`` has already started is left alone.
+
+    Returns:
+      The stages taken over.
+    """
+    settings = stage_settings(config)
+    theirs, ours = read_records(Path(source)), read_records(Path(workdir))
+    taken = []
+    for stage in stages:
+        record = theirs.get(stage, {})
+        if (
+            stage in ours
+            or _has_outputs(workdir, stage)
+            or record.get("status") != "done"
+            or workdir_lib.differing(record.get("settings", {}), settings[stage])
+        ):
+            continue
+        for name in OUTPUTS[stage]:
+            src, dst = Path(source) / name, Path(workdir) / name
+            if src.is_dir():
+                shutil.copytree(src, dst, copy_function=_link_or_copy)
+            elif src.exists():
+                shutil.copy2(src, dst)
+        ours[stage] = record
+        taken.append(stage)
+    if taken:
+        files.write_json(Path(workdir) / RECORD, ours)
+    return taken
+
+
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
 
 
 def _has_outputs(workdir: Path, stage: str) -> bool:
@@ -313,14 +364,20 @@ def _check_split(run: _Run) -> None:
 def _stage_recognizer(run: _Run, role: str) -> dict[str, Any]:
     split, used, _, record = run.split()
     part = split.evaluation if role == "evaluation_other" else getattr(split, role)
+    if role not in train.DEFENDED:
+        used = defences.undefended(used)
     if role == "evaluation_other":
         used = other_config(used)
         print(f"  {used.model.arch} architecture")
     print(f"  {len(part.identities)} identities, {len(part.train)} training photos")
     job = train.make_job(used, run.faces, part, role, run.workdir / role, record)
     summary = train.run_job(job, used.train, progress=run.progress)
-    print(f"  test accuracy {summary['test_accuracy']:.4f} after {summary['epochs']} epochs")
-    return {"test_accuracy": summary["test_accuracy"], "epochs": summary["epochs"]}
+    print(
+        f"  test accuracy {summary['test_accuracy']:.4f} after {summary['epochs']} epochs"
+        f"{train.privacy_note(summary)}"
+    )
+    out = {"test_accuracy": summary["test_accuracy"], "epochs": summary["epochs"]}
+    return out | ({"defence": summary["defence"]} if "defence" in summary else {})
 
 
 def _stage_other(run: _Run) -> dict[str, Any]:
@@ -453,6 +510,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         )
     invert.check_settings(config)
     train.check_train_config(config.train)
+    defences.check_model(defences.Defence.from_config(config.train), config.model.arch)
     verdicts.Settings.from_config(config.judges)
     other = other_config(config)
     if other is not None:

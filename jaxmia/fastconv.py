@@ -97,4 +97,4 @@ def logits(graphdef: nnx.GraphDef, params: nnx.State, x: jax.Array) -> jax.Array
     h = h.reshape(h.shape[0], -1)
     for layer in model.dense:
         h = jax.nn.relu(layer(h))
-    return model.head(h)
+    return model.classify(h)[0]

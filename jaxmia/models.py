@@ -55,6 +55,9 @@ class ModelConfig:
     stem_pool: bool = True
     # Dropout on the dense layers (paper) or before the classifier (resnet) in training.
     dropout: float = 0.0
+    # MID's defence (Wang et al. 2021): a variational bottleneck of this width between the
+    # features and the classifier (``Bottleneck``); 0: none.
+    bottleneck: int = 0
     # Input normalisation: the network sees (x - mean) / std for x in [0, 1]; a float, or one
     # value per channel (torchvision's ImageNet models: (0.485, 0.456, 0.406), (0.229, 0.224,
     # 0.225)).
@@ -64,6 +67,8 @@ class ModelConfig:
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ValueError(f"arch: expected one of {ARCHS}, got {self.arch!r}")
+        if isinstance(self.bottleneck, bool) or self.bottleneck < 0:
+            raise ValueError(f"bottleneck: expected a width >= 0, got {self.bottleneck!r}")
         for name in ("mean", "std"):
             value = getattr(self, name)
             if isinstance(value, (tuple, list)) and len(value) != self.channels:
@@ -109,6 +114,8 @@ class ModelConfig:
         """The fields that fix this architecture's function (another arch's are left out, so
         that a settings record or checkpoint does not depend on what the network ignores)."""
         other = _RESNET_FIELDS if self.arch == "paper" else _PAPER_FIELDS
+        # no bottleneck: the records and checkpoints of before it existed, unchanged
+        other += () if self.bottleneck else ("bottleneck",)
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in other}
 
     @classmethod
@@ -131,10 +138,16 @@ class ModelConfig:
             total += 2 * h * w * k * k * cin * cout
             h, w, cin = h // 2, w // 2, cout
         fin = self.flat_features
-        for fout in (*self.dense_features, self.num_classes):
+        for fout in self.dense_features:
             total += 2 * fin * fout
             fin = fout
-        return total
+        return total + self.classifier_flops(fin)
+
+    def classifier_flops(self, fin: int) -> int:
+        """The bottleneck's (its means only: inference) and the head's multiply-adds x 2."""
+        if self.bottleneck:
+            return 2 * fin * 2 * self.bottleneck + 2 * self.bottleneck * self.num_classes
+        return 2 * fin * self.num_classes
 
 
 def _out(size: int, k: int, stride: int, pad: int) -> int:
@@ -161,7 +174,7 @@ def _resnet_flops(cfg: ModelConfig) -> int:
             if stride != 1 or cin != cout:
                 total += 2 * ho * wo * cin * cout
             h, w, cin = ho, wo, cout
-    return total + 2 * cin * cfg.num_classes
+    return total + cfg.classifier_flops(cin)
 
 
 def max_pool_2x2(x: jax.Array) -> jax.Array:
@@ -186,7 +199,60 @@ def _dropout(h: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     return jnp.where(keep, h / (1 - rate), 0)
 
 
-class Recognizer(nnx.Module):
+class Bottleneck(nnx.Module):
+    """A variational information bottleneck (Alemi et al. 2017; MID, Wang et al. 2021).
+
+    The features are encoded into a Gaussian N(mu, diag(sigma^2)) of ``width`` dimensions; in
+    training the classifier sees a sample of it and the loss adds the KL divergence to N(0, I),
+    which bounds the information the code keeps about the input; in inference, ``mu``.
+    """
+
+    def __init__(self, fin: int, width: int, *, rngs: nnx.Rngs):
+        self.encode = nnx.Linear(fin, 2 * width, rngs=rngs)
+
+    def __call__(self, h: jax.Array, key: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+        """(the code [b, width], KL(N(mu, sigma^2) || N(0, I)) per example [b]).
+
+        ``key`` given: a sample of the code (training); None: its mean.
+        """
+        mu, log_var = jnp.split(self.encode(h), 2, axis=-1)  # [b, width] each
+        kl = 0.5 * jnp.sum(mu**2 + jnp.exp(log_var) - 1.0 - log_var, axis=-1)  # [b]
+        if key is None:
+            return mu, kl
+        return mu + jnp.exp(0.5 * log_var) * jax.random.normal(key, mu.shape, mu.dtype), kl
+
+
+class _Classifier(nnx.Module):
+    """The head over the features, through the bottleneck if the config has one."""
+
+    def _init_classifier(self, fin: int, rngs: nnx.Rngs) -> None:
+        width = self.config.bottleneck
+        self.bottleneck = Bottleneck(fin, width, rngs=rngs) if width else None
+        self.head = nnx.Linear(width or fin, self.config.num_classes, rngs=rngs)
+
+    def classify(
+        self, h: jax.Array, train_key: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """(logits [b, num_classes], the bottleneck's KL [b], zeros without one)."""
+        if self.bottleneck is None:
+            return self.head(h), jnp.zeros(h.shape[:1], h.dtype)
+        # a key of its own: the same key's dropout masks must not correlate with the sample
+        key = None if train_key is None else jax.random.fold_in(train_key, 2**20)
+        z, kl = self.bottleneck(h, key)
+        return self.head(z), kl
+
+    def forward(
+        self, x: jax.Array, train_key: jax.Array | None = None
+    ) -> tuple[jax.Array, jax.Array]:
+        """(logits, the bottleneck's KL per image). # [b, h, w, c] -> ([b, classes], [b])"""
+        return self.classify(self._last_hidden(x, train_key), train_key)
+
+    def __call__(self, x: jax.Array, train_key: jax.Array | None = None) -> jax.Array:
+        """Logits. # [b, h, w, c] -> [b, num_classes]"""
+        return self.forward(x, train_key)[0]
+
+
+class Recognizer(_Classifier):
     """The paper's CNN face recognizer."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -201,7 +267,7 @@ class Recognizer(nnx.Module):
             dense.append(nnx.Linear(fin, fout, rngs=rngs))
             fin = fout
         self.dense = nnx.List(dense)
-        self.head = nnx.Linear(fin, config.num_classes, rngs=rngs)
+        self._init_classifier(fin, rngs)
 
     def features(self, x: jax.Array, train_key: jax.Array | None = None) -> jax.Array:
         """Penultimate features.
@@ -224,9 +290,8 @@ class Recognizer(nnx.Module):
             h = _dropout(h, cfg.dropout, key)
         return h
 
-    def __call__(self, x: jax.Array, train_key: jax.Array | None = None) -> jax.Array:
-        """Logits. # [b, h, w, c] -> [b, num_classes]"""
-        return self.head(self.features(x, train_key))
+    def _last_hidden(self, x: jax.Array, train_key: jax.Array | None) -> jax.Array:
+        return self.features(x, train_key)
 
 
 def _conv(cin: int, cout: int, k: int, stride: int, rngs: nnx.Rngs) -> nnx.Conv:
@@ -278,7 +343,7 @@ class Block(nnx.Module):
         return jax.nn.relu(h + shortcut)
 
 
-class ResNet(nnx.Module):
+class ResNet(_Classifier):
     """A ResNet face recognizer (torchvision's structure; depth, width and stem by config)."""
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -295,7 +360,7 @@ class ResNet(nnx.Module):
                 cin = width * config.expansion
             stages.append(nnx.List(blocks))
         self.stages = nnx.List(stages)
-        self.head = nnx.Linear(cin, config.num_classes, rngs=rngs)
+        self._init_classifier(cin, rngs)
 
     def features(self, x: jax.Array, train_key: jax.Array | None = None) -> jax.Array:
         """Globally average-pooled last stage. # [b, h, w, c] -> [b, feature_size]
@@ -313,9 +378,8 @@ class ResNet(nnx.Module):
                 h = block(h, train)
         return h.mean(axis=(1, 2))
 
-    def __call__(self, x: jax.Array, train_key: jax.Array | None = None) -> jax.Array:
-        """Logits. # [b, h, w, c] -> [b, num_classes]"""
-        return self.head(_dropout(self.features(x, train_key), self.config.dropout, train_key))
+    def _last_hidden(self, x: jax.Array, train_key: jax.Array | None) -> jax.Array:
+        return _dropout(self.features(x, train_key), self.config.dropout, train_key)
 
 
 def build(config: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
@@ -368,6 +432,20 @@ def join(graphdef: nnx.GraphDef, params: dict, rest: dict) -> dict:
     return nnx.to_pure_dict(nnx.state(nnx.merge(graphdef, params, rest)))
 
 
+def train_outputs(
+    graphdef: nnx.GraphDef, params: dict, rest: dict, x: jax.Array, key: jax.Array
+) -> tuple[jax.Array, jax.Array, dict]:
+    """``train_logits`` with the bottleneck's KL per image (zeros without one).
+
+    # [b, h, w, c] -> ([b, classes], [b], rest)
+    """
+    # A fresh copy of the statistics: merged as the closed-over arrays of an outer trace, NNX
+    # refuses to update them inside value_and_grad ("Cannot mutate BatchStat").
+    model = nnx.merge(graphdef, params, jax.tree.map(lambda v: v, rest))
+    out, kl = model.forward(x, key)
+    return out, kl, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+
+
 def train_logits(
     graphdef: nnx.GraphDef, params: dict, rest: dict, x: jax.Array, key: jax.Array
 ) -> tuple[jax.Array, dict]:
@@ -376,8 +454,5 @@ def train_logits(
     Dropout and batch statistics draw on ``key``'s mode; the returned ``rest`` holds batch
     norm's running statistics after this batch (unchanged for the paper CNN).
     """
-    # A fresh copy of the statistics: merged as the closed-over arrays of an outer trace, NNX
-    # refuses to update them inside value_and_grad ("Cannot mutate BatchStat").
-    model = nnx.merge(graphdef, params, jax.tree.map(lambda v: v, rest))
-    out = model(x, key)
-    return out, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+    logits_, _, rest = train_outputs(graphdef, params, rest, x, key)
+    return logits_, rest

@@ -145,7 +145,7 @@ def _infer(graphdef, params, x, *, with_features):
     """Probabilities, hash words and (optionally) features of a padded batch. # [B, h, w, c]"""
     model = nnx.merge(graphdef, params)
     feats = model.features(x)  # [B, d]
-    probs = jax.nn.softmax(model.head(feats), axis=-1)  # [B, n]
+    probs = jax.nn.softmax(model.classify(feats)[0], axis=-1)  # [B, n]
     return probs, dedup.hash_words(x), feats if with_features else None
 
 

@@ -28,7 +28,18 @@ import optax
 import tqdm
 from flax import nnx
 
-from jaxmia import batching, checkpoint, data, files, models, sharding, splits, stream, transforms
+from jaxmia import (
+    batching,
+    checkpoint,
+    data,
+    defences,
+    files,
+    models,
+    sharding,
+    splits,
+    stream,
+    transforms,
+)
 from jaxmia import workdir as workdir_lib
 from jaxmia.errors import JaxmiaError
 
@@ -37,6 +48,8 @@ SCHEDULES = ("constant", "cosine")
 RECOGNIZERS = ("all", "target", "evaluation", "both")
 # Every role a checkpoint may have; its position keys the initialisation.
 KEYED_ROLES = (*RECOGNIZERS, "evaluation_other")
+# The roles train.defence applies to: the recognizer under attack, never the judges.
+DEFENDED = ("all", "target")
 ROLES = {
     "all": ("all",),
     "target": ("target",),
@@ -99,6 +112,7 @@ def check_train_config(cfg: ml_collections.ConfigDict) -> None:
         raise JaxmiaError(
             f"config field train.warmup_epochs: expected >= 0, got {cfg.warmup_epochs}"
         )
+    defences.Defence.from_config(cfg)
 
 
 def make_optimizer(
@@ -175,29 +189,46 @@ def augment(x: jax.Array, key: jax.Array, aug: Augment = Augment()) -> jax.Array
     return jnp.clip(x, 0.0, 1.0)
 
 
-def _loss(graphdef, params, rest, x, y, key, smoothing):
-    logits, rest = models.train_logits(graphdef, params, rest, x, key)
-    targets = jax.nn.one_hot(y, logits.shape[-1])
-    if smoothing:
-        targets = optax.smooth_labels(targets, smoothing)
-    return optax.softmax_cross_entropy(logits, targets).mean(), rest
+def _loss(graphdef, params, rest, x, y, key, smoothing, kl_weight):
+    logits, kl, rest = models.train_outputs(graphdef, params, rest, x, key)
+    # smoothing is traced: 0 leaves the one-hot targets exactly as they are
+    targets = optax.smooth_labels(jax.nn.one_hot(y, logits.shape[-1]), smoothing)
+    loss = optax.softmax_cross_entropy(logits, targets).mean()
+    if kl_weight:
+        loss = loss + kl_weight * kl.mean()
+    return loss, rest
 
 
 @functools.partial(
-    jax.jit, static_argnames=("graphdef", "tx", "aug", "smoothing"), donate_argnums=(1, 2, 3)
+    jax.jit, static_argnames=("graphdef", "tx", "aug", "kl_weight", "dp"), donate_argnums=(1, 2, 3)
 )
-def train_step(graphdef, params, rest, opt_state, x, y, key, *, tx, aug, smoothing=0.0):
+def train_step(
+    graphdef, params, rest, opt_state, x, y, key, smoothing=0.0, *, tx, aug, kl_weight=0.0, dp=None
+):
     """One optimizer step on a batch. # x: [b, h, w, c], y: [b]
 
     ``params`` are the weights, ``rest`` batch norm's statistics (``models.split_trainable``);
-    ``aug`` an ``Augment`` or None; ``smoothing`` the label smoothing.
+    ``aug`` an ``Augment`` or None; ``smoothing`` the label smoothing (traced: a schedule does
+    not recompile); ``kl_weight`` the bottleneck's KL weight; ``dp`` DP-SGD's (clip bound,
+    noise std) or None (``defences.Defence.private``).
     """
     k_aug, k_model = jax.random.split(key)
     if aug is not None:
         x = jax.vmap(functools.partial(augment, aug=aug))(x, jax.random.split(k_aug, x.shape[0]))
-    (loss, rest), grads = jax.value_and_grad(_loss, argnums=1, has_aux=True)(
-        graphdef, params, rest, x, y, k_model, smoothing
-    )
+    smoothing = jnp.asarray(smoothing, jnp.float32)
+    if dp is None:
+        (loss, rest), grads = jax.value_and_grad(_loss, argnums=1, has_aux=True)(
+            graphdef, params, rest, x, y, k_model, smoothing, kl_weight
+        )
+    else:
+        # one example at a time (own dropout key); no batch norm, so rest stays as it is
+        def one(p, xi, yi, ki):
+            return _loss(graphdef, p, rest, xi[None], yi[None], ki, smoothing, kl_weight)
+
+        keys = jax.random.split(k_model, x.shape[0])
+        k_noise = jax.random.fold_in(key, 3)
+        losses, grads = defences.private_gradients(one, params, (x, y, keys), k_noise, *dp)
+        loss = losses.mean()
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), rest, opt_state, loss
 
@@ -313,7 +344,14 @@ def fit(
     batch_size = min(train_config.batch_size, n)
     mesh = stream.mesh(batch_size) if streaming else None
     steps_per_epoch = -(-n // batch_size)
-    tx = make_optimizer(train_config, steps_per_epoch)
+    tx = make_optimizer(defences.effective_train(train_config), steps_per_epoch)
+    defence = defences.Defence.from_config(train_config)
+    defences.check_model(defence, model_config.arch)
+    if defence.bottleneck != model_config.bottleneck:
+        raise JaxmiaError(
+            f"train.defence.bottleneck={defence.bottleneck} but the model's bottleneck is "
+            f"{model_config.bottleneck}; expected the same (train.model_config_for)"
+        )
     k_init, k_train = jax.random.split(key)
     graphdef, state = models.init(model_config, k_init)
     params, rest = models.split_trainable(graphdef, state)
@@ -368,6 +406,7 @@ def fit(
             order = _epoch_batches(n, batch_size, jax.random.fold_in(k_epoch, 0))
             batches = ((images[idx], labels[idx]) for idx in order)
         for i, (x, y) in enumerate(batches):
+            smoothing = defences.smoothing_at(defence, epoch * steps_per_epoch + i, steps_per_epoch)
             params, rest, opt_state, loss = train_step(
                 graphdef,
                 params,
@@ -376,9 +415,11 @@ def fit(
                 x,
                 y,
                 jax.random.fold_in(k_epoch, i + 1),
+                smoothing or float(train_config.label_smoothing),
                 tx=tx,
                 aug=aug,
-                smoothing=float(train_config.label_smoothing),
+                kl_weight=defences.kl_weight(defence),
+                dp=defence.private,
             )
             losses.append(loss)
         state = models.join(graphdef, params, rest)
@@ -409,10 +450,23 @@ def fit(
                         "train": train_config.to_dict(),
                         "epoch": done,
                         **_last(record),
+                        **_defence_record(defence, batch_size, n, done * steps_per_epoch),
                     },
                     opt_state,
                 )
     return graphdef, models.join(graphdef, params, rest), history
+
+
+def _defence_record(d: defences.Defence, batch_size: int, n: int, steps: int) -> dict:
+    if not d.active:
+        return {}
+    return {"defence": defences.record(d, batch_size=batch_size, examples=n, steps=steps)}
+
+
+def privacy_note(summary: dict) -> str:
+    """ ", DP-SGD epsilon E at delta D" for a training summary of DP-SGD, else ""."""
+    p = summary.get("defence", {}).get("privacy")
+    return f", DP-SGD epsilon {p['epsilon']:.2f} at delta {p['delta']:g}" if p else ""
 
 
 def _pair(test: tuple | stream.Source) -> tuple:
@@ -441,6 +495,7 @@ def _last(record: dict) -> dict:
 
 def model_config_for(config: ml_collections.ConfigDict, num_classes: int) -> models.ModelConfig:
     """The recognizer's ModelConfig from a jaxmia config's ``data`` and ``model`` sections."""
+    d = defences.Defence.from_config(config.train)
     try:
         m = config.model
         return models.ModelConfig(
@@ -457,7 +512,8 @@ def model_config_for(config: ml_collections.ConfigDict, num_classes: int) -> mod
             stem_kernel=m.stem_kernel,
             stem_stride=m.stem_stride,
             stem_pool=m.stem_pool,
-            dropout=m.dropout,
+            dropout=d.dropout if d.dropout >= 0 else m.dropout,
+            bottleneck=d.bottleneck,
         )
     except ValueError as e:
         raise JaxmiaError(f"config fields model/data: {e}") from e
@@ -540,6 +596,9 @@ def run_job(job: Job, train_config: ml_collections.ConfigDict, *, progress: bool
         progress=progress,
     )
     last = history[-1] if history else {}
+    n = len(job.train[0])
+    steps = (last.get("epoch") or 0) * -(-n // min(train_config.batch_size, n))
+    defence = defences.Defence.from_config(train_config)
     summary = {
         "role": job.role,
         "identities": len(job.names),
@@ -551,6 +610,7 @@ def run_job(job: Job, train_config: ml_collections.ConfigDict, *, progress: bool
         "seconds_this_run": time.perf_counter() - t0,
         "data_source": job.meta["data_source"],
         "synthetic": job.meta["synthetic"],
+        **_defence_record(defence, min(train_config.batch_size, n), n, steps),
     }
     files.write_json(job.workdir / "train_summary.json", summary)
     return summary
@@ -580,6 +640,7 @@ def run(
             f"config field train.recognizer: expected one of {RECOGNIZERS}, got {recognizer!r}"
         )
     check_train_config(config.train)
+    defences.check_model(defences.Defence.from_config(config.train), config.model.arch)
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise JaxmiaError(f"--workdir {workdir}: exists and is not a folder")
@@ -587,9 +648,14 @@ def run(
     faces = data.faces_from_config(config, progress=progress, stream=bool(config.train.stream))
     split = splits.from_config(config, faces)
     record = split.to_json(faces)
+    # the defences are the attacked recognizer's; R_E, the judge, is never defended
+    configs = {
+        role: config if role in DEFENDED else defences.undefended(config)
+        for role in ROLES[recognizer]
+    }
     jobs = [
         make_job(
-            config,
+            configs[role],
             faces,
             getattr(split, role),
             role,
@@ -599,7 +665,7 @@ def run(
         for role in ROLES[recognizer]
     ]
     for job in jobs:
-        workdir_lib.check(job.workdir / RECORD, job.settings(config.train))
+        workdir_lib.check(job.workdir / RECORD, job.settings(configs[job.role].train))
     workdir.mkdir(parents=True, exist_ok=True)
     files.write_json(workdir / "config.json", config.to_dict())
     files.write_json(workdir / "split.json", record)
@@ -609,10 +675,11 @@ def run(
         print(f"note: training on SYNTHETIC faces ({faces.source})")
     summaries = {}
     for job in jobs:
-        summary = run_job(job, config.train, progress=progress)
+        summary = run_job(job, configs[job.role].train, progress=progress)
         summaries[job.role] = summary
         print(
             f"{job.role}: {summary['identities']} identities, test accuracy "
-            f"{summary['test_accuracy']:.4f} after {summary['epochs']} epochs -> {job.workdir}"
+            f"{summary['test_accuracy']:.4f} after {summary['epochs']} epochs"
+            f"{privacy_note(summary)} -> {job.workdir}"
         )
     return summaries

@@ -43,6 +43,16 @@ RUN_ONLY = frozenset(
 # left out of settings at that value, so those records still equal a rerun's.
 LATER_DEFAULTS = {
     "train.stream": False,
+    "train.defence.label_smoothing": 0.0,
+    "train.defence.smoothing_ramp_epochs": 0,
+    "train.defence.dp": False,
+    "train.defence.dp_clip": 1.0,
+    "train.defence.dp_noise": 1.0,
+    "train.defence.dp_delta": 1e-5,
+    "train.defence.bottleneck": 0,
+    "train.defence.bottleneck_weight": 0.0,
+    "train.defence.weight_decay": -1.0,
+    "train.defence.dropout": -1.0,
     "inversion.views": 1,
     "inversion.zoom": 0.0,
     "inversion.blur": 0.0,

@@ -1,0 +1,235 @@
+"""Training-time defences: smoothing, DP-SGD and its budget, MID, and `jaxmia defend`."""
+
+import json
+import math
+
+import dp_accounting
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+from scipy import optimize, stats
+from test_train_cli import SMALL
+
+from jaxmia import checkpoint, cli, defences, models, train
+from jaxmia.config import default_config
+
+
+def _tiny(bottleneck=0):
+    cfg = models.ModelConfig(
+        num_classes=4, image_size=(16, 16), conv_features=(3, 4), kernel_sizes=(3, 3),
+        dense_features=(8,), bottleneck=bottleneck,
+    )  # fmt: skip
+    graphdef, state = models.init(cfg, jax.random.key(0))
+    return graphdef, *models.split_trainable(graphdef, state)
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.2, -0.1])
+def test_smoothed_loss_equals_hand_cross_entropy(alpha):
+    graphdef, params, rest = _tiny()
+    x = jax.random.uniform(jax.random.key(1), (5, 16, 16, 1))
+    y = jnp.array([0, 1, 2, 3, 1])
+    got, _ = jax.jit(train._loss, static_argnums=(0, 7))(
+        graphdef, params, rest, x, y, None, jnp.float32(alpha), 0.0
+    )
+    z = np.asarray(models.logits(graphdef, models.join(graphdef, params, rest), x), np.float64)
+    log_p = z - z.max(1, keepdims=True)
+    log_p -= np.log(np.exp(log_p).sum(1, keepdims=True))
+    # (1 - alpha) on the label plus alpha / K everywhere (negative off the label for alpha < 0)
+    t = np.full((5, 4), alpha / 4) + (1 - alpha) * np.eye(4)[np.asarray(y)]
+    assert float(got) == pytest.approx(-(t * log_p).sum(1).mean(), rel=1e-5)
+    if alpha == 0:
+        assert float(got) == pytest.approx(-log_p[np.arange(5), np.asarray(y)].mean(), rel=1e-5)
+
+
+def test_fit_without_a_defence_section_equals_the_default_defence():
+    cfg = default_config()
+    cfg.data.image_size = (16, 16)
+    cfg.model.conv_features, cfg.model.kernel_sizes = (3, 4), (3, 3)
+    cfg.model.dense_features = (8,)
+    cfg.train.epochs, cfg.train.batch_size = 2, 8
+    x = np.random.default_rng(0).random((16, 16, 16, 1), np.float32)
+    y = np.arange(16) % 4
+    old = ml_collections.ConfigDict(cfg.train.to_dict())
+    del old["defence"]  # a config of before the defences
+    fitted = [
+        train.fit(train.model_config_for(cfg, 4), t, x, y, key=jax.random.key(0))[1]
+        for t in (cfg.train, old)
+    ]
+    jax.tree.map(np.testing.assert_array_equal, *fitted)
+
+
+def test_smoothing_ramps_linearly_to_its_value():
+    d = defences.Defence(label_smoothing=-0.2, smoothing_ramp_epochs=2)
+    got = [defences.smoothing_at(d, s, steps_per_epoch=3) for s in range(8)]
+    np.testing.assert_allclose(got, [-0.2 * min(1, (s + 1) / 6) for s in range(8)])
+    assert defences.smoothing_at(defences.Defence(label_smoothing=0.1), 0, 3) == 0.1
+
+
+@pytest.mark.parametrize("clip", [0.05, 1e3])
+def test_private_gradients_clip_each_example_like_a_loop(clip):
+    graphdef, params, rest = _tiny()
+    x = jax.random.uniform(jax.random.key(1), (6, 16, 16, 1))
+    y = jnp.array([0, 1, 2, 3, 0, 1])
+
+    def one(p, xi, yi):
+        return train._loss(graphdef, p, rest, xi[None], yi[None], None, 0.0, 0.0)
+
+    losses, got = jax.jit(defences.private_gradients, static_argnums=(0, 4, 5))(
+        one, params, (x, y), jax.random.key(2), clip, 0.0
+    )
+    # the reference: one example at a time, clipped by hand in float64
+    total = jax.tree.map(lambda v: np.zeros(v.shape), params)
+    norms = []
+    grad_one = jax.jit(jax.grad(lambda p, xi, yi: one(p, xi, yi)[0]))
+    for i in range(6):
+        g = grad_one(params, x[i], y[i])
+        norm = math.sqrt(
+            sum(float(np.sum(np.asarray(v, np.float64) ** 2)) for v in jax.tree.leaves(g))
+        )
+        norms.append(norm)
+        scale = min(1.0, clip / norm)
+        total = jax.tree.map(lambda t, v, s=scale: t + np.asarray(v) * s, total, g)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b / 6, rtol=2e-4, atol=1e-7), got, total
+    )
+    np.testing.assert_allclose(
+        losses, [float(one(params, x[i], y[i])[0]) for i in range(6)], rtol=1e-5
+    )
+    # the small bound clips every example, the large one none: both branches are exercised
+    assert (min(norms) > clip) if clip < 1 else (max(norms) < clip)
+
+
+def test_private_gradients_add_noise_of_the_stated_std():
+    graphdef, params, rest = _tiny()
+    x = jax.random.uniform(jax.random.key(1), (4, 16, 16, 1))
+    y = jnp.array([0, 1, 2, 3])
+
+    def one(p, xi, yi):
+        return train._loss(graphdef, p, rest, xi[None], yi[None], None, 0.0, 0.0)
+
+    run = jax.jit(defences.private_gradients, static_argnums=(0, 4, 5))
+    _, clean = run(one, params, (x, y), jax.random.key(2), 1.0, 0.0)
+    _, noisy = run(one, params, (x, y), jax.random.key(2), 1.0, 3.0)
+    # (sum + N(0, 3^2)) / 4 - sum / 4 = N(0, 0.75^2), over every weight
+    diff = np.concatenate(
+        [
+            np.ravel(a - b)
+            for a, b in zip(jax.tree.leaves(noisy), jax.tree.leaves(clean), strict=True)
+        ]
+    )
+    assert diff.size > 600  # the std within 4 standard errors (2.7% each)
+    assert np.std(diff) == pytest.approx(0.75, rel=0.11) and abs(np.mean(diff)) < 0.05
+
+
+def _gaussian_delta(eps, mu):
+    """The exact delta(eps) of a Gaussian mechanism of sensitivity/std mu (Balle & Wang 2018)."""
+    return stats.norm.cdf(-eps / mu + mu / 2) - math.exp(eps) * stats.norm.cdf(-eps / mu - mu / 2)
+
+
+def test_epsilon_is_the_accountants_and_above_the_exact_full_batch_value():
+    got = defences.epsilon(1.1, 32, 1000, 500, 1e-5)
+    event = dp_accounting.SelfComposedDpEvent(
+        dp_accounting.PoissonSampledDpEvent(0.032, dp_accounting.GaussianDpEvent(1.1)), 500
+    )
+    pld = dp_accounting.pld.PLDAccountant()
+    pld.compose(event)
+    # RDP is an upper bound; the PLD accountant is near-exact: close, never below it
+    assert pld.get_epsilon(1e-5) <= got <= 1.3 * pld.get_epsilon(1e-5)
+    # full batches: T Gaussian steps are one Gaussian of mu = sqrt(T) / sigma, exactly
+    sigma, steps, delta = 8.0, 16, 1e-5
+    exact = optimize.brentq(
+        lambda e: _gaussian_delta(e, math.sqrt(steps) / sigma) - delta, 1e-6, 50
+    )
+    rdp = defences.epsilon(sigma, 100, 100, steps, delta)
+    assert exact <= rdp <= 1.35 * exact
+    assert defences.epsilon(0.0, 32, 1000, 10, 1e-5) == math.inf
+
+
+def test_dp_training_records_the_accountants_epsilon(tmp_path, capsys):
+    args = [
+        "train", "--workdir", str(tmp_path), "--recognizer", "both", *SMALL,
+        "--config.train.defence.dp=True", "--config.train.defence.dp_noise=2.0",
+        "--config.train.defence.dp_clip=0.5", "--config.train.defence.dp_delta=1e-4",
+    ]  # fmt: skip
+    assert cli.main(args) == 0
+    target = checkpoint.load_recognizer(tmp_path / "target")
+    privacy = target.meta["defence"]["privacy"]
+    n = len(target.meta["train_files"])
+    steps = 2 * math.ceil(n / 16)  # 2 epochs of batches of 16
+    assert (privacy["steps"], privacy["examples"], privacy["batch_size"]) == (steps, n, 16)
+    assert privacy["epsilon"] == pytest.approx(defences.epsilon(2.0, 16, n, steps, 1e-4))
+    summary = json.loads((tmp_path / "target" / "train_summary.json").read_text())
+    assert summary["defence"]["privacy"]["epsilon"] == privacy["epsilon"]
+    assert f"epsilon {privacy['epsilon']:.2f}" in capsys.readouterr().out
+    # R_E, the judge, is never defended
+    evaluation = checkpoint.load_recognizer(tmp_path / "evaluation")
+    assert "defence" not in evaluation.meta
+
+
+def test_bottleneck_kl_and_mean_code():
+    b = models.Bottleneck(3, 2, rngs=nnx.Rngs(0))
+    b.encode.kernel[...] = jnp.zeros((3, 4))
+    b.encode.bias[...] = jnp.array([1.0, -2.0, 0.0, math.log(4.0)])  # mu (1, -2), log var (0, ln 4)
+    h = jnp.ones((2, 3))
+    z, kl = b(h)
+    np.testing.assert_allclose(z, [[1, -2]] * 2)
+    # 0.5 * sum(mu^2 + var - 1 - log var) = 0.5 * (1 + 0 + 4 + 3 - ln 4)
+    np.testing.assert_allclose(kl, [0.5 * (8 - math.log(4))] * 2, rtol=1e-6)
+    samples = jnp.stack([b(h, jax.random.key(i))[0][0] for i in range(400)])
+    assert np.std(samples[:, 1]) == pytest.approx(2.0, rel=0.15)
+
+
+def test_mid_recognizer_infers_on_the_mean_and_is_r_t_only(tmp_path):
+    args = [
+        "train", "--workdir", str(tmp_path), "--recognizer", "both", *SMALL,
+        "--config.train.defence.bottleneck=6", "--config.train.defence.bottleneck_weight=0.1",
+        "--config.train.defence.dropout=0.0",
+    ]  # fmt: skip
+    assert cli.main(args) == 0
+    target = checkpoint.load_recognizer(tmp_path / "target")
+    evaluation = checkpoint.load_recognizer(tmp_path / "evaluation")
+    assert (target.config.bottleneck, evaluation.config.bottleneck) == (6, 0)
+    assert (target.config.dropout, evaluation.config.dropout) == (0.0, 0.5)
+    x = np.random.default_rng(0).random((3, 32, 32, 1), np.float32)
+    np.testing.assert_array_equal(target.logits(x), target.logits(x))
+
+
+@pytest.mark.parametrize(
+    "override,message",
+    [
+        ("dp_noise=-1.0", "train.defence.dp_noise: expected a finite noise multiplier >= 0"),
+        ("dp_clip=0.0", "train.defence.dp_clip: expected a finite L2 bound > 0"),
+        ("dp_delta=1.0", "train.defence.dp_delta"),
+        ("label_smoothing=-1.0", "train.defence.label_smoothing: expected in (-1, 1)"),
+        ("bottleneck_weight=0.1", "bottleneck_weight: applies with train.defence.bottleneck"),
+        ("weight_decay=-0.5", "train.defence.weight_decay"),
+    ],
+)
+def test_nonsensical_defences_are_refused_in_one_line(tmp_path, capsys, override, message):
+    extra = (
+        []
+        if override.startswith(("label", "bottleneck", "weight"))
+        else ["--config.train.defence.dp=True"]
+    )
+    args = [
+        "train",
+        "--workdir",
+        str(tmp_path / "w"),
+        *SMALL,
+        *extra,
+        f"--config.train.defence.{override}",
+    ]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "w").exists()
+
+
+def test_dp_sgd_is_refused_for_batch_norm(tmp_path, capsys):
+    args = ["train", "--workdir", str(tmp_path / "w"), *SMALL, "--config.model.arch=resnet",
+            "--config.train.defence.dp=True"]  # fmt: skip
+    assert cli.main(args) == 2
+    assert "batch norm" in capsys.readouterr().err
