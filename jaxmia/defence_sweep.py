@@ -97,8 +97,10 @@ def _check(config: ml_collections.ConfigDict) -> list[tuple[str, list[str]]]:
     return cells
 
 
-def _pilot_score(config: ml_collections.ConfigDict, folder: Path, rec_t) -> float:
-    """R_T's top-1 under the judges' random transforms on a pilot inversion's clones."""
+def _pilot_score(config: ml_collections.ConfigDict, folder: Path, rec_t) -> dict[str, float]:
+    """R_T's verdict under the judges' random transforms on a pilot inversion's clones: its
+    top-1 and its mean probability of the target (which still ranks attacks where top-1 is
+    100% for both)."""
     inv = evaluation.load_inversions(folder)
     n = inv.clones.shape[1]
     names = np.repeat(np.asarray(inv.identities, object), n)
@@ -109,11 +111,17 @@ def _pilot_score(config: ml_collections.ConfigDict, folder: Path, rec_t) -> floa
         [rec_t], inv.clones.reshape(-1, *inv.clones.shape[2:]), [targets],
         settings.transforms, jax.random.key(settings.seed),
     )  # fmt: skip
-    return float(np.mean(got.rank <= 1))
+    return {
+        "R_T_transformed_top1": float(np.mean(got.rank <= 1)),
+        "R_T_transformed_probability": float(np.mean(got.score)),
+    }
 
 
 def choose_attack(config: ml_collections.ConfigDict, cell_dir: Path) -> dict[str, Any]:
-    """The adaptive attacker's choice for a cell whose R_T is trained: pilots scored by R_T."""
+    """The adaptive attacker's choice for a cell whose R_T is trained: pilots scored by R_T.
+
+    By R_T's top-1 under transforms, then its mean probability of the target under them.
+    """
     cfg = config.defences
     rec_t = checkpoint.load_recognizer(cell_dir / "target")
     trials = []
@@ -121,9 +129,13 @@ def choose_attack(config: ml_collections.ConfigDict, cell_dir: Path) -> dict[str
         c = cell_config(config, _overrides(attack))
         out = cell_dir / "pilot" / str(k)
         invert.run(c, out, checkpoint_dir=cell_dir / "target", clones=cfg.pilot_clones)
-        trials.append({"attack": attack, "R_T_transformed_top1": _pilot_score(c, out, rec_t)})
-    # ties keep the earlier: the config's own attack first
-    best = max(range(len(trials)), key=lambda i: (trials[i]["R_T_transformed_top1"], -i))
+        trials.append({"attack": attack, **_pilot_score(c, out, rec_t)})
+
+    def rank(i):  # ties keep the earlier: the config's own attack first
+        t = trials[i]
+        return t["R_T_transformed_top1"], t["R_T_transformed_probability"], -i
+
+    best = max(range(len(trials)), key=rank)
     return {"trials": trials, "chosen": trials[best]["attack"]}
 
 
@@ -163,12 +175,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, plots: bool =
         print(f"=== cell {i}/{len(cells)} {name}: {'; '.join(overrides) or 'no defence'}")
         if first is not None:
             experiment.adopt(first, cell_dir, c, ("evaluation", "evaluation_other"))
-        records = experiment.run_stages(c, cell_dir)
+        records = _in_cell(name, experiment.run_stages, c, cell_dir)
         first = first or cell_dir
         rows.append(_row(name, overrides, "", records))
         if not config.defences.adaptive:
             continue
-        choice = _cached_choice(c, cell_dir)
+        choice = _in_cell(name, _cached_choice, c, cell_dir)
         print(f"  adaptive attacker: {_describe(choice)}")
         rows[-1]["adaptive_choice"] = choice
         if not choice["chosen"]:
@@ -178,7 +190,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, plots: bool =
         adaptive = cell_dir / "adaptive"
         adaptive.mkdir(exist_ok=True)
         experiment.adopt(cell_dir, adaptive, a, ("target", "evaluation", "evaluation_other"))
-        rows.append(_row(name, overrides, choice["chosen"], experiment.run_stages(a, adaptive)))
+        records = _in_cell(name, experiment.run_stages, a, adaptive)
+        rows.append(_row(name, overrides, choice["chosen"], records))
         rows[-1]["adaptive"] = True
     summary = {
         "rows": rows,
@@ -197,10 +210,21 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, plots: bool =
     return summary
 
 
+def _in_cell(name: str, fn, *args):
+    try:
+        return fn(*args)
+    except JaxmiaError as e:
+        raise JaxmiaError(f"defence cell {name!r}: {e}") from e
+
+
 def _cached_choice(config: ml_collections.ConfigDict, cell_dir: Path) -> dict[str, Any]:
     """The adaptive choice, recorded in the cell (with its settings) so a rerun reuses it."""
     path = cell_dir / "adaptive.json"
-    settings = {"adaptive": list(config.defences.adaptive), "pilot": config.defences.pilot_clones}
+    settings = {
+        "adaptive": list(config.defences.adaptive),
+        "pilot": config.defences.pilot_clones,
+        "criterion": "R_T transformed top-1, then mean probability",
+    }
     if path.exists():
         old = json.loads(path.read_text())
         if old.get("settings") == settings:
@@ -216,7 +240,8 @@ def _cached_choice(config: ml_collections.ConfigDict, cell_dir: Path) -> dict[st
 
 def _describe(choice: dict[str, Any]) -> str:
     trials = ", ".join(
-        f"{t['attack'] or 'as configured'} {100 * t['R_T_transformed_top1']:.1f}%"
+        f"{t['attack'] or 'as configured'} {100 * t['R_T_transformed_top1']:.1f}% "
+        f"(p {t['R_T_transformed_probability']:.3f})"
         for t in choice["trials"]
     )
     chosen = choice["chosen"] or "as configured"

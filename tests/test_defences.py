@@ -233,3 +233,77 @@ def test_dp_sgd_is_refused_for_batch_norm(tmp_path, capsys):
             "--config.train.defence.dp=True"]  # fmt: skip
     assert cli.main(args) == 2
     assert "batch norm" in capsys.readouterr().err
+
+
+SWEEP = [
+    *SMALL,
+    "--config.inversion.clones=2",
+    "--config.inversion.steps=4",
+    "--config.judges.other_arch=",
+    "--config.judges.eigenfaces=6",
+    "--config.judges.pgd.steps=2",
+    "--config.judges.transforms.samples=2",
+    "--config.defences.cells=('none:', 'nls: train.defence.label_smoothing=-0.1')",
+    "--config.defences.adaptive=('inversion.learning_rate=0.2',)",
+]
+
+
+def test_defend_writes_the_table_shares_r_e_and_resumes(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    assert cli.main(["defend", "--workdir", str(out), *SWEEP]) == 0
+    summary = json.loads((out / "defences.json").read_text())
+    rows = summary["rows"]
+    assert [r["cell"] for r in rows[:1]] == ["none"] and {r["cell"] for r in rows} == {
+        "none",
+        "nls",
+    }
+    for r in rows:
+        assert 0 <= r["R_T_test_accuracy"] <= 1 and set(r["top1"]) >= {"R_E", "pixel_nn"}
+        assert r["robust_mean_top1"] == pytest.approx(
+            np.mean(
+                [
+                    r["top1"][j]
+                    for j in ("R_E_transformed", "eigenface_nn", "eigenface_mean", "pixel_nn")
+                ]
+            )
+        )
+    nls = [r for r in rows if r["cell"] == "nls"]
+    assert nls[0]["defence"] == "train.defence.label_smoothing=-0.1"
+    assert len(nls[0]["adaptive_choice"]["trials"]) == 2
+    for name in ("defences.csv", "defences.md", "defences.png"):
+        assert (out / name).stat().st_size > 0
+    # R_E is trained once and taken over (hard-linked) by the defended cell, never defended
+    a, b = out / "cells" / "none", out / "cells" / "nls"
+    first = json.loads((a / "stages.json").read_text())["evaluation"]
+    assert json.loads((b / "stages.json").read_text())["evaluation"] == first
+    meta = next((a / "evaluation").rglob("*.json"))
+    assert meta.stat().st_ino == (b / meta.relative_to(a)).stat().st_ino
+    target = checkpoint.load_recognizer(b / "target")
+    assert target.meta["train"]["defence"]["label_smoothing"] == -0.1
+    # a rerun resumes every cell; a changed cell is refused, naming the field
+    capsys.readouterr()
+    assert cli.main(["defend", "--workdir", str(out), *SWEEP]) == 0
+    assert "train the target recognizer R_T: done before" in capsys.readouterr().out
+    assert json.loads((out / "defences.json").read_text())["rows"] == rows
+    changed = [a.replace("-0.1", "-0.2") for a in SWEEP]
+    assert cli.main(["defend", "--workdir", str(out), *changed]) == 2
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("jaxmia defend: error: defence cell 'nls': ")
+    assert "train.defence.label_smoothing: -0.1 -> -0.2" in last
+
+
+@pytest.mark.parametrize(
+    "cells,message",
+    [
+        ("()", "at least one cell"),
+        ("('a:', 'a: train.epochs=3')", "unique NAME"),
+        ("('a b:',)", "unique NAME"),
+        ("('a: train.defence.dp_noise=-1.0',)", "defence cell 'a'"),
+        ("('a: train.nothing=1',)", "unknown config field config.train.nothing"),
+    ],
+)
+def test_bad_cells_are_refused_before_any_work(tmp_path, capsys, cells, message):
+    args = ["defend", "--workdir", str(tmp_path / "w"), *SMALL, f"--config.defences.cells={cells}"]
+    assert cli.main(args) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "w").exists()
