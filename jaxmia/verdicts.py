@@ -73,6 +73,7 @@ class Settings:
     pgd: adversarial.PGDSettings
     pgd_per_identity: int
     seed: int
+    seeds_per_identity: int = 0  # 0: every clone's seed
 
     @classmethod
     def from_config(cls, judges_config: ml_collections.ConfigDict) -> Settings:
@@ -86,6 +87,12 @@ class Settings:
             raise JaxmiaError(
                 "config field judges.pgd.per_identity: expected an integer >= 0, got "
                 f"{c.pgd.per_identity!r}"
+            )
+        seeds = c.get("seeds_per_identity", 0)
+        if not isinstance(seeds, int) or seeds < 0:
+            raise JaxmiaError(
+                "config field judges.seeds_per_identity: expected an integer >= 0 (0: all), got "
+                f"{seeds!r}"
             )
         if c.sort_by not in ("", *JUDGE_TITLES):
             raise JaxmiaError(
@@ -109,6 +116,7 @@ class Settings:
                 ),
                 pgd_per_identity=c.pgd.per_identity,
                 seed=t.seed,
+                seeds_per_identity=seeds,
             )
         except JaxmiaError as e:  # the modules name their own fields; say where they are set
             raise JaxmiaError(f"config section judges.pgd / judges.transforms: {e}") from e
@@ -425,9 +433,15 @@ def run(
     ids, n = clones.shape[:2]
     names = tuple(np.repeat(np.asarray(identities, object), n))
     pgd, pgd_names = pgd_controls(panel, seeds, identities, batch_size=batch_size)
+    # the floor needs no more than a few seeds an identity: they sit near chance
+    k = panel.settings.seeds_per_identity or n
+    floor = seeds[:, :k]
     groups = {
         "clones": (clones.reshape(-1, *clones.shape[2:]), names),
-        "seeds": (seeds.reshape(-1, *seeds.shape[2:]), names),
+        "seeds": (
+            floor.reshape(-1, *floor.shape[2:]),
+            tuple(np.repeat(np.asarray(identities, object), floor.shape[1])),
+        ),
         "real": (panel.real, panel.real_names),
         "pgd": (pgd, pgd_names),
     }
@@ -438,6 +452,7 @@ def run(
         "per_identity": min(panel.settings.pgd_per_identity, n)
     }
     summary["transforms"] = dataclasses.asdict(panel.settings.transforms)
+    summary["seeds_per_identity"] = floor.shape[1]
     summary["seconds"] = time.perf_counter() - t0
     per_clone = {
         j: np.asarray(r).reshape(ids, n)

@@ -43,6 +43,8 @@ RUN_ONLY = frozenset(
 # left out of settings at that value, so those records still equal a rerun's.
 LATER_DEFAULTS = {
     "train.stream": False,
+    # every seed was judged before judges.seeds_per_identity existed
+    "judges.seeds_per_identity": 0,
     "train.defence.label_smoothing": 0.0,
     "train.defence.smoothing_ramp_epochs": 0,
     "train.defence.dp": False,

@@ -159,6 +159,21 @@ def test_groups_judged_together_equal_each_group_alone(att):
     np.testing.assert_array_equal(together["real"]["R_E_other"], together["real"]["R_E"])
 
 
+def test_the_floor_judges_the_first_seeds_of_each_identity(att):
+    panel, summary, _, split, seeds = att
+    ids = len(split.attacked)
+    assert summary["seeds_per_identity"] == 2 and summary["top"]["seeds"]["R_E"]["count"] == 2 * ids
+    one = dataclasses.replace(
+        panel, settings=dataclasses.replace(panel.settings, seeds_per_identity=1)
+    )
+    got = verdicts.judge_groups(one, {"seeds": (seeds[:, 0], tuple(split.attacked))})["seeds"]
+    small, _ = verdicts.run(one, seeds, seeds, tuple(split.attacked))
+    assert small["seeds_per_identity"] == 1
+    for judge, cell in small["top"]["seeds"].items():
+        assert cell["count"] == ids
+        assert cell["top1"] == pytest.approx(np.mean(got[judge] <= 1))
+
+
 def test_too_few_photos_for_the_components_is_a_note(att):
     panel, _, _, _, _ = att
     few = panel.fitted.gallery.images[:6]
@@ -191,6 +206,7 @@ def test_bad_input(att):
         ("pgd.epsilon", 0.0, "epsilon"),
         ("pgd.per_identity", -1, "judges.pgd.per_identity"),
         ("transforms.samples", 0, "samples"),
+        ("seeds_per_identity", -1, "judges.seeds_per_identity"),
         ("transforms.noise_std", -0.1, "noise_std"),
     ],
 )
