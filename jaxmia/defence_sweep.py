@@ -298,16 +298,23 @@ def write_plot(path: Path, rows: list[dict]) -> None:
             y = r["top1"]["R_E"] if what == "R_E" else r["robust_mean_top1"]
             if y is None:
                 continue
-            adaptive = "adaptive" in r
-            ax.scatter(100 * r["R_T_test_accuracy"], 100 * y, marker="^" if adaptive else "o",
-                       color="tab:red" if adaptive else "tab:blue")  # fmt: skip
+            adaptive, undefended = "adaptive" in r, r["defence"] == "none"
+            style = (
+                ("^", "tab:red", 40) if adaptive
+                else ("*", "black", 160) if undefended
+                else ("o", "tab:blue", 40)
+            )  # fmt: skip
+            ax.scatter(100 * r["R_T_test_accuracy"], 100 * y, marker=style[0], color=style[1],
+                       s=style[2], zorder=3)  # fmt: skip
             if not adaptive:
                 ax.annotate(r["cell"], (100 * r["R_T_test_accuracy"], 100 * y), fontsize=7,
                             xytext=(3, 3), textcoords="offset points")  # fmt: skip
+        ax.axhline(100 * rows[0]["chance_top1"], color="grey", ls="--", lw=1, label="chance")
         ax.set_xlabel("R_T test accuracy (%): utility")
         ax.set_ylabel("attack top-1 (%): leak")
         ax.set_title(title)
         ax.grid(alpha=0.3)
+    axes[0].scatter([], [], marker="*", color="black", s=160, label="no defence")
     axes[0].scatter([], [], marker="o", color="tab:blue", label="attack as configured")
     axes[0].scatter([], [], marker="^", color="tab:red", label="adaptive attacker")
     axes[0].legend(fontsize=8)
