@@ -25,8 +25,11 @@ from jaxmia.config import load
 def get_config():
     c = load(str(Path(__file__).with_name("att.py")))
     c.inversion.clones = 5
-    # every seed judged as the floor (5 a person here anyway), as when the table was measured
+    # the judges as the table was measured: every seed as the floor (5 a person here anyway),
+    # 8 transforms an image, 5 PGD controls a person
     c.judges.seeds_per_identity = 0
+    c.judges.transforms.samples = 8
+    c.judges.pgd.per_identity = 5
     d = "train.defence"
     c.defences.cells = (
         "none:",
