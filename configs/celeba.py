@@ -21,10 +21,10 @@ ResNet R_E 41.9%); R_T's confidence in the target 0.000 (seeds) -> 1.000 (clones
 accuracy by R_E 12.0% (top-5 26.0%) over the 200 clones, the seeds 0.0% (top-5 0.0%), chance
 0.9%. The judges beside R_E (README; benchmarks/results/celeba_judges.json): R_E under
 transforms 9.5% (4 transforms an image), the ResNet R_E 3.0%, the nearest class mean in
-eigenface space 6.0%, the nearest pixel photo 0.0%; PGD controls rejected by all. R_T is below the 50% the real-scale
-issue asks for: the crop recipe reached 50.2% on split.seed 2, where it was chosen, and 42.4%
-here (benchmarks/train_levers.md says what held it back); the clones are coloured patterns,
-not faces (benchmarks/results/celeba_grid_7231.png).
+eigenface space 6.0%, the nearest pixel photo 0.0%; PGD controls rejected by all. R_T is below
+the 50% the real-scale issue asks for: the crop recipe reached 50.2% on split.seed 2, where it
+was chosen, and 42.4% here (benchmarks/train_levers.md says what held it back); the clones are
+coloured patterns, not faces (benchmarks/results/celeba_grid_7231.png).
 
 A ResNet instead of the paper CNN (slow on this CPU; see the lever table):
   --config.model.arch=resnet --config.model.widths='(16,32,64,128)' \\
