@@ -151,6 +151,8 @@ def test_epsilon_is_the_accountants_and_above_the_exact_full_batch_value():
 def test_dp_training_records_the_accountants_epsilon(tmp_path, capsys):
     args = [
         "train", "--workdir", str(tmp_path), "--recognizer", "target", *SMALL,
+        # two convolutions: per-example gradients compile slowly, the budget does not care
+        "--config.model.conv_features=(4,8)", "--config.model.kernel_sizes=(3,3)",
         "--config.train.defence.dp=True", "--config.train.defence.dp_noise=2.0",
         "--config.train.defence.dp_clip=0.5", "--config.train.defence.dp_delta=1e-4",
     ]  # fmt: skip
