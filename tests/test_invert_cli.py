@@ -5,6 +5,7 @@ import os
 import jax
 import numpy as np
 import pytest
+from conftest import xla_flags
 from flax import nnx
 from PIL import Image
 
@@ -235,38 +236,61 @@ def test_seed_from_the_checkpoints_auxiliary_identities(tmp_path):
     assert summary["seed_from"].startswith("synthetic (2 identities, 8 faces)")
 
 
-def _two_processes(tmp_path, checkpoints, workdirs) -> list[tuple[int, str]]:
-    """``jaxmia invert --distributed`` in two processes on this machine (gloo), as on two hosts:
-    (exit code, stderr) of each."""
-    import socket
-    import subprocess
-    import sys
+class _TwoProcesses:
+    """``jaxmia invert --distributed`` in two processes on this machine (gloo), as on two hosts,
+    started at once; ``results()`` waits for their (exit code, stderr)."""
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        address = f"127.0.0.1:{s.getsockname()[1]}"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
-    procs, logs = [], []
-    for i, (ckpt, workdir) in enumerate(zip(checkpoints, workdirs, strict=True)):
-        cmd = [sys.executable, "-m", "jaxmia", "invert", "--workdir", str(workdir),
-               "--checkpoint", ckpt, "--clones", "3", "--steps", "5", "--identities", "0,s5",
-               *FAST, "--distributed", "--coordinator", address, "--num-processes", "2",
-               "--process-id", str(i)]  # fmt: skip
-        logs.append(tmp_path / f"err{i}")
-        with logs[-1].open("w") as err:  # files, not pipes: a full pipe would block a process
-            procs.append(subprocess.Popen(cmd, env=env, stdout=err, stderr=err))
-    try:
-        return [(p.wait(timeout=180), log.read_text()) for p, log in zip(procs, logs, strict=True)]
-    finally:
-        for p in procs:
+    def __init__(self, tmp_path, checkpoints, workdirs):
+        import socket
+        import subprocess
+        import sys
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            address = f"127.0.0.1:{s.getsockname()[1]}"
+        env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+        env |= {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}
+        self.procs, self.logs = [], []
+        for i, (ckpt, workdir) in enumerate(zip(checkpoints, workdirs, strict=True)):
+            cmd = [sys.executable, "-m", "jaxmia", "invert", "--workdir", str(workdir),
+                   "--checkpoint", ckpt, "--clones", "3", "--steps", "5", "--identities", "0,s5",
+                   *FAST, "--distributed", "--coordinator", address, "--num-processes", "2",
+                   "--process-id", str(i)]  # fmt: skip
+            self.logs.append(tmp_path / f"err{i}")
+            with self.logs[-1].open("w") as err:  # files, not pipes: a full pipe would block one
+                self.procs.append(subprocess.Popen(cmd, env=env, stdout=err, stderr=err))
+
+    def results(self) -> list[tuple[int, str]]:
+        try:
+            return [
+                (p.wait(timeout=180), log.read_text())
+                for p, log in zip(self.procs, self.logs, strict=True)
+            ]
+        finally:
+            self.kill()
+
+    def kill(self):
+        for p in self.procs:
             p.kill()
+            p.wait()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def failing_pair(ckpt, tmp_path_factory):
+    """The two processes of test_a_failing_process_stops_the_other_with_one_line (the last test
+    here), started with the module: process 0's wait of about 30 s for JAX's collectives to time
+    out passes while the other tests run, not as idle time of this file's worker."""
+    tmp = tmp_path_factory.mktemp("failing")
+    pair = _TwoProcesses(tmp, [ckpt, str(tmp / "missing")], [tmp / "w", tmp / "w"])
+    yield tmp, pair
+    pair.kill()
 
 
 def test_two_processes_as_two_hosts_write_what_one_process_does(ckpt, tmp_path):
     """Process 0 writes the clones a single process makes; process 1 (given a workdir of its
     own to show it) writes nothing."""
     shared, other = tmp_path / "shared", tmp_path / "other"
-    for code, log in _two_processes(tmp_path, [ckpt, ckpt], [shared, other]):
+    for code, log in _TwoProcesses(tmp_path, [ckpt, ckpt], [shared, other]).results():
         assert code == 0, log[-3000:]
     assert not other.exists()
     summary = json.loads((shared / "summary.json").read_text())
@@ -276,19 +300,6 @@ def test_two_processes_as_two_hosts_write_what_one_process_does(ckpt, tmp_path):
     with np.load(shared / "inversions.npz") as a, np.load(single / "inversions.npz") as b:
         np.testing.assert_allclose(a["clones"], b["clones"], atol=1e-5)
         assert (a["steps"] == 5).all()
-
-
-def test_a_failing_process_stops_the_other_with_one_line(ckpt, tmp_path):
-    """Process 1 is given a checkpoint that is not there: both stop with one-line errors
-    (process 0 once JAX's collectives time out, about 30 s) and nothing is written."""
-    (code0, log0), (code1, log1) = _two_processes(
-        tmp_path, [ckpt, str(tmp_path / "missing")], [tmp_path / "w", tmp_path / "w"]
-    )
-    assert code1 == 2 and "checkpoint" in log1 and "not found" in log1, log1[-3000:]
-    assert code0 == 2 and "another process stopped or is unreachable" in log0, log0[-3000:]
-    for log in (log0, log1):
-        assert "Traceback" not in log
-    assert not (tmp_path / "w" / "inversions.npz").exists()
 
 
 @pytest.mark.parametrize(
@@ -326,3 +337,15 @@ def test_a_run_that_fails_on_bad_input_does_not_claim_the_workdir(ckpt, tmp_path
     capsys.readouterr()
     assert not (tmp_path / "run.json").exists()
     assert _invert(ckpt, tmp_path) == 0
+
+
+def test_a_failing_process_stops_the_other_with_one_line(failing_pair):
+    """Process 1 is given a checkpoint that is not there: both stop with one-line errors
+    (process 0 once JAX's collectives time out, about 30 s) and nothing is written."""
+    tmp_path, pair = failing_pair
+    (code0, log0), (code1, log1) = pair.results()
+    assert code1 == 2 and "checkpoint" in log1 and "not found" in log1, log1[-3000:]
+    assert code0 == 2 and "another process stopped or is unreachable" in log0, log0[-3000:]
+    for log in (log0, log1):
+        assert "Traceback" not in log
+    assert not (tmp_path / "w" / "inversions.npz").exists()

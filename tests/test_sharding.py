@@ -8,6 +8,7 @@ import sys
 import jax
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 from jaxmia import inversion as inv
 from jaxmia import models, sharding
@@ -60,7 +61,8 @@ json.dump(out, sys.stdout)
 
 
 def _run(code: str, env_extra: dict) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | env_extra
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env |= {"XLA_FLAGS": xla_flags()} | env_extra
     env["JAX_PLATFORMS"] = "cpu"
     done = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
@@ -71,7 +73,8 @@ def _run(code: str, env_extra: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def four_devices() -> dict:
-    return _run(SHARDED_VS_ONE, {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"})
+    flags = xla_flags("--xla_force_host_platform_device_count=4")
+    return _run(SHARDED_VS_ONE, {"XLA_FLAGS": flags})
 
 
 def test_clones_split_over_four_devices_and_padded(four_devices):
@@ -160,7 +163,8 @@ def test_two_processes_as_two_hosts_equal_one_device(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         address = f"127.0.0.1:{s.getsockname()[1]}"
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"} | {"JAX_PLATFORMS": "cpu"}
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    env |= {"JAX_PLATFORMS": "cpu", "XLA_FLAGS": xla_flags()}
     # Output to files: a full pipe would block one process while the other waits on it.
     logs = [(tmp_path / f"out{i}", tmp_path / f"err{i}") for i in range(2)]
     procs = []

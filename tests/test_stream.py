@@ -9,6 +9,7 @@ import jax
 import ml_collections
 import numpy as np
 import pytest
+from conftest import xla_flags
 
 from jaxmia import config as config_lib
 from jaxmia import data, models, stream, synthetic, train
@@ -206,7 +207,9 @@ json.dump(out, sys.stdout)
 def test_data_parallel_on_two_devices_equals_one():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2 --xla_cpu_multi_thread_eigen=false"
+    env["XLA_FLAGS"] = xla_flags(
+        "--xla_force_host_platform_device_count=2", "--xla_cpu_multi_thread_eigen=false"
+    )
     done = subprocess.run(
         [sys.executable, "-c", TWO_DEVICES], env=env, capture_output=True, text=True, timeout=300
     )
