@@ -189,7 +189,7 @@ def augment(x: jax.Array, key: jax.Array, aug: Augment = Augment()) -> jax.Array
     return jnp.clip(x, 0.0, 1.0)
 
 
-def _loss(graphdef, params, rest, x, y, key, smoothing, kl_weight):
+def _loss(graphdef, params, rest, x, y, key, smoothing, kl_weight=0.0):
     logits, kl, rest = models.train_outputs(graphdef, params, rest, x, key)
     # smoothing is traced: 0 leaves the one-hot targets exactly as they are
     targets = optax.smooth_labels(jax.nn.one_hot(y, logits.shape[-1]), smoothing)
