@@ -417,9 +417,12 @@ def test_crop_out_of_range_is_refused(tmp_path, cache, crop):
 
 
 def test_synthetic_faces_refuse_a_crop():
+    # test_synthetic_source's faces: the renderer compiled for their shape already
+    kw = dict(image_size=(32, 32), channels=1, progress=False)
+    kw["synthetic"] = {"num_identities": 20, "images_per_identity": 6, "seed": 0}
     with pytest.raises(JaxmiaError, match="data.crop: expected 1.0 for data.source 'synthetic'"):
-        data.load_faces("synthetic", image_size=(8, 8), channels=1, crop=0.5, progress=False)
-    faces = data.load_faces("synthetic", image_size=(8, 8), channels=1, crop=1.0, progress=False)
+        data.load_faces("synthetic", crop=0.5, **kw)
+    faces = data.load_faces("synthetic", crop=1.0, **kw)
     assert faces.synthetic
 
 

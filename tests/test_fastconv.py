@@ -40,7 +40,7 @@ def test_rewrite_equals_plain_layer_values_and_gradients(h, w, cin, cout, k):
     np.testing.assert_allclose(fast, _plain(x, kernel, bias), rtol=1e-5, atol=1e-5)
     loss = lambda f: lambda *a: jnp.sum(jnp.sin(f(*a)))  # noqa: E731
     g_fast = jax.jit(jax.grad(loss(fastconv.conv_relu_pool), argnums=(0, 1, 2)))(x, kernel, bias)
-    g_plain = jax.grad(loss(_plain), argnums=(0, 1, 2))(x, kernel, bias)
+    g_plain = jax.jit(jax.grad(loss(_plain), argnums=(0, 1, 2)))(x, kernel, bias)
     for a, b in zip(g_fast, g_plain, strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
@@ -65,9 +65,12 @@ def test_logits_and_image_gradient_equal_the_model(mc):
     graphdef, params = models.init(mc, jax.random.key(0))
     x = jax.random.uniform(jax.random.key(1), (2, *mc.image_size, mc.channels))
     z_fast = jax.jit(fastconv.logits, static_argnums=0)(graphdef, params, x)
-    z = models.logits(graphdef, params, x)
+    z = jax.jit(models.logits, static_argnums=0)(graphdef, params, x)
     np.testing.assert_allclose(z_fast, z, rtol=1e-4, atol=1e-5)
-    grad = lambda f: jax.grad(lambda v: jnp.sum(jax.nn.softmax(f(graphdef, params, v))[:, 1]))  # noqa: E731
+
+    def grad(f):  # jitted like the model's own use: one compile, not one per operation
+        return jax.jit(jax.grad(lambda v: jnp.sum(jax.nn.softmax(f(graphdef, params, v))[:, 1])))
+
     g_fast, g = grad(fastconv.logits)(x), grad(models.logits)(x)
     assert np.abs(g).max() > 0
     np.testing.assert_allclose(g_fast, g, rtol=1e-3, atol=1e-4 * np.abs(g).max())

@@ -17,7 +17,7 @@ TINY = models.ModelConfig(
     num_classes=3, image_size=(16, 16), conv_features=(4, 4, 4, 4), dense_features=(16,)
 )
 AUX = ["synthetic_0004", "synthetic_0005"]
-# `jaxmia prior` at the size of CFG, on the tiny checkpoint's 8 auxiliary faces.
+# `jaxmia prior` at the size of CFG, on the tiny checkpoint's 10 auxiliary faces.
 PRIOR_ARGS = [
     "--config.prior.latent_dim=8",
     "--config.prior.widths=(8,16)",
@@ -108,13 +108,14 @@ def test_checkpoint_round_trip_and_a_recognizer_is_not_a_generator(tmp_path, tra
 
 @pytest.fixture(scope="module")
 def recognizer(tmp_path_factory):
-    """A tiny R_T whose meta names 2 synthetic auxiliary identities (8 faces)."""
+    """A tiny R_T whose meta names 2 synthetic auxiliary identities (10 faces: 6 x 5 synthetic
+    faces, the shape of the ``faces`` fixture, for which the renderer compiled already)."""
     root = tmp_path_factory.mktemp("prior")
     names = ("synthetic_0000", "synthetic_0001", "synthetic_0002")
     meta = {
         "data": {
             "source": "synthetic",
-            "synthetic": {"num_identities": 6, "images_per_identity": 4, "seed": 7},
+            "synthetic": {"num_identities": 6, "images_per_identity": 5, "seed": 7},
         },
         "split": {"attacked": ["synthetic_0002"], "aux_identities": AUX},
     }
@@ -144,7 +145,7 @@ def prior_dir(recognizer):
 
 def test_jaxmia_prior_writes_a_generator_of_the_auxiliary_faces(prior_dir):
     summary = json.loads((prior_dir / "prior.json").read_text())
-    assert summary["faces"] == 8 and summary["pool"] == "synthetic (2 identities, 8 faces)"
+    assert summary["faces"] == 10 and summary["pool"] == "synthetic (2 identities, 10 faces)"
     assert [h["epoch"] for h in summary["history"]] == [1, 2, 3, 4]
     assert (prior_dir / "samples.png").stat().st_size > 0
     loaded = checkpoint.load_generator(prior_dir)

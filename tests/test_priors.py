@@ -221,7 +221,8 @@ def test_a_prior_config_needs_its_fitted_prior(tiny):
 def test_jaxmia_invert_with_the_linear_prior(tmp_path):
     """The command fits the prior on the checkpoint's auxiliary faces and records it."""
     names = ("synthetic_0000", "synthetic_0001", "synthetic_0002")
-    synth = {"num_identities": 6, "images_per_identity": 4, "seed": 7}
+    # the pool fixture's shape (6 x 5 faces): the renderer compiled for it already
+    synth = {"num_identities": 6, "images_per_identity": 5, "seed": 7}
     aux = ["synthetic_0004", "synthetic_0005"]
     meta = {
         "data": {"source": "synthetic", "synthetic": synth},
@@ -237,11 +238,11 @@ def test_jaxmia_invert_with_the_linear_prior(tmp_path):
     assert cli.main(argv) == 0
     with np.load(out / "inversions.npz") as z:
         clones = z["clones"].reshape(2, -1)
-    images, labels, _ = synthetic.make_faces(6, 4, (16, 16), 1, seed=7)
-    fitted = priors.fit_linear(images[labels >= 4], 5)  # the 8 auxiliary faces
+    images, labels, _ = synthetic.make_faces(6, 5, (16, 16), 1, seed=7)
+    fitted = priors.fit_linear(images[labels >= 4], 5)  # the 10 auxiliary faces
     assert np.all(_outside_span(fitted, clones.reshape(2, 16, 16, 1)) < 1e-3)
     assert json.loads((out / "summary.json").read_text())["config"]["prior"] == "linear"
-    # 8 faces allow 7 components: more is a one-line error before anything is written
-    assert cli.main(argv[:-1] + ["--config.inversion.prior_components=8", "--workdir",
+    # 10 faces allow 9 components: more is a one-line error before anything is written
+    assert cli.main(argv[:-1] + ["--config.inversion.prior_components=10", "--workdir",
                                  str(tmp_path / "bad")]) == 2  # fmt: skip
     assert not (tmp_path / "bad").exists()
