@@ -130,6 +130,8 @@ def _defence_defaults() -> ml_collections.ConfigDict:
     # (decoupled, under adam as adamw) / model.dropout for R_T only; -1: R_T's are R_E's.
     c.weight_decay = -1.0
     c.dropout = -1.0
+    # >= 1: R_T's epochs (DP-SGD's are costlier, and usually fewer); -1: train.epochs.
+    c.epochs = -1
     return c
 
 
@@ -143,6 +145,9 @@ def _sweep_defaults() -> ml_collections.ConfigDict:
     # candidate): the one R_T recognises best under transforms on a pilot is run in full.
     c.adaptive = ("inversion.loss=cross_entropy",)
     c.pilot_clones = 1  # per identity
+    # A finished experiment's workdir on the same split and data ("": none): each cell takes
+    # over its R_T, R_E and second R_E where their settings equal the cell's (experiment.adopt).
+    c.reuse = ""
     return c
 
 

@@ -7,6 +7,8 @@ overrides (a defence of R_T: ``train.defence``, ``train.weight_decay``, ``model.
 in ``OUT/cells/NAME``: R_T trained under the defence, attacked with the config's attack, and
 the clones judged by R_E and every judge beside it. R_E and the second R_E are never defended,
 so every cell takes them over from the first cell's (``experiment.adopt``): one judge for all.
+With ``defences.reuse`` (a finished experiment's workdir), cells take over its R_T, R_E and
+second R_E wherever their settings equal the cell's: the undefended cell trains nothing.
 
 The adaptive attacker: for each cell, the attack of the config and each of ``defences.adaptive``
 (attack overrides) invert ``defences.pilot_clones`` clones per identity; the attacker keeps
@@ -42,6 +44,7 @@ from jaxmia.errors import JaxmiaError
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 # The table's columns of judges, in order: R_E first, then those adversarial patterns fool less.
 JUDGE_COLUMNS = ("R_E", "R_E_other", *verdicts.ROBUST)
+JUDGE_STAGES = ("evaluation", "evaluation_other")  # never defended: shared by every cell
 
 
 def parse_cells(cfg: ml_collections.ConfigDict) -> list[tuple[str, list[str]]]:
@@ -166,6 +169,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, plots: bool =
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise JaxmiaError(f"--workdir {workdir}: exists and is not a folder")
+    reuse = Path(config.defences.reuse) if config.defences.reuse else None
+    if reuse is not None and not (reuse / experiment.RECORD).is_file():
+        raise JaxmiaError(
+            f"config field defences.reuse: {reuse}: expected the workdir of a jaxmia experiment "
+            f"(with {experiment.RECORD})"
+        )
     t0 = time.perf_counter()
     rows, first = [], None
     for i, (name, overrides) in enumerate(cells, 1):
@@ -173,8 +182,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, plots: bool =
         cell_dir = workdir / "cells" / name
         cell_dir.mkdir(parents=True, exist_ok=True)
         print(f"=== cell {i}/{len(cells)} {name}: {'; '.join(overrides) or 'no defence'}")
+        if reuse is not None:
+            taken = experiment.adopt(reuse, cell_dir, c, ("target", *JUDGE_STAGES))
+            if taken:
+                print(f"  taken over from {reuse}: {', '.join(taken)}")
         if first is not None:
-            experiment.adopt(first, cell_dir, c, ("evaluation", "evaluation_other"))
+            experiment.adopt(first, cell_dir, c, JUDGE_STAGES)
         records = _in_cell(name, experiment.run_stages, c, cell_dir)
         first = first or cell_dir
         rows.append(_row(name, overrides, "", records))

@@ -42,6 +42,7 @@ class Defence:
     bottleneck_weight: float = 0.0
     weight_decay: float = -1.0
     dropout: float = -1.0
+    epochs: int = -1
 
     @classmethod
     def from_config(cls, train_config: ml_collections.ConfigDict) -> Defence:
@@ -60,7 +61,7 @@ class Defence:
     def active(self) -> bool:
         return bool(
             self.label_smoothing or self.dp or self.bottleneck
-            or self.weight_decay >= 0 or self.dropout >= 0
+            or self.weight_decay >= 0 or self.dropout >= 0 or self.epochs > 0
         )  # fmt: skip
 
 
@@ -102,20 +103,29 @@ def check(d: Defence) -> None:
         )
     if not (d.dropout == -1 or 0 <= d.dropout < 1):
         raise _field("dropout", f"expected in [0, 1), or -1 for model.dropout; got {d.dropout}")
+    if isinstance(d.epochs, bool) or not isinstance(d.epochs, int) or not (
+        d.epochs == -1 or d.epochs >= 1
+    ):
+        raise _field("epochs", f"expected >= 1, or -1 for train.epochs; got {d.epochs!r}")
 
 
 def effective_train(train_config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """The train section R_T trains with: the defence's weight decay in place of the recipe's.
+    """The train section R_T trains with: the defence's weight decay and epochs in place of the
+    recipe's.
 
-    Decoupled decay under adam is adamw (optax's adamw at decay 0 is adam).
+    Decoupled decay under adam is adamw (optax's adamw at decay 0 is adam). DP-SGD is usually
+    run for fewer (and costlier) epochs than the recipe's, hence its own count.
     """
     d = Defence.from_config(train_config)
-    if d.weight_decay < 0:
+    if d.weight_decay < 0 and d.epochs < 0:
         return train_config
     out = ml_collections.ConfigDict(train_config.to_dict())
-    out.weight_decay = float(d.weight_decay)
-    if out.optimizer == "adam" and d.weight_decay > 0:
-        out.optimizer = "adamw"
+    if d.epochs > 0:
+        out.epochs = int(d.epochs)
+    if d.weight_decay >= 0:
+        out.weight_decay = float(d.weight_decay)
+        if out.optimizer == "adam" and d.weight_decay > 0:
+            out.optimizer = "adamw"
     return out
 
 

@@ -344,7 +344,9 @@ def fit(
     batch_size = min(train_config.batch_size, n)
     mesh = stream.mesh(batch_size) if streaming else None
     steps_per_epoch = -(-n // batch_size)
-    tx = make_optimizer(defences.effective_train(train_config), steps_per_epoch)
+    effective = defences.effective_train(train_config)
+    epochs = effective.epochs
+    tx = make_optimizer(effective, steps_per_epoch)
     defence = defences.Defence.from_config(train_config)
     defences.check_model(defence, model_config.arch)
     if defence.bottleneck != model_config.bottleneck:
@@ -390,7 +392,7 @@ def fit(
 
     bar = tqdm.trange(
         start_epoch,
-        train_config.epochs,
+        epochs,
         desc="train",
         unit="epoch",
         disable=not progress,
@@ -438,7 +440,7 @@ def fit(
         if mngr is not None:
             files.append_jsonl(workdir / "metrics.jsonl", record)
             done = epoch + 1
-            if done % train_config.checkpoint_every == 0 or done == train_config.epochs:
+            if done % train_config.checkpoint_every == 0 or done == epochs:
                 checkpoint.save(
                     mngr,
                     done,

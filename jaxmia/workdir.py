@@ -55,6 +55,7 @@ LATER_DEFAULTS = {
     "train.defence.bottleneck_weight": 0.0,
     "train.defence.weight_decay": -1.0,
     "train.defence.dropout": -1.0,
+    "train.defence.epochs": -1,
     "inversion.views": 1,
     "inversion.zoom": 0.0,
     "inversion.blur": 0.0,

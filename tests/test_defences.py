@@ -155,12 +155,14 @@ def test_dp_training_records_the_accountants_epsilon(tmp_path, capsys):
         "--config.model.conv_features=(4,8)", "--config.model.kernel_sizes=(3,3)",
         "--config.train.defence.dp=True", "--config.train.defence.dp_noise=2.0",
         "--config.train.defence.dp_clip=0.5", "--config.train.defence.dp_delta=1e-4",
+        "--config.train.defence.epochs=1",  # R_T's own epochs, in place of train.epochs (2)
     ]  # fmt: skip
     assert cli.main(args) == 0
     target = checkpoint.load_recognizer(tmp_path / "target")
     privacy = target.meta["defence"]["privacy"]
     n = len(target.meta["train_files"])
-    steps = 2 * math.ceil(n / 16)  # 2 epochs of batches of 16
+    steps = math.ceil(n / 16)  # 1 epoch of batches of 16
+    assert target.meta["epoch"] == 1
     assert (privacy["steps"], privacy["examples"], privacy["batch_size"]) == (steps, n, 16)
     assert privacy["epsilon"] == pytest.approx(defences.epsilon(2.0, 16, n, steps, 1e-4))
     summary = json.loads((tmp_path / "target" / "train_summary.json").read_text())
@@ -206,12 +208,13 @@ def test_mid_recognizer_infers_on_the_mean_and_is_r_t_only(tmp_path):
         ("label_smoothing=-1.0", "train.defence.label_smoothing: expected in (-1, 1)"),
         ("bottleneck_weight=0.1", "bottleneck_weight: applies with train.defence.bottleneck"),
         ("weight_decay=-0.5", "train.defence.weight_decay"),
+        ("epochs=0", "train.defence.epochs: expected >= 1, or -1"),
     ],
 )
 def test_nonsensical_defences_are_refused_in_one_line(tmp_path, capsys, override, message):
     extra = (
         []
-        if override.startswith(("label", "bottleneck", "weight"))
+        if override.startswith(("label", "bottleneck", "weight", "epochs"))
         else ["--config.train.defence.dp=True"]
     )
     args = [
@@ -290,6 +293,19 @@ def test_defend_writes_the_table_shares_r_e_and_resumes(tmp_path, capsys):
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("jaxmia defend: error: defence cell 'nls': ")
     assert "train.defence.label_smoothing: -0.1 -> -0.2" in last
+    # another sweep reusing a finished experiment trains nothing that experiment has
+    again = tmp_path / "again"
+    reuse = [*SWEEP, "--config.defences.cells=('none:',)", f"--config.defences.reuse={a}"]
+    assert cli.main(["defend", "--workdir", str(again), *reuse]) == 0
+    assert "taken over from" in capsys.readouterr().out
+    c = again / "cells" / "none"
+    for stage in ("target", "evaluation"):
+        meta = next((a / stage).rglob("*.json"))
+        assert meta.stat().st_ino == (c / meta.relative_to(a)).stat().st_ino
+    assert json.loads((again / "defences.json").read_text())["rows"][0]["top1"] == rows[0]["top1"]
+    bad = [*SWEEP, f"--config.defences.reuse={tmp_path / 'nothing'}"]
+    assert cli.main(["defend", "--workdir", str(tmp_path / "bad"), *bad]) == 2
+    assert "config field defences.reuse" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
