@@ -103,8 +103,10 @@ def check(d: Defence) -> None:
         )
     if not (d.dropout == -1 or 0 <= d.dropout < 1):
         raise _field("dropout", f"expected in [0, 1), or -1 for model.dropout; got {d.dropout}")
-    if isinstance(d.epochs, bool) or not isinstance(d.epochs, int) or not (
-        d.epochs == -1 or d.epochs >= 1
+    if (
+        isinstance(d.epochs, bool)
+        or not isinstance(d.epochs, int)
+        or not (d.epochs == -1 or d.epochs >= 1)
     ):
         raise _field("epochs", f"expected >= 1, or -1 for train.epochs; got {d.epochs!r}")
 
