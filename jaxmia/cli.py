@@ -43,6 +43,10 @@ COMMANDS = {
         "jaxmia.commands.defend",
         "train R_T under defences and attack each: leak against utility",
     ),
+    "serve": (
+        "jaxmia.commands.serve",
+        "serve a recognizer over HTTP: answers, budgets, defences, a persistent store",
+    ),
     "prior": (
         "jaxmia.commands.prior",
         "train the generator prior (a VAE) on a recognizer's auxiliary faces",

@@ -96,6 +96,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.prior = _prior_defaults()
 
     c.cloning = _cloning_defaults()
+    c.serve = _serve_defaults()
     c.defences = _sweep_defaults()
     c.experiment = _experiment_defaults()
     c.judges = _judges_defaults()
@@ -279,6 +280,34 @@ def _cloning_defaults() -> ml_collections.ConfigDict:
     c.budgets = (150, 300, 600)  # total queries per attacker
     c.repeats = 1  # clones per cell (new near-duplicates and clone init); the table has the means
     c.rates = (0.3,)  # misrecognition p
+    return c
+
+
+def _serve_defaults() -> ml_collections.ConfigDict:
+    """``jaxmia serve``: the HTTP service's policy (``service.Policy``) and limits."""
+    c = ml_collections.ConfigDict()
+    c.answer = "label"  # "label", "topk" or "probs"
+    c.top_k = 3
+    c.decimals = -1  # probabilities rounded to this many decimals; -1: unrounded
+    c.budget = 0  # queries per client (0: unlimited); a client's own budget replaces it
+    c.misrecognition = 0.0  # p of an intentionally wrong answer
+    c.wrong = "uniform"
+    c.keyed = "query"  # the coin per "query" or per hash "fingerprint"
+    c.fingerprint_bits = 16
+    c.detector = "none"  # near-duplicate detection: "none", "hash" or "embedding"
+    c.scope = "client"
+    c.radius = 4
+    c.cosine = 0.98
+    c.chunks = 2
+    c.buckets = (8, 64, 256)  # batch sizes the recognizer is compiled for
+    # Dynamic batching: a request waits at most max_wait_ms for others, max_batch images a pass.
+    c.max_batch = 256
+    c.max_wait_ms = 5.0
+    c.max_images = 1024  # per request
+    c.max_body_mb = 64.0
+    # The coins' key: -1 a secret drawn at the first start (workdir/secret.key); >= 0 this seed.
+    c.seed = -1
+    c.durable = False  # fsync every request (survives power loss, not only a killed server)
     return c
 
 

@@ -61,6 +61,8 @@ class Policy:
       chunks: the hash index's chunk tables (see ``dedup.HashIndex``).
       buckets: batch sizes the model is compiled for; a batch is padded to the next one
         (``batching.map_batches``).
+      decimals: answered probabilities rounded to this many decimals (an output-side defence:
+        less signal for a score-based attacker); -1: unrounded.
     """
 
     answer: str = "label"
@@ -76,6 +78,7 @@ class Policy:
     cosine: float = 0.98
     chunks: int = 2
     buckets: tuple[int, ...] = (8, 64, 256)
+    decimals: int = -1
 
     def __post_init__(self):
         _choice("answer", self.answer, ANSWERS)
@@ -106,6 +109,19 @@ class Policy:
             dedup.HashIndex(self.radius, self.chunks)  # validates radius and chunks
         if self.detector == "embedding":
             dedup.EmbeddingIndex(self.cosine)
+        if (
+            isinstance(self.decimals, bool)
+            or not isinstance(self.decimals, int)
+            or not (-1 <= self.decimals <= 8)
+        ):
+            raise JaxmiaError(
+                "service policy decimals: expected 0..8, or -1 for unrounded; "
+                f"got {self.decimals!r}"
+            )
+
+
+class BudgetError(JaxmiaError):
+    """A query that would overrun its client's budget."""
 
 
 def _choice(field: str, value: Any, allowed: tuple[str, ...]) -> None:
@@ -121,11 +137,13 @@ class Answers:
       labels: the answered identity. # [b]
       top_labels: "topk" mode: the k answered identities, most likely first. # [b, k]
       probabilities: "topk": their probabilities # [b, k]; "probs": all of them # [b, n]
+      indices: the queries' places in the service's history. # [b]
     """
 
     labels: np.ndarray
     top_labels: np.ndarray | None = None
     probabilities: np.ndarray | None = None
+    indices: np.ndarray | None = None
 
 
 @dataclasses.dataclass
@@ -198,6 +216,9 @@ class Service:
       policy: answers, budget and defences.
       key: the service's secret PRNG key (misrecognition coins).
       image_shape: (h, w, c) every query must have.
+      store: where every answered query and account is written before the answer is returned
+        (``jaxmia.store.Store``); the service starts from what it holds (accounts, budgets,
+        history, near-duplicate index). None: in memory only.
     """
 
     def __init__(
@@ -208,6 +229,7 @@ class Service:
         policy: Policy,
         key: jax.Array,
         image_shape: tuple[int, int, int],
+        store: Any = None,
     ):
         self.graphdef, self.params, self.policy = graphdef, params, policy
         self.key = key
@@ -222,6 +244,50 @@ class Service:
         self._count = 0
         self._indexes: dict[str, dedup.HashIndex | dedup.EmbeddingIndex] = {}
         self._tokens: dict[str, list[np.ndarray]] = {}  # embedding mode: token of each stored entry
+        self.budgets: dict[str, int] = {}  # clients' own budgets, in place of the policy's
+        self.store = store
+        if store is not None:
+            self._load(store)
+
+    def _load(self, store) -> None:
+        """Accounts, history and near-duplicate index as the store holds them."""
+        for c in store.clients():
+            if c["budget"] is not None:
+                self.budgets[c["name"]] = int(c["budget"])
+        embedding = self.policy.detector == "embedding"
+        h = store.history(features=embedding)
+        n = len(h["idx"])
+        if not np.array_equal(h["idx"], np.arange(n)):
+            raise JaxmiaError(f"service store {store.path}: query indexes are not 0..n-1")
+        names = list(h["client_names"])
+        self._client_ids = {name: cid for cid, name in enumerate(names)}
+        cid = h["cid"].astype(np.int32)
+        dup = h["duplicate"].astype(bool)
+        if n:
+            for col, v in (
+                ("client", cid), ("index", h["idx"]), ("true_label", h["true_label"]),
+                ("answer", h["answer"]), ("altered", h["altered"]), ("duplicate", dup),
+                ("hash", h["hash"]),
+            ):  # fmt: skip
+                self._columns[col].append(v.astype(_DTYPES[col]))
+        self._count = n
+        for c, name in enumerate(names):
+            mine = cid == c
+            self.clients[name] = Client(queries=int(mine.sum()), duplicates=int(dup[mine].sum()))
+        if self.policy.detector == "none" or not n:
+            return
+        scopes = np.array([self._scope_key(names[c]) for c in cid], dtype=object)
+        for scope in dict.fromkeys(scopes[~dup]):
+            fresh = ~dup & (scopes == scope)
+            if self.policy.detector == "hash":
+                index = self._indexes.setdefault(
+                    scope, dedup.HashIndex(self.policy.radius, self.policy.chunks)
+                )
+                index.add(h["hash"][fresh])
+            else:
+                index = self._indexes.setdefault(scope, dedup.EmbeddingIndex(self.policy.cosine))
+                index.add(h["features"][fresh])
+                self._tokens.setdefault(scope, []).append(h["token"][fresh])
 
     @classmethod
     def from_checkpoint(cls, path: str, *, policy: Policy, key: jax.Array) -> Service:
@@ -248,27 +314,67 @@ class Service:
           images: float images in [0, 1]. # [b, h, w, c]
 
         Raises:
-          JaxmiaError: bad images, or the batch would overrun the client's budget. Nothing is
-            recorded then: the history and the accounts stay as they were.
+          JaxmiaError: bad images (``BudgetError``: the batch would overrun the client's
+            budget). Nothing is recorded then: the history and the accounts stay as they were.
         """
-        images = self._validate(client, images)
-        b = len(images)
-        used = self.clients.get(client, Client()).queries
-        if self.policy.budget and used + b > self.policy.budget:
-            raise JaxmiaError(
-                f"client {client!r}: query budget {self.policy.budget} exceeded "
-                f"({used} used, {b} more asked)"
-            )
-        probs, words, feats = self._run_model(images)
+        (out,) = self.query_many([(client, images)])
+        if isinstance(out, JaxmiaError):
+            raise out
+        return out
+
+    def query_many(self, requests: list[tuple[str, Any]]) -> list[Answers | JaxmiaError]:
+        """Answers several clients' batches with one pass of the recognizer (dynamic batching).
+
+        The same answers and records as ``query`` on each request in order: the recognizer
+        runs once over every accepted image, then each request's policy (budget, near-duplicate
+        search, coins, store) in order. A refused request gets its error in its place and
+        changes nothing; the others are answered.
+
+        Args:
+          requests: (client, images # [b, h, w, c]) each.
+
+        Returns:
+          Per request, its ``Answers`` or the ``JaxmiaError`` that refused it.
+        """
+        out: list[Answers | JaxmiaError | None] = [None] * len(requests)
+        accepted, pending = [], {}
+        for i, (client, images) in enumerate(requests):
+            try:
+                x = self._validate(client, images)
+                used = self.clients.get(client, Client()).queries + pending.get(client, 0)
+                budget = self.budget_of(client)
+                if budget and used + len(x) > budget:
+                    raise BudgetError(
+                        f"client {client!r}: query budget {budget} exceeded "
+                        f"({used} used, {len(x)} more asked)"
+                    )
+            except JaxmiaError as e:
+                out[i] = e
+                continue
+            pending[client] = pending.get(client, 0) + len(x)
+            accepted.append((i, client, x))
+        if accepted:
+            probs, words, feats = self._run_model(np.concatenate([x for _, _, x in accepted]))
+            start = 0
+            for i, client, x in accepted:
+                part = slice(start, start + len(x))
+                start += len(x)
+                out[i] = self._answer(
+                    client, probs[part], words[part], None if feats is None else feats[part]
+                )
+        return out
+
+    def budget_of(self, client: str) -> int:
+        """The client's query budget (0: unlimited): its own if set, else the policy's."""
+        return self.budgets.get(client, self.policy.budget)
+
+    def _answer(self, client, probs, words, feats) -> Answers:
+        """The policy's part of a query whose recognizer outputs are known; records it."""
+        b = len(probs)
         hashes = dedup.words_to_uint64(words)  # [b]
         tokens, duplicate, fresh_keys = self._tokens_for(client, hashes, feats)
         answered, true, answer, altered = self._misrecognize(probs, tokens)
-        # Commit: nothing above changed the service's state.
-        self._store(client, hashes, feats, tokens, duplicate, fresh_keys)
-        account = self.clients.setdefault(client, Client())
-        account.queries += b
-        account.duplicates += int(duplicate.sum())
-        cid = self._client_ids.setdefault(client, len(self._client_ids))
+        cid = self._client_ids.get(client, len(self._client_ids))
         row = {
             "client": np.full(b, cid, np.int32),
             "index": np.arange(self._count, self._count + b),
@@ -278,10 +384,25 @@ class Service:
             "duplicate": duplicate,
             "hash": hashes,
         }
+        if self.store is not None:
+            # Written before anything changes here or is answered: a crash after it loses
+            # nothing the client saw; a crash before it, nothing recorded.
+            self.store.append(
+                client,
+                cid,
+                {**row, "idx": row["index"], "token": np.asarray(tokens, np.uint64)},
+                feats if self.policy.detector == "embedding" else None,
+            )
+        # Commit: nothing above changed the service's state.
+        self._store(client, hashes, feats, tokens, duplicate, fresh_keys)
+        account = self.clients.setdefault(client, Client())
+        account.queries += b
+        account.duplicates += int(duplicate.sum())
+        self._client_ids.setdefault(client, cid)
         for name, values in row.items():
             self._columns[name].append(values)
         self._count += b
-        return self._reply(answered, answer)
+        return dataclasses.replace(self._reply(answered, answer), indices=row["index"])
 
     def _validate(self, client: str, images: Any) -> np.ndarray:
         if not isinstance(client, str) or not client:
@@ -412,6 +533,8 @@ class Service:
             self._tokens.setdefault(scope, []).append(tokens[fresh])
 
     def _reply(self, answered: np.ndarray, answer: np.ndarray) -> Answers:
+        if self.policy.decimals >= 0:
+            answered = np.round(answered, self.policy.decimals)
         if self.policy.answer == "label":
             return Answers(labels=answer.astype(np.int32))
         if self.policy.answer == "probs":
@@ -445,6 +568,19 @@ class Service:
         images = self._validate("scorer", images)
         probs, _, _ = self._run_model(images)
         return probs.argmax(-1).astype(np.int32)
+
+    @property
+    def queries(self) -> int:
+        """Queries answered so far (stored ones included)."""
+        return self._count
+
+    def warm_up(self) -> None:
+        """Compiles the recognizer and the coins for every bucket (a server's first requests
+        would otherwise wait for it); records nothing."""
+        for size in self.policy.buckets:
+            x = np.zeros((size, *self.image_shape), np.float32)
+            probs, _, _ = self._run_model(x)
+            self._misrecognize(probs, np.zeros(size, np.uint64))
 
     def detector_size(self) -> tuple[int, int]:
         """(stored entries, bytes) over all near-duplicate histories."""
