@@ -502,6 +502,7 @@ def serve(
     import uvicorn
 
     with socket.socket() as probe:  # a busy port is bad input, found before the slow start
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
         try:
             probe.bind((host, port))
         except OSError as e:
