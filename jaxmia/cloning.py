@@ -550,6 +550,131 @@ def policy_for(scenario: str, p: float, cfg: ml_collections.ConfigDict) -> servi
     )
 
 
+def _attack_and_clone(
+    svc,
+    kind: str,
+    accounts: int,
+    budget: int,
+    *,
+    cfg,
+    pool,
+    test,
+    clone_model,
+    clone_train,
+    k_attack: jax.Array,
+    k_clone: jax.Array,
+) -> dict[str, Any]:
+    """One attacker against one service (in process or served), then its clone, scored."""
+    res = attack(
+        svc,
+        pool,
+        budget=budget,
+        kind=kind,
+        m=cfg.near_duplicates,
+        accounts=accounts,
+        perturbation=Perturbation(
+            **(cfg.outside_perturb if kind == "outside" else cfg.perturb).to_dict()
+        ),
+        rule=cfg.estimate,
+        key=k_attack,
+        ladder=tuple(cfg.ladder),
+        train_on_variants=cfg.train_on_variants,
+    )
+    c_graphdef, c_params, _ = train.fit(
+        clone_model, clone_train, res.images, res.labels, key=k_clone
+    )
+    accuracy, fidelity = clone_scores(c_graphdef, c_params, svc, *test)
+    return {
+        "queries": res.queries,
+        "images": res.distinct,
+        "clone_accuracy": accuracy,
+        "fidelity": fidelity,
+        "kept": res.kept,
+        "train_size": len(res.labels),
+        "label_accuracy": res.label_accuracy,
+        "altered": res.altered,
+        "precision": res.precision,
+        "recall": res.recall,
+        "detected": res.detected,
+        "suspicious_accounts": sum(c.suspicious for c in svc.clients.values()),
+        "strength": res.strength,
+    }
+
+
+def remote_attacker(scenario: str, cfg: ml_collections.ConfigDict) -> tuple[str, str, int]:
+    """(name, attack, accounts) of a scenario's attacker: against a live server only the
+    attacker is the study's to choose, the policy is the server's."""
+    spec = SCENARIOS[scenario]
+    accounts = cfg.accounts if spec.get("accounts") else 1
+    name = spec["attack"] + ("_accounts" if accounts > 1 else "")
+    return name, spec["attack"], accounts
+
+
+def run_remote(
+    scenario: str,
+    budget: int,
+    *,
+    cfg: ml_collections.ConfigDict,
+    url: str,
+    admin_key: str,
+    pool: np.ndarray,
+    test: tuple[np.ndarray, np.ndarray],
+    clone_model,
+    clone_train: ml_collections.ConfigDict,
+    key: jax.Array,
+) -> dict[str, Any]:
+    """One cell against a served service: the scenario's attacker on fresh accounts (each
+    with ``budget`` queries), its clone; the row as ``run_scenario``'s, the policy the server's.
+
+    The ground truth (true labels, altered answers, flagged near-duplicates) is read from the
+    server's store with the administrator's key. Not bit-reproducible: a global-scope server's
+    answers depend on everything it was asked before.
+    """
+    from jaxmia import client as client_lib
+
+    t0 = time.perf_counter()
+    name, kind, accounts = remote_attacker(scenario, cfg)
+    _, k_attack, k_clone = jax.random.split(key, 3)
+    runs, policy = [], None
+    for r in range(max(1, int(cfg.repeats))):
+        svc = client_lib.RemoteService(url, admin_key, budget=budget)
+        try:
+            policy = svc.policy
+            runs.append(
+                _attack_and_clone(
+                    svc, kind, accounts, budget,
+                    cfg=cfg, pool=pool, test=test, clone_model=clone_model,
+                    clone_train=clone_train, k_attack=jax.random.fold_in(k_attack, r),
+                    k_clone=jax.random.fold_in(k_clone, r),
+                )
+            )  # fmt: skip
+        finally:
+            svc.close()
+    row = {
+        "scenario": name,
+        "budget": budget,
+        "p": float(policy.misrecognition),
+        "attack": kind,
+        "detector": policy.detector,
+        "scope": policy.scope if policy.detector != "none" else "",
+        "keyed": policy.keyed,
+        "accounts": accounts,
+        "queries": runs[0]["queries"],
+        "images": runs[0]["images"],
+        "repeats": len(runs),
+        "service": url,
+    }
+    for run in runs:
+        run.pop("queries"), run.pop("images")
+    for field in runs[0]:
+        row[field] = float(np.mean([run[field] for run in runs]))
+    row["clone_accuracy_std"] = float(np.std([run["clone_accuracy"] for run in runs]))
+    row["fidelity_std"] = float(np.std([run["fidelity"] for run in runs]))
+    row["runs"] = runs
+    row["seconds"] = time.perf_counter() - t0
+    return row
+
+
 def run_scenario(
     scenario: str,
     budget: int,
@@ -598,40 +723,13 @@ def run_scenario(
             key=jax.random.fold_in(k_service, r),
             image_shape=image_shape,
         )
-        res = attack(
-            svc,
-            pool,
-            budget=budget,
-            kind=spec["attack"],
-            m=cfg.near_duplicates,
-            accounts=accounts,
-            perturbation=Perturbation(
-                **(cfg.outside_perturb if spec["attack"] == "outside" else cfg.perturb).to_dict()
-            ),
-            rule=cfg.estimate,
-            key=jax.random.fold_in(k_attack, r),
-            ladder=tuple(cfg.ladder),
-            train_on_variants=cfg.train_on_variants,
-        )
-        c_graphdef, c_params, _ = train.fit(
-            clone_model, clone_train, res.images, res.labels, key=jax.random.fold_in(k_clone, r)
-        )
-        accuracy, fidelity = clone_scores(c_graphdef, c_params, svc, *test)
         runs.append(
-            {
-                "clone_accuracy": accuracy,
-                "fidelity": fidelity,
-                "kept": res.kept,
-                "train_size": len(res.labels),
-                "label_accuracy": res.label_accuracy,
-                "altered": res.altered,
-                "precision": res.precision,
-                "recall": res.recall,
-                "detected": res.detected,
-                "suspicious_accounts": sum(c.suspicious for c in svc.clients.values()),
-                "strength": res.strength,
-            }
-        )
+            _attack_and_clone(
+                svc, spec["attack"], accounts, budget,
+                cfg=cfg, pool=pool, test=test, clone_model=clone_model, clone_train=clone_train,
+                k_attack=jax.random.fold_in(k_attack, r), k_clone=jax.random.fold_in(k_clone, r),
+            )
+        )  # fmt: skip
     row = {
         "scenario": scenario,
         "budget": budget,
@@ -641,10 +739,12 @@ def run_scenario(
         "scope": policy.scope if policy.detector != "none" else "",
         "keyed": policy.keyed,
         "accounts": accounts,
-        "queries": res.queries,
-        "images": res.distinct,
+        "queries": runs[0].pop("queries"),
+        "images": runs[0].pop("images"),
         "repeats": len(runs),
     }
+    for run in runs[1:]:
+        run.pop("queries"), run.pop("images")
     for name in runs[0]:
         row[name] = float(np.mean([run[name] for run in runs]))
     row["clone_accuracy_std"] = float(np.std([run["clone_accuracy"] for run in runs]))

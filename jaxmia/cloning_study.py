@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -173,6 +174,9 @@ def run(
     files.write_json(workdir / "config.json", config.to_dict())
 
     key = jax.random.key(cfg.seed)
+    if cfg.service:
+        return _run_remote(config, workdir, faces, split, pool, (x_test, y_test), model_config,
+                           size, key, plots)  # fmt: skip
     service_train = _train_config(config, cfg.service_epochs)
     graphdef, params, history = train.fit(
         model_config,
@@ -246,6 +250,90 @@ def run(
     files.write_text(workdir / "table.csv", _csv(rows))
     if plots:
         write_plots(workdir, rows, roc, cfg)
+    print(_text_table(rows))
+    print(json.dumps(summary, indent=1))
+    return table
+
+
+def _admin_key(cfg: ml_collections.ConfigDict) -> str:
+    if cfg.service_admin_key:
+        path = Path(cfg.service_admin_key)
+        if not path.is_file():
+            raise JaxmiaError(
+                f"config field cloning.service_admin_key: {path}: expected the server's "
+                "admin.key file"
+            )
+        return path.read_text().strip()
+    key = os.environ.get("JAXMIA_ADMIN_KEY", "")
+    if not key:
+        raise JaxmiaError(
+            "cloning.service: the server's administrator key is needed (the ground truth): set "
+            "config field cloning.service_admin_key to its admin.key file, or JAXMIA_ADMIN_KEY"
+        )
+    return key
+
+
+def _run_remote(config, workdir, faces, split, pool, test, model_config, size, key, plots):
+    """The study against a served service: each scenario's attacker, the server's policy."""
+    from jaxmia import client as client_lib
+
+    cfg = config.cloning
+    admin = _admin_key(cfg)
+    boss = client_lib.Client(cfg.service, admin)
+    try:
+        info = boss.policy()
+        shape = (*size, config.data.channels)
+        if tuple(info["image_shape"]) != shape or info["classes"] != model_config.num_classes:
+            raise JaxmiaError(
+                f"cloning.service {cfg.service}: serves {info['classes']} identities of "
+                f"{info['image_shape']} images; this config's split has "
+                f"{model_config.num_classes} of {list(shape)} (serve the checkpoint a local "
+                "jaxmia clone of this config trained: WORKDIR/service)"
+            )
+        truth = np.concatenate(
+            [boss.truth(test[0][i : i + 256]) for i in range(0, len(test[0]), 256)]
+        )
+    finally:
+        boss.close()
+    service_accuracy = float((truth == test[1]).mean())
+    clone_train = _train_config(config, cfg.clone_epochs)
+    biggest = max(int(b) for b in cfg.budgets)
+    cells = list(
+        dict.fromkeys(
+            [(cloning.remote_attacker(s, cfg)[0], s, int(b)) for s in cfg.scenarios
+             for b in cfg.budgets]
+            + [(cloning.remote_attacker(s, cfg)[0], s, biggest) for s in cfg.adaptive]
+        )
+    )  # fmt: skip
+    seen, rows = set(), []
+    bar = tqdm.tqdm(cells, desc="clone (served)", unit="cell")
+    for name, scenario, budget in bar:
+        if (name, budget) in seen:
+            continue
+        seen.add((name, budget))
+        path = workdir / "cells" / f"served_{name}_b{budget}.json"
+        bar.set_postfix_str(f"{name} b={budget}")
+        if path.exists():
+            rows.append(json.loads(path.read_text()))
+            continue
+        row = cloning.run_remote(
+            scenario, budget, cfg=cfg, url=cfg.service, admin_key=admin, pool=pool, test=test,
+            clone_model=model_config, clone_train=clone_train, key=jax.random.fold_in(key, 2),
+        )  # fmt: skip
+        files.write_json(path, row)
+        rows.append(row)
+    summary = {
+        "data": faces.source,
+        "synthetic": bool(faces.synthetic),
+        "service": cfg.service,
+        "policy": info["policy"],
+        "service_test_accuracy": service_accuracy,
+    }
+    table = _no_nan({"summary": summary, "rows": rows, "roc": None})
+    files.write_json(workdir / "table.json", table)
+    files.write_text(workdir / "table.csv", _csv(rows))
+    if plots:
+        write_plots(workdir, rows, None, cfg)
     print(_text_table(rows))
     print(json.dumps(summary, indent=1))
     return table
@@ -347,7 +435,9 @@ def _text_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def write_plots(workdir: Path, rows: list[dict], roc: dict, cfg: ml_collections.ConfigDict) -> None:
+def write_plots(
+    workdir: Path, rows: list[dict], roc: dict | None, cfg: ml_collections.ConfigDict
+) -> None:
     """accuracy.png (clone accuracy vs queries), estimation.png (precision/recall), roc.png."""
     import matplotlib
 
@@ -414,6 +504,8 @@ def write_plots(workdir: Path, rows: list[dict], roc: dict, cfg: ml_collections.
     ax.grid(axis="y", alpha=0.3)
     _save(fig, workdir / "estimation.png")
 
+    if roc is None:  # a served service's study: its detector is not measured here
+        return
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), layout="constrained")
     h, e = roc["hash"], roc["embedding"]
     axes[0].plot(h["fpr"], h["tpr"], marker=".")

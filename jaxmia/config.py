@@ -280,6 +280,12 @@ def _cloning_defaults() -> ml_collections.ConfigDict:
     c.budgets = (150, 300, 600)  # total queries per attacker
     c.repeats = 1  # clones per cell (new near-duplicates and clone init); the table has the means
     c.rates = (0.3,)  # misrecognition p
+    # A served service (jaxmia serve) to attack instead of the in-process one: "http://HOST:PORT"
+    # ("": in process). Its policy is the server's; each scenario's attacker runs against it
+    # on fresh accounts, the ground truth read with the administrator's key, from the file
+    # service_admin_key (""): the JAXMIA_ADMIN_KEY environment variable).
+    c.service = ""
+    c.service_admin_key = ""
     return c
 
 

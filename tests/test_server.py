@@ -362,3 +362,36 @@ def test_killed_server_loses_no_answered_query_and_still_detects_old_duplicates(
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_the_cloning_study_runs_against_a_live_server(tmp_path, recognizer, monkeypatch):
+    from test_cloning import TINY, tiny_faces
+
+    from jaxmia import cloning_study
+
+    tiny_faces(monkeypatch)
+    port = _free_port()
+    proc = _start(recognizer, tmp_path / "serve", port)
+    try:
+        cfg = config_lib.default_config()
+        overrides = [
+            *TINY, "--config.cloning.service_identities=6",
+            f"--config.cloning.service=http://127.0.0.1:{port}",
+            f"--config.cloning.service_admin_key={tmp_path / 'serve' / 'admin.key'}",
+        ]  # fmt: skip
+        config_lib.apply_overrides(cfg, overrides)
+        table = cloning_study.run(cfg, tmp_path / "study", plots=False)
+        rows = {r["scenario"]: r for r in table["rows"]}
+        assert set(rows) == {"plain", "estimate"}  # none and countermeasure's attackers
+        for r in rows.values():
+            assert r["p"] == 0.3 and r["detector"] == "hash"  # the server's policy
+            assert 0 <= r["clone_accuracy"] <= 1 and 0 <= r["altered"] <= 1
+        assert rows["estimate"]["queries"] == 30 and rows["plain"]["queries"] == 12
+        # the ground truth came from the server's store: every query is there
+        admin = (tmp_path / "serve" / "admin.key").read_text().strip()
+        records = client.Client(f"http://127.0.0.1:{port}", admin).records(limit=10_000)
+        assert len(records) == 42
+        assert 0 < np.mean([r["altered"] for r in records]) < 1
+    finally:
+        proc.kill()
+        proc.wait()
