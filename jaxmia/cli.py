@@ -43,6 +43,10 @@ COMMANDS = {
         "jaxmia.commands.defend",
         "train R_T under defences and attack each: leak against utility",
     ),
+    "blackbox": (
+        "jaxmia.commands.blackbox",
+        "clone a served R_T from its answers, invert the clone, judge: no weights needed",
+    ),
     "serve": (
         "jaxmia.commands.serve",
         "serve a recognizer over HTTP: answers, budgets, defences, a persistent store",
@@ -57,7 +61,7 @@ COMMANDS = {
     ),
 }
 # Commands whose clone batches run faster split over one JAX CPU device per core.
-CPU_SHARDED = ("invert", "experiment", "defend")
+CPU_SHARDED = ("invert", "experiment", "defend", "blackbox")
 
 
 def _parser() -> argparse.ArgumentParser:

@@ -97,6 +97,7 @@ def default_config() -> ml_collections.ConfigDict:
 
     c.cloning = _cloning_defaults()
     c.serve = _serve_defaults()
+    c.blackbox = _blackbox_defaults()
     c.defences = _sweep_defaults()
     c.experiment = _experiment_defaults()
     c.judges = _judges_defaults()
@@ -286,6 +287,20 @@ def _cloning_defaults() -> ml_collections.ConfigDict:
     # service_admin_key (""): the JAXMIA_ADMIN_KEY environment variable).
     c.service = ""
     c.service_admin_key = ""
+    return c
+
+
+def _blackbox_defaults() -> ml_collections.ConfigDict:
+    """``jaxmia blackbox``: clone the served R_T from its answers, invert the clone
+    (jaxmia/blackbox.py); the service's policy and the attacker's near-duplicates are
+    ``cloning``'s fields (detector, radius, near_duplicates, perturb, estimate, ...)."""
+    c = ml_collections.ConfigDict()
+    c.experiment = ""  # the workdir of a finished jaxmia experiment of the same config
+    c.scenarios = ("none", "misrec", "countermeasure")  # of cloning.SCENARIOS, one account
+    c.budgets = (300, 1000)  # queries to the service
+    c.rate = 0.3  # intentional misrecognition's p
+    c.clone_epochs = 60
+    c.seed = 0  # the attacker's order of its faces, its near-duplicates, the clone's init
     return c
 
 

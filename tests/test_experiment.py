@@ -416,3 +416,44 @@ def test_gaussian_denoise_settings():
     assert inv.InversionConfig(denoise="gaussian", denoise_sigma=2.0).denoise_sigma == 2.0
     with pytest.raises(JaxmiaError, match="denoise_sigma"):
         inv.InversionConfig(denoise="gaussian", denoise_sigma=0.0)
+
+
+BLACKBOX = cli.COMMANDS["blackbox"]  # before the autouse fixture leaves only the experiment
+
+
+def test_blackbox_clones_the_served_r_t_inverts_the_clone_and_resumes(
+    finished, tmp_path, capsys, monkeypatch
+):
+    work, _ = finished
+    monkeypatch.setattr(cli, "COMMANDS", {"blackbox": BLACKBOX})
+    argv = [
+        "blackbox", "--workdir", str(tmp_path / "bb"), *TINY, "--config.experiment.restarts=2",
+        f"--config.blackbox.experiment={work}", "--config.blackbox.budgets=(9,)",
+        "--config.blackbox.scenarios=('none', 'countermeasure')",
+        "--config.blackbox.clone_epochs=2", "--config.cloning.near_duplicates=3",
+    ]  # fmt: skip
+    assert cli.main(argv) == 0
+    table = json.loads((tmp_path / "bb" / "blackbox.json").read_text())
+    grey, none, counter = table["rows"]
+    stages = json.loads((work / "stages.json").read_text())
+    assert grey["top1"]["R_E"] == stages["report"]["result"]["headline"]["top1"]
+    # one query a public face, the whole public pool (one identity's 6 photos) within budget
+    assert none["queries"] == none["public_faces"] == 6 and none["altered"] == 0.0
+    assert counter["queries"] == 9 and counter["public_faces"] == 3  # m = 3 near-duplicates
+    for row in (none, counter):
+        assert set(row["top1"]) >= {"R_T", "R_E", "pixel_nn"} and 0 <= row["fidelity"] <= 1
+    # the inversion ran on the clone, never on R_T
+    cell = tmp_path / "bb" / "cells" / "none_b9"
+    summary = json.loads((cell / "inversions" / "summary.json").read_text())
+    assert "none_b9/clone" in summary["checkpoint"]
+    for name in ("blackbox.md", "blackbox.csv", "blackbox.png"):
+        assert (tmp_path / "bb" / name).stat().st_size > 0
+    capsys.readouterr()
+    assert cli.main(argv) == 0
+    assert "done before" in capsys.readouterr().out
+    assert json.loads((tmp_path / "bb" / "blackbox.json").read_text())["rows"] == table["rows"]
+    assert cli.main([*argv, "--config.blackbox.rate=0.5"]) == 2
+    assert "blackbox.rate: 0.3 -> 0.5" in capsys.readouterr().err
+    bad = [*argv[:2], str(tmp_path / "bb2"), *argv[3:], f"--config.blackbox.experiment={tmp_path}"]
+    assert cli.main(bad) == 2
+    assert "stage 'target' is not done" in capsys.readouterr().err
