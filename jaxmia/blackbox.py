@@ -37,6 +37,8 @@ from jaxmia import (
     experiment,
     files,
     invert,
+    priors,
+    query_attack,
     service,
     train,
     verdicts,
@@ -45,7 +47,7 @@ from jaxmia import workdir as workdir_lib
 from jaxmia.errors import JaxmiaError
 
 RECORD = "settings.json"  # the settings claimed; blackbox.json is the table
-GRID = ("scenarios", "budgets")
+GRID = ("scenarios", "budgets", "query.attacks", "query.outputs")  # cells: a rerun may add
 JUDGES = ("R_T", "R_E", "R_E_other", *verdicts.ROBUST)
 
 
@@ -89,7 +91,46 @@ def _check(config: ml_collections.ConfigDict) -> Path:
                 f"config field blackbox.experiment: {source}: its {stage} stage was run with "
                 f"other settings ({workdir_lib.describe(old, settings[stage], differ)})"
             )
+    q = bb.query
+    for attack in q.attacks:
+        _query_settings(q, attack)  # refused here, before any work
+    for output in q.outputs:
+        output_policy(output)
+    if q.attacks and not q.prior:
+        raise JaxmiaError(
+            "config field blackbox.query.prior: the query attacks need a generator folder "
+            "(jaxmia prior) trained on the public faces"
+        )
+    if not isinstance(q.clones, int) or q.clones < 1:
+        raise JaxmiaError(f"config field blackbox.query.clones: expected >= 1, got {q.clones}")
     return source
+
+
+def output_policy(output: str) -> service.Policy:
+    """The service's answers for "probs", "probs:D", "topk:K" or "label"."""
+    kind, _, n = str(output).partition(":")
+    try:
+        if kind == "probs":
+            return service.Policy(answer="probs", decimals=int(n) if n else -1)
+        if kind == "topk" and n:
+            return service.Policy(answer="topk", top_k=int(n))
+        if kind == "label" and not n:
+            return service.Policy(answer="label")
+    except ValueError:
+        pass
+    raise JaxmiaError(
+        f"config field blackbox.query.outputs: {output!r}; expected 'probs', 'probs:D', "
+        "'topk:K' or 'label'"
+    )
+
+
+def _query_settings(q: ml_collections.ConfigDict, attack: str) -> query_attack.Settings:
+    fields = ("steps", "samples", "sigma", "learning_rate", "init_codes", "radius", "growth",
+              "step_size")  # fmt: skip
+    try:
+        return query_attack.Settings(attack=attack, **{f: q[f] for f in fields})
+    except JaxmiaError as e:
+        raise JaxmiaError(f"config field blackbox.query: {e}") from None
 
 
 def settings(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -117,7 +158,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, plots: bool =
     rec_o = checkpoint.load_recognizer(other) if (other / "checkpoints").is_dir() else None
     workdir_lib.claim(
         workdir / RECORD, settings(config) | {"experiment": str(source.resolve())},
-        hint="use a new --workdir (only blackbox.scenarios/budgets may change on a rerun)",
+        hint="use a new --workdir (only blackbox.scenarios/budgets/query.attacks/query.outputs "
+        "may change on a rerun)",
     )  # fmt: skip
     key = jax.random.key(bb.seed)
     # The attacker's faces: the public auxiliary pool, in an order of the attacker's choosing.
@@ -198,6 +240,23 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, plots: bool =
         }
         files.write_json(path, row)
         rows.append(row)
+    for attack in bb.query.attacks:
+        # the label-only attack sees labels whatever else the service shows
+        outputs = ("label",) if attack == "brep" else bb.query.outputs
+        for output in outputs:
+            name = f"{attack}_{output.replace(':', '')}"
+            path = workdir / "cells" / f"{name}.json"
+            print(f"=== query attack {attack}, the service answering {output}")
+            if path.exists():
+                rows.append(json.loads(path.read_text()))
+                print("  done before")
+                continue
+            row = _query_cell(
+                config, attack, output, workdir / "cells" / name, rec_t, rec_e, panel, faces,
+                split, jax.random.fold_in(key, 4),
+            )  # fmt: skip
+            files.write_json(path, row)
+            rows.append(row)
     out = {
         "rows": rows,
         "experiment": str(source),
@@ -212,6 +271,67 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, plots: bool =
         write_plot(workdir / "blackbox.png", rows)
     print(table(rows))
     return out
+
+
+def _query_cell(config, attack, output, cell_dir, rec_t, rec_e, panel, faces, split, key):
+    """One query attack against the service answering ``output``: clones, judged."""
+    q = config.blackbox.query
+    tc = time.perf_counter()
+    gen = checkpoint.load_generator(q.prior)
+    shape = (*rec_t.config.image_size, rec_t.config.channels)
+    if (*gen.config.image_size, gen.config.channels) != shape:
+        raise JaxmiaError(
+            f"config field blackbox.query.prior: {q.prior} makes "
+            f"{[*gen.config.image_size, gen.config.channels]} images, R_T takes {list(shape)}"
+        )
+    svc = service.Service(
+        rec_t.graphdef, rec_t.params, policy=output_policy(output),
+        key=jax.random.fold_in(key, 1), image_shape=shape,
+    )  # fmt: skip
+    index = {n: i for i, n in enumerate(rec_t.names)}
+    attacked = list(split.attacked)
+    targets = np.repeat([index[n] for n in attacked], q.clones)
+    decoder = priors.generator_decoder(gen.config)
+    got = query_attack.invert(
+        svc, decoder.decode, gen.params, targets, gen.config.latent_dim,
+        _query_settings(q, attack), jax.random.fold_in(key, 2),
+    )  # fmt: skip
+    ids, n = len(attacked), int(q.clones)
+    keep = got["found"].reshape(ids, n).all(1)
+    inv_dir = cell_dir / "inversions"
+    inv_dir.mkdir(parents=True, exist_ok=True)
+    files.savez(
+        inv_dir / evaluation.INVERSIONS_FILE,
+        clones=got["clones"].reshape(ids, n, *shape)[keep],
+        seeds=got["starts"].reshape(ids, n, *shape)[keep],
+        identities=np.asarray(attacked)[keep],
+    )
+    row = {
+        "scenario": f"{attack} ({output})",
+        "budget": got["queries"],
+        "queries": got["queries"],
+        "shared_queries": got["shared_queries"],
+        "identities_found": int(keep.sum()),
+    }
+    if not keep.any():
+        print("  no random code was labelled as any attacked identity: no clones")
+        return row | {
+            "top1": {},
+            "robust_mean_top1": None,
+            "seed_top1": None,
+            "chance_top1": None,
+            "clones": 0,
+            "seconds": time.perf_counter() - tc,
+        }
+    inversions = evaluation.load_inversions(inv_dir)
+    real, note = evaluation.real_faces_from(
+        faces, inversions.identities, rec_e.meta.get("train_files")
+    )
+    summary = evaluation.evaluate_run(
+        inversions, rec_e, cell_dir / "report", real_faces=real, target=rec_t,
+        real_faces_note=note, panel=panel, sort_by=config.judges.sort_by, progress=True,
+    )  # fmt: skip
+    return row | _judged(experiment.headline(summary)) | {"seconds": time.perf_counter() - tc}
 
 
 def _panel(config, src, split, rec_e, rec_o, rec_t) -> verdicts.Panel:

@@ -301,6 +301,23 @@ def _blackbox_defaults() -> ml_collections.ConfigDict:
     c.rate = 0.3  # intentional misrecognition's p
     c.clone_epochs = 60
     c.seed = 0  # the attacker's order of its faces, its near-duplicates, the clone's init
+    # Inversion by queries alone (jaxmia/query_attack.py), in the codes of a VAE trained on the
+    # public faces (jaxmia prior): "nes" (score-based) and "brep" (label-only), each against
+    # the service answering in each of `outputs` (the output-side defences): "probs",
+    # "probs:D" (rounded to D decimals), "topk:K" (the K best only), "label".
+    q = c.query = ml_collections.ConfigDict()
+    q.attacks = ()  # e.g. ("nes", "brep")
+    q.outputs = ("probs", "probs:1", "topk:1", "label")
+    q.prior = ""  # the generator folder (jaxmia prior)
+    q.clones = 2  # per attacked identity
+    q.steps = 40
+    q.samples = 16  # queries per clone per step
+    q.sigma = 0.5
+    q.learning_rate = 0.5
+    q.init_codes = 2000
+    q.radius = 1.0
+    q.growth = 1.3
+    q.step_size = 0.5
     return c
 
 
