@@ -192,6 +192,11 @@ def decode_images(body: bytes, content_type: str, shape: tuple[int, int, int]) -
         raise HTTPError(
             415, f"Content-Type {kind!r}: expected application/x-npy or one of {IMAGE_TYPES}"
         )
+    if not body.startswith(b"\x93NUMPY"):
+        raise HTTPError(
+            400, "request body: not a .npy array (it lacks the .npy magic bytes); expected "
+            "numpy.save's output, or one PNG/JPEG image with its Content-Type",
+        )  # fmt: skip
     try:
         x = np.load(io.BytesIO(body), allow_pickle=False)
     except (ValueError, EOFError, OSError) as e:

@@ -207,6 +207,7 @@ def test_api_answers_records_and_keeps_clients_apart(api):
     [
         ("truncated", 400, "not a readable .npy array"),
         ("garbage png", 400, "not a readable image/png image"),
+        ("not npy", 400, "lacks the .npy magic bytes"),
         ("wrong size", 400, "expected shape [batch, 16, 16, 1]"),
         ("wrong channels", 400, "expected shape [batch, 16, 16, 1]"),
         ("empty batch", 400, "expected at least one image"),
@@ -233,6 +234,8 @@ def test_bad_requests_get_a_one_line_4xx_and_change_nothing(api, case, status, m
     ctype = "application/x-npy"
     if case == "truncated":
         body = body[:-20]
+    elif case == "not npy":
+        body = b"garbage"
     elif case == "garbage png":
         body, ctype = b"\x89PNG\r\n\x1a\n broken", "image/png"
     elif case == "wrong size":
