@@ -298,19 +298,13 @@ def _run_remote(config, workdir, faces, split, pool, test, model_config, size, k
     service_accuracy = float((truth == test[1]).mean())
     clone_train = _train_config(config, cfg.clone_epochs)
     biggest = max(int(b) for b in cfg.budgets)
-    cells = list(
-        dict.fromkeys(
-            [(cloning.remote_attacker(s, cfg)[0], s, int(b)) for s in cfg.scenarios
-             for b in cfg.budgets]
-            + [(cloning.remote_attacker(s, cfg)[0], s, biggest) for s in cfg.adaptive]
-        )
-    )  # fmt: skip
-    seen, rows = set(), []
-    bar = tqdm.tqdm(cells, desc="clone (served)", unit="cell")
-    for name, scenario, budget in bar:
-        if (name, budget) in seen:
-            continue
-        seen.add((name, budget))
+    # One cell per attacker and budget: scenarios that differ by policy alone are one attacker
+    grid = [(s, int(b)) for s in cfg.scenarios for b in cfg.budgets]
+    grid += [(s, biggest) for s in cfg.adaptive]
+    cells = {(cloning.remote_attacker(s, cfg)[0], b): s for s, b in reversed(grid)}
+    rows = []
+    bar = tqdm.tqdm(list(cells.items())[::-1], desc="clone (served)", unit="cell")
+    for (name, budget), scenario in bar:
         path = workdir / "cells" / f"served_{name}_b{budget}.json"
         bar.set_postfix_str(f"{name} b={budget}")
         if path.exists():
