@@ -363,6 +363,7 @@ def _judged(h: dict[str, Any]) -> dict[str, Any]:
         "seed_top1": h["seed_top1"],
         "chance_top1": h["chance_top1"],
         "clones": h["clones"],
+        "identities": h["identities"],
     }
 
 
@@ -377,11 +378,14 @@ def _pct(v) -> str:
 
 def table(rows: list[dict]) -> str:
     judges = [j for j in JUDGES if any(j in r["top1"] for r in rows)]
-    head = ["attack", "queries", "clone acc.", "fidelity", *judges, "robust mean", "seed R_E"]
+    head = ["attack", "queries", "identities", "clone acc.", "fidelity", *judges, "robust mean",
+            "seed R_E"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         cells = [
-            r["scenario"], str(r["queries"]), _pct(r.get("clone_accuracy")),
+            r["scenario"], str(r["queries"]),
+            str(r.get("identities_found", r.get("identities", ""))),
+            _pct(r.get("clone_accuracy")),
             _pct(r.get("fidelity")), *(_pct(r["top1"].get(j)) for j in judges),
             _pct(r["robust_mean_top1"]), _pct(r["seed_top1"]),
         ]  # fmt: skip
