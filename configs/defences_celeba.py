@@ -15,7 +15,7 @@ one strength a defence (those of configs/defences.py that did best on AT&T, chos
 here); DP-SGD costs about 5x a plain step, so its R_T trains 20 epochs, not 100. The plain
 regularisers for comparison: weight decay 0.5 and dropout 0.8 (the recipe's are 0.05 and 0.5).
 Positive smoothing is the recipe's own here (R_E's too), so its effect is AT&T's cell only.
-Expected time: about 2 h with --config.defences.reuse.
+Expected time: about 2.2 h with --config.defences.reuse (measured 132 min, cores shared).
 
 Measured: see README, "Defences", and benchmarks/results/defences_celeba.{md,json,png}.
 """
