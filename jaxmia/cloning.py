@@ -664,10 +664,16 @@ def run_remote(
         "repeats": len(runs),
         "service": url,
     }
+    return _with_runs(row, runs, t0)
+
+
+def _with_runs(row: dict[str, Any], runs: list[dict], t0: float) -> dict[str, Any]:
+    """A cell's row with its repeats' means, the spread of clone accuracy and fidelity, and
+    every repeat under "runs"."""
     for run in runs:
         run.pop("queries"), run.pop("images")
-    for field in runs[0]:
-        row[field] = float(np.mean([run[field] for run in runs]))
+    for name in runs[0]:
+        row[name] = float(np.mean([run[name] for run in runs]))
     row["clone_accuracy_std"] = float(np.std([run["clone_accuracy"] for run in runs]))
     row["fidelity_std"] = float(np.std([run["fidelity"] for run in runs]))
     row["runs"] = runs
@@ -739,16 +745,8 @@ def run_scenario(
         "scope": policy.scope if policy.detector != "none" else "",
         "keyed": policy.keyed,
         "accounts": accounts,
-        "queries": runs[0].pop("queries"),
-        "images": runs[0].pop("images"),
+        "queries": runs[0]["queries"],
+        "images": runs[0]["images"],
         "repeats": len(runs),
     }
-    for run in runs[1:]:
-        run.pop("queries"), run.pop("images")
-    for name in runs[0]:
-        row[name] = float(np.mean([run[name] for run in runs]))
-    row["clone_accuracy_std"] = float(np.std([run["clone_accuracy"] for run in runs]))
-    row["fidelity_std"] = float(np.std([run["fidelity"] for run in runs]))
-    row["runs"] = runs
-    row["seconds"] = time.perf_counter() - t0
-    return row
+    return _with_runs(row, runs, t0)
