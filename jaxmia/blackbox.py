@@ -182,9 +182,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, plots: bool =
         name = f"{scenario}_b{budget}"
         path = workdir / "cells" / f"{name}.json"
         print(f"=== cell {i}/{len(cells)}: {scenario}, {budget} queries")
-        if path.exists():
-            rows.append(json.loads(path.read_text()))
-            print("  done before")
+        if _done_before(path, rows):
             continue
         cell_dir = workdir / "cells" / name
         tc = time.perf_counter()
@@ -247,9 +245,7 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, plots: bool =
             name = f"{attack}_{output.replace(':', '')}"
             path = workdir / "cells" / f"{name}.json"
             print(f"=== query attack {attack}, the service answering {output}")
-            if path.exists():
-                rows.append(json.loads(path.read_text()))
-                print("  done before")
+            if _done_before(path, rows):
                 continue
             row = _query_cell(
                 config, attack, output, workdir / "cells" / name, rec_t, rec_e, panel, faces,
@@ -271,6 +267,15 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, plots: bool =
         write_plot(workdir / "blackbox.png", rows)
     print(table(rows))
     return out
+
+
+def _done_before(path: Path, rows: list[dict]) -> bool:
+    """A finished cell's row, read instead of run again."""
+    if not path.exists():
+        return False
+    rows.append(json.loads(path.read_text()))
+    print("  done before")
+    return True
 
 
 def _query_cell(config, attack, output, cell_dir, rec_t, rec_e, panel, faces, split, key):

@@ -245,6 +245,11 @@ def run(
         rows.append(row)
 
     summary = _summary(rows, roc, cfg, service_accuracy, faces, history)
+    return _write_table(workdir, summary, rows, roc, cfg, plots)
+
+
+def _write_table(workdir, summary, rows, roc, cfg, plots) -> dict[str, Any]:
+    """table.json, table.csv and the plots; the table printed."""
     table = _no_nan({"summary": summary, "rows": rows, "roc": roc})
     files.write_json(workdir / "table.json", table)
     files.write_text(workdir / "table.csv", _csv(rows))
@@ -323,14 +328,7 @@ def _run_remote(config, workdir, faces, split, pool, test, model_config, size, k
         "policy": info["policy"],
         "service_test_accuracy": service_accuracy,
     }
-    table = _no_nan({"summary": summary, "rows": rows, "roc": None})
-    files.write_json(workdir / "table.json", table)
-    files.write_text(workdir / "table.csv", _csv(rows))
-    if plots:
-        write_plots(workdir, rows, None, cfg)
-    print(_text_table(rows))
-    print(json.dumps(summary, indent=1))
-    return table
+    return _write_table(workdir, summary, rows, None, cfg, plots)
 
 
 def _with_size(config: ml_collections.ConfigDict, size, dense) -> ml_collections.ConfigDict:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import xla_flags
 from starlette.testclient import TestClient
+from test_service import textured
 
 from jaxmia import checkpoint, client, models, server, service, store
 from jaxmia import config as config_lib
@@ -24,19 +25,6 @@ CONFIG = models.ModelConfig(
     dense_features=(32,),
 )  # fmt: skip
 GRAPHDEF, PARAMS = models.init(CONFIG, jax.random.key(0))
-
-
-def textured(n, seed=0):
-    """Images whose hash is stable under light noise: random low-frequency patterns."""
-    rng = np.random.default_rng(seed)
-    g = np.linspace(0, np.pi, SHAPE[0])
-    out = sum(
-        rng.normal(size=(n, 1, 1)) * np.cos(u * g)[:, None] * np.cos(v * g)[None, :] / (1 + u + v)
-        for u in range(6)
-        for v in range(6)
-    )
-    out = (out - out.min(axis=(1, 2), keepdims=True)) / np.ptp(out, axis=(1, 2), keepdims=True)
-    return out[..., None].astype(np.float32)
 
 
 def near(x, seed=1):
