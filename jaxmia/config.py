@@ -423,6 +423,9 @@ def _inversion_defaults() -> ml_collections.ConfigDict:
     c.prior_residual = False
     c.residual_weight = 0.0
     c.coef_weight = 0.0
+    # DeepInversion's feature-statistics prior for an R_T with batch norm (model.arch=resnet):
+    # x the distance of each clone's per-layer feature mean and variance from R_T's running ones.
+    c.feature_weight = 0.0
     c.stop_confidence = 0.0  # stop a clone at this target confidence; 0: off
     c.patience = 0  # stop a clone whose best loss has not improved for this many steps; 0: off
     c.min_delta = 0.0

@@ -66,7 +66,8 @@ RUNNING, STEPS, CONFIDENCE, PATIENCE, DIVERGED = range(len(STOP_REASONS))
 # image-gradients/s by chunk): 64x64x1: 112: 3137, 128: 3130, 144: 2331, 256: 2362; 128x128x3
 # (512 clones): 24: 579, 32: 628, 34: 492, 48: 492. The cliff sits near 64 MiB per device.
 CPU_CACHE_BYTES = 64 * 2**20
-ApplyFn = Callable[[Any, jax.Array], jax.Array]  # (params, images [b, h, w, c]) -> logits [b, n]
+# (params, images [b, h, w, c]) -> logits [b, n], or (logits, distances [b]) (feature_weight)
+ApplyFn = Callable[[Any, jax.Array], Any]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -98,6 +99,7 @@ class ProgramSpec:
     prior: str = "pixels"
     residual: bool = False
     coef_penalty: bool = False
+    features: bool = False  # feature-statistics prior: apply_fn returns (logits, distance)
 
 
 class Hyper(NamedTuple):
@@ -114,6 +116,7 @@ class Hyper(NamedTuple):
     denoise_every: jax.Array  # [] int32
     residual_weight: jax.Array  # [] float32: mean squared pixel residual (priors)
     coef_weight: jax.Array  # [] float32: mean squared prior coefficient (priors)
+    feature_weight: jax.Array  # [] float32: feature-statistics distance (DeepInversion)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,6 +174,9 @@ class InversionConfig:
     prior_residual: bool = False  # add a pixel residual to the prior's image
     residual_weight: float = 0.0  # x mean squared residual
     coef_weight: float = 0.0  # x mean squared coefficient (a unit Gaussian prior on them)
+    # DeepInversion's prior, for an R_T with batch norm (a ResNet): x the distance of the
+    # clone's feature statistics from R_T's running ones (models.logits_and_statistics).
+    feature_weight: float = 0.0
 
     def __post_init__(self):
         choices = {
@@ -203,7 +209,7 @@ class InversionConfig:
             raise JaxmiaError(f"inversion.views={self.views!r}: expected an integer >= 1")
         if not 0 <= self.zoom < 1:
             raise JaxmiaError(f"inversion.zoom={self.zoom}: expected in [0, 1)")
-        for name in ("blur", "noise", "residual_weight", "coef_weight"):
+        for name in ("blur", "noise", "residual_weight", "coef_weight", "feature_weight"):
             if not 0 <= getattr(self, name) < math.inf:
                 raise JaxmiaError(f"inversion.{name}={getattr(self, name)}: expected finite >= 0")
         if self.prior_components < 1:
@@ -247,6 +253,7 @@ class InversionConfig:
             prior=self.prior,
             residual=self.prior != "pixels" and bool(self.prior_residual),
             coef_penalty=self.prior != "pixels" and self.coef_weight != 0,
+            features=self.feature_weight != 0,
         )
 
     def hyper(self) -> Hyper:
@@ -269,6 +276,7 @@ class InversionConfig:
             denoise_every=i32(self.denoise_every),
             residual_weight=f32(self.residual_weight),
             coef_weight=f32(self.coef_weight),
+            feature_weight=f32(self.feature_weight),
         )
 
 
@@ -473,7 +481,9 @@ def _objective(
             x, k, spec.jitter, spec.flip, spec.zoom, spec.blur, spec.noise
         )
         seen = jax.vmap(view)(keys)  # [views, h, w, c]
-    z = apply_fn(params, seen)  # [views, n]
+    z = apply_fn(params, seen)  # [views, n], or with (the distance [views]) for features
+    if isinstance(z, tuple):
+        z, distance = z
     loss = jnp.mean(jax.vmap(lambda zi: data_loss(spec.loss, zi, label, hyper.margin))(z))
     if spec.tv:
         loss = loss + hyper.tv_weight * total_variation(x)
@@ -483,6 +493,8 @@ def _objective(
         loss = loss + hyper.residual_weight * jnp.mean(w["pixels"] ** 2)
     if spec.coef_penalty:
         loss = loss + hyper.coef_weight * jnp.mean(w["coef"] ** 2)
+    if spec.features:
+        loss = loss + hyper.feature_weight * jnp.mean(distance)
     return loss, jnp.mean(jax.nn.softmax(z)[:, label])
 
 
@@ -717,16 +729,21 @@ def build_program(
 
 def _image_spec(spec: ProgramSpec) -> ProgramSpec:
     """The spec of an image's own objective: a prior's penalties left out."""
-    return dataclasses.replace(spec, prior="pixels", residual=False, coef_penalty=False)
+    return dataclasses.replace(
+        spec, prior="pixels", residual=False, coef_penalty=False, features=False
+    )
 
 
 @functools.lru_cache(maxsize=32)
-def recognizer_apply(graphdef: Any) -> ApplyFn:
-    """``apply_fn`` of a ``models`` recognizer; the same graphdef gives the same (cached) fn.
+def recognizer_apply(graphdef: Any, statistics: bool = False) -> ApplyFn:
+    """``apply_fn`` of a ``models`` recognizer; the same arguments give the same (cached) fn.
 
     Its logits with the small-channel convolutions rewritten for speed (``fastconv``; the same
-    function to float32 rounding).
+    function to float32 rounding); with ``statistics`` (for ``feature_weight``; a ResNet) the
+    logits and each image's feature-statistics distance (``models.logits_and_statistics``).
     """
+    if statistics:
+        return functools.partial(models.logits_and_statistics, graphdef)
     return functools.partial(fastconv.logits, graphdef)
 
 

@@ -46,7 +46,7 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from jaxmia import checkpoint, files, grids, priors, seeds, sharding
+from jaxmia import checkpoint, files, grids, models, priors, seeds, sharding
 from jaxmia import inversion as inv
 from jaxmia import workdir as workdir_lib
 from jaxmia.errors import JaxmiaError
@@ -239,7 +239,7 @@ def _invert_chunks(
 ) -> tuple[dict, inv.Timing, int]:
     """Runs (or loads) every chunk: (per-clone arrays [n], total timing, chunks resumed)."""
     cfg = inv.InversionConfig.from_config(config.inversion)
-    apply_fn = inv.recognizer_apply(rec.graphdef)
+    apply_fn = inv.recognizer_apply(rec.graphdef, statistics=cfg.feature_weight != 0)
     n = start.shape[0]
     parts, total, resumed = [], inv.Timing(), 0
     bounds = list(inv.chunks(n, size))
@@ -371,6 +371,12 @@ def run(
     if workdir.exists() and not workdir.is_dir():
         raise JaxmiaError(f"--workdir {workdir}: exists and is not a folder")
     rec = checkpoint.load_recognizer(checkpoint_dir)
+    if cfg.feature_weight and not models.has_statistics(rec.config):
+        raise JaxmiaError(
+            f"inversion.feature_weight={cfg.feature_weight}: R_T ({checkpoint_dir}, "
+            f"model.arch={rec.config.arch!r}) has no batch normalisation statistics; expected a "
+            "ResNet R_T (model.arch=resnet) or feature_weight=0"
+        )
     labels = parse_identities(identities, rec.names, rec.meta)
     names = [rec.names[i] for i in labels]
     start, keys, seed_from, pool = make_start(rec, config, labels, clones)

@@ -26,6 +26,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxmia.errors import JaxmiaError
+
 ARCHS = ("paper", "resnet")
 BLOCKS = ("basic", "bottleneck")
 _PAPER_FIELDS = ("conv_features", "kernel_sizes", "dense_features")
@@ -330,17 +332,29 @@ class Block(nnx.Module):
             self.down_conv = _conv(cin, cout, 1, stride, rngs)
             self.down_norm = _bn(cout, rngs)
 
-    def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    def __call__(self, x: jax.Array, train: bool, taps: list | None = None) -> jax.Array:
         h = x
         last = len(self.convs) - 1
         for j, (conv, norm) in enumerate(zip(self.convs, self.norms, strict=True)):
-            h = norm(conv(h), use_running_average=not train)
+            h = _norm(norm, conv(h), train, taps)
             if j < last:
                 h = jax.nn.relu(h)
         shortcut = x
         if self.downsample:
-            shortcut = self.down_norm(self.down_conv(x), use_running_average=not train)
+            shortcut = _norm(self.down_norm, self.down_conv(x), train, taps)
         return jax.nn.relu(h + shortcut)
+
+
+def _norm(norm: nnx.BatchNorm, h: jax.Array, train: bool, taps: list | None) -> jax.Array:
+    """``norm(h)``; with ``taps``, first appends how far each image's statistics of ``h`` are from
+    the running ones (DeepInversion's feature-statistics distance). # [b, h, w, c] -> [b]"""
+    if taps is not None:
+        mean, var = h.mean(axis=(1, 2)), h.var(axis=(1, 2))  # [b, c]
+        taps.append(
+            jnp.linalg.norm(mean - norm.mean[...], axis=-1)
+            + jnp.linalg.norm(var - norm.var[...], axis=-1)
+        )
+    return norm(h, use_running_average=not train)
 
 
 class ResNet(_Classifier):
@@ -362,20 +376,22 @@ class ResNet(_Classifier):
         self.stages = nnx.List(stages)
         self._init_classifier(cin, rngs)
 
-    def features(self, x: jax.Array, train_key: jax.Array | None = None) -> jax.Array:
+    def features(
+        self, x: jax.Array, train_key: jax.Array | None = None, taps: list | None = None
+    ) -> jax.Array:
         """Globally average-pooled last stage. # [b, h, w, c] -> [b, feature_size]
 
         ``train_key`` given: training mode (batch statistics, which also update the running
-        ones); None: inference on the running statistics.
+        ones); None: inference on the running statistics. ``taps``: a list that receives each
+        batch norm's feature-statistics distance per image ([b] each, in the order they run).
         """
         train = train_key is not None
-        h = jax.nn.relu(self.stem_norm(self.stem(_normalise(self.config, x)),
-                                       use_running_average=not train))  # fmt: skip
+        h = jax.nn.relu(_norm(self.stem_norm, self.stem(_normalise(self.config, x)), train, taps))
         if self.config.stem_pool:
             h = nnx.max_pool(h, (3, 3), (2, 2), ((1, 1), (1, 1)))
         for stage in self.stages:
             for block in stage:
-                h = block(h, train)
+                h = block(h, train, taps)
         return h.mean(axis=(1, 2))
 
     def _last_hidden(self, x: jax.Array, train_key: jax.Array | None) -> jax.Array:
@@ -413,6 +429,34 @@ def init(config: ModelConfig, key: jax.Array) -> tuple[nnx.GraphDef, nnx.State]:
 def logits(graphdef: nnx.GraphDef, state: nnx.State | dict, x: jax.Array) -> jax.Array:
     """Pure inference logits. # [b, h, w, c] -> [b, num_classes]"""
     return nnx.merge(graphdef, state)(x)
+
+
+def has_statistics(config: ModelConfig) -> bool:
+    """Whether ``config``'s recognizer keeps batch norm's running statistics (a ResNet)."""
+    return config.arch == "resnet"
+
+
+def logits_and_statistics(
+    graphdef: nnx.GraphDef, state: nnx.State | dict, x: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Inference logits and each image's feature-statistics distance (DeepInversion's prior).
+
+    The distance sums, over every batch norm, ``|mean - running mean| + |var - running var|``
+    (Euclidean norms over channels) of the image's own mean and variance over positions of the
+    norm's input. Per image rather than over the batch (DeepInversion's): each clone's loss then
+    depends on that clone alone, so clones stay independent of how they are batched.
+
+    # [b, h, w, c] -> ([b, classes], [b])
+    """
+    model = nnx.merge(graphdef, state)
+    if not has_statistics(model.config):
+        raise JaxmiaError(
+            f"feature statistics: the recognizer (model.arch={model.config.arch!r}) has no batch "
+            "normalisation; expected model.arch='resnet'"
+        )
+    taps: list[jax.Array] = []
+    out = model.classify(model.features(x, None, taps), None)[0]
+    return out, sum(taps)
 
 
 def features(graphdef: nnx.GraphDef, state: nnx.State | dict, x: jax.Array) -> jax.Array:

@@ -66,6 +66,7 @@ LATER_DEFAULTS = {
     "inversion.prior_residual": False,
     "inversion.residual_weight": 0.0,
     "inversion.coef_weight": 0.0,
+    "inversion.feature_weight": 0.0,
 }
 
 

@@ -236,9 +236,16 @@ TINY_RESNET = models.ModelConfig(
 )
 
 
-def test_vmapped_resnet_inversion_equals_reference_loop():
+@pytest.mark.parametrize("feature_weight", [0.0, 0.1], ids=["logits", "feature-statistics"])
+def test_vmapped_resnet_inversion_equals_reference_loop(feature_weight):
     cfg = inv.InversionConfig(
-        loss="max_margin", optimizer="adam", learning_rate=0.02, margin=0.5, jitter=1, flip=True
+        loss="max_margin",
+        optimizer="adam",
+        learning_rate=0.02,
+        margin=0.5,
+        jitter=1,
+        flip=True,
+        feature_weight=feature_weight,
     )
     # Batch norm in inference mode, on running statistics that are not the identity: each clone
     # sees the same function whatever else is in its batch.
@@ -248,7 +255,7 @@ def test_vmapped_resnet_inversion_equals_reference_loop():
     rest = jax.tree.map(lambda v: v + 0.3 * jax.random.uniform(next(keys), v.shape), rest)
     params = jax.tree.map(lambda v: v + 0.2 * jax.random.normal(next(keys), v.shape), params)
     full = models.join(graphdef, params, rest)
-    apply_fn = inv.recognizer_apply(graphdef)
+    apply_fn = inv.recognizer_apply(graphdef, statistics=feature_weight != 0)
     x, labels, clone_keys = _batch(2)
     got = inv.invert_batch(apply_fn, full, x, labels, clone_keys, cfg, 5)
     for i in range(2):

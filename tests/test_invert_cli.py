@@ -151,6 +151,7 @@ def test_default_identities_are_all_and_seed_is_shared(ckpt, tmp_path):
         ((), {"steps": "-1"}, ["--steps -1", "positive"]),
         (("--config.inversion.loss=l1",), {}, ["inversion.loss", "least_squares"]),
         (("--config.inversion.seed=mean",), {}, ["auxiliary", "seed_source"]),
+        (("--config.inversion.feature_weight=0.1",), {}, ["no batch normalisation", "ResNet R_T"]),
     ],
 )
 def test_bad_input_is_one_line_exit_2(ckpt, tmp_path, capsys, args, kwargs, words):
