@@ -217,6 +217,10 @@ def _experiment_defaults() -> ml_collections.ConfigDict:
     c.select_jitter = 2
     c.select_flip = True
     c.select_samples = 8
+    # Beside an attack with a prior (inversion.prior other than "pixels", or feature_weight),
+    # also run the same attack on free pixels (stage "baseline") and judge both: the report
+    # shows them side by side for the same identities, from the same seeds.
+    c.baseline = True
     return c
 
 

@@ -57,8 +57,10 @@ from jaxmia import (
     defences,
     evaluation,
     files,
+    generator,
     invert,
     models,
+    prior_training,
     seeds,
     selection,
     splits,
@@ -68,14 +70,19 @@ from jaxmia import (
 from jaxmia import workdir as workdir_lib
 from jaxmia.errors import JaxmiaError
 
-STAGES = ("split", "target", "evaluation", "inversions", "evaluation_other", "report")
+STAGES = (
+    "split", "target", "evaluation", "prior", "inversions", "baseline", "evaluation_other",
+    "report",
+)  # fmt: skip
 RECORD = "stages.json"
 # Where each stage writes, relative to the workdir (deleted by redo).
 OUTPUTS = {
     "split": ("split.json", "config.json"),
     "target": ("target",),
     "evaluation": ("evaluation",),
+    "prior": ("prior",),
     "inversions": ("inversions",),
+    "baseline": ("baseline",),
     "evaluation_other": ("evaluation_other",),
     "report": ("report", "experiment.json"),
 }
@@ -97,17 +104,58 @@ def stage_settings(config: ml_collections.ConfigDict) -> dict[str, dict[str, Any
         | workdir_lib.settings_of(defences.undefended(config), "model", "train")
         | {"seed": config.seed}
     )
-    inversions = recognizer | workdir_lib.settings_of(config, "inversion", "experiment")
+    attack = workdir_lib.settings_of(config, "inversion", "experiment")
+    # A stage that has nothing to do depends on nothing but that.
+    prior: dict[str, Any] = {"trains": False}
+    if trains_prior(config):
+        prior = recognizer | workdir_lib.settings_of(config, "prior")
+        prior |= {"inversion.seed_source": config.inversion.seed_source, "trains": True}
+    # The generator the experiment trains is part of what the clones depend on.
+    inversions = (prior if trains_prior(config) else recognizer) | attack
+    pixels = baseline_config(config)
+    baseline = {"runs": False}
+    if pixels is not None:
+        baseline = recognizer | workdir_lib.settings_of(pixels, "inversion", "experiment")
     judges = workdir_lib.settings_of(config, "judges")
     other = judge | {k: v for k, v in judges.items() if k.startswith("judges.other_")}
     return {
         "split": split,
         "target": recognizer,
         "evaluation": judge,
+        "prior": prior,
         "inversions": inversions,
+        "baseline": baseline,
         "evaluation_other": other,
         "report": inversions | judges,
     }
+
+
+def trains_prior(config: ml_collections.ConfigDict) -> bool:
+    """Whether the experiment trains the generator prior (``inversion.prior="generator"`` with
+    no ``inversion.prior_checkpoint``: stage ``prior``, into WORKDIR/prior)."""
+    return config.inversion.prior == "generator" and not config.inversion.prior_checkpoint
+
+
+def attack_config(config: ml_collections.ConfigDict, workdir: Path) -> ml_collections.ConfigDict:
+    """``config`` as the inversion stage runs it: a generator it trains read from WORKDIR/prior."""
+    if not trains_prior(config):
+        return config
+    out = ml_collections.ConfigDict(config.to_dict())
+    out.inversion.prior_checkpoint = str(Path(workdir) / "prior")
+    return out
+
+
+def baseline_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
+    """The same attack on free pixels, beside one with a prior (``experiment.baseline``); None
+    when there is none to run (the attack is the pixel attack, or the baseline is off)."""
+    inv = config.inversion
+    if not config.experiment.baseline or (inv.prior == "pixels" and not inv.feature_weight):
+        return None
+    out = ml_collections.ConfigDict(config.to_dict())
+    b = out.inversion
+    b.prior, b.prior_checkpoint, b.prior_residual = "pixels", "", False
+    b.residual_weight = b.coef_weight = b.feature_weight = 0.0
+    return out
 
 
 def other_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
@@ -332,8 +380,8 @@ class _Run:
             self._split = (split, used, notes, split.to_json(self.faces))
         return self._split
 
-    def inversions_dir(self) -> Path:
-        base = self.workdir / "inversions"
+    def inversions_dir(self, name: str = "inversions") -> Path:
+        base = self.workdir / name
         return base / selection.SELECTED if self.config.experiment.restarts > 1 else base
 
 
@@ -387,9 +435,32 @@ def _stage_other(run: _Run) -> dict[str, Any]:
     return _stage_recognizer(run, "evaluation_other")
 
 
+def _stage_prior(run: _Run) -> dict[str, Any]:
+    if not trains_prior(run.config):
+        print("  none (no generator prior to train: inversion.prior is not 'generator' or has a "
+              "prior_checkpoint)")  # fmt: skip
+        return {"skipped": True}
+    summary = prior_training.run(
+        run.config, run.workdir / "prior", checkpoint_dir=run.workdir / "target",
+        progress=run.progress,
+    )  # fmt: skip
+    return {"faces": summary["faces"], "final": summary["final"],
+            "seconds_training": summary["seconds_training"]}  # fmt: skip
+
+
 def _stage_inversions(run: _Run) -> dict[str, Any]:
-    cfg = run.config
-    out = run.workdir / "inversions"
+    return _invert(run, attack_config(run.config, run.workdir), run.workdir / "inversions")
+
+
+def _stage_baseline(run: _Run) -> dict[str, Any]:
+    cfg = baseline_config(run.config)
+    if cfg is None:
+        print("  none (the attack is the pixel attack, or experiment.baseline is off)")
+        return {"skipped": True}
+    return _invert(run, cfg, run.workdir / "baseline")
+
+
+def _invert(run: _Run, cfg: ml_collections.ConfigDict, out: Path) -> dict[str, Any]:
     invert.run(
         cfg,
         out,
@@ -444,7 +515,120 @@ def _stage_report(run: _Run) -> dict[str, Any]:
         sort_by=run.config.judges.sort_by,
         progress=run.progress,
     )
-    return {"headline": headline(summary)}
+    out = {"headline": headline(summary)}
+    if baseline_config(run.config) is not None:
+        baseline = evaluation.load_inversions(run.inversions_dir("baseline"))
+        pixels = evaluation.evaluate_run(
+            baseline,
+            rec_e,
+            run.workdir / "report" / "pixels",
+            real_faces=real,
+            target=rec_t,
+            real_faces_note=note,
+            panel=panel,
+            sort_by=run.config.judges.sort_by,
+            progress=run.progress,
+        )
+        out["baseline"] = headline(pixels)
+        out["comparison"] = compare(
+            run.workdir / "report", {"pixels": (pixels, baseline), "prior": (summary, inversions)},
+            real,
+        )  # fmt: skip
+    return out
+
+
+# The judges that a setting is chosen by (benchmarks/prior_levers.md): every one beside R_E
+# and R_T, as R_E alone rewards patterns that fool R_T's twin.
+BESIDE_R_E = ("R_E_transformed", "R_E_other", "R_E_other_transformed", *verdicts.ROBUST[1:])
+
+
+def compare(
+    report_dir: Path, attacks: dict[str, tuple[dict, evaluation.Inversions]], real: dict | None
+) -> dict[str, Any]:
+    """A prior's clones against the pixel attack's: every judge's top-1 and the Fréchet distance
+    side by side (``comparison.json``, ``comparison.csv``) and the clones of the same identities
+    and seeds in one picture (``prior_vs_pixels.png``).
+
+    Args:
+      report_dir: where the prior's report is; the pixel attack's is ``report_dir/pixels``.
+      attacks: "pixels" and "prior" -> (evaluation summary, the inversions it judged).
+      real: identity -> real faces, for the picture.
+    """
+    from jaxmia import report  # matplotlib is slow to import
+
+    def top1(s: dict[str, Any]) -> dict[str, float]:
+        return {"R_E": s["overall"]["top1"]} | {
+            j: v["top1"] for j, v in s.get("judges", {}).get("top", {}).get("clones", {}).items()
+            if j not in ("R_E", "R_T")
+        }  # fmt: skip
+
+    (pixels, pixel_inv), (prior, prior_inv) = attacks["pixels"], attacks["prior"]
+    t_prior, t_pixels = top1(prior), top1(pixels)
+    judges = [j for j in t_prior if j in t_pixels]
+    beside = [j for j in BESIDE_R_E if j in judges]
+    robust = [j for j in verdicts.ROBUST if j in judges]
+
+    def mean(t: dict[str, float], which: list[str]) -> float | None:
+        return float(np.mean([t[j] for j in which])) if which else None
+
+    def frechet(s: dict[str, Any]) -> float | None:
+        return s.get("judges", {}).get("realism", {}).get("clones", {}).get("frechet_eigenface")
+
+    rows = {
+        "pixels": {"top1": t_pixels, "robust_mean": mean(t_pixels, robust),
+                   "mean_beside_R_E": mean(t_pixels, beside), "frechet": frechet(pixels)},
+        "prior": {"top1": t_prior, "robust_mean": mean(t_prior, robust),
+                  "mean_beside_R_E": mean(t_prior, beside), "frechet": frechet(prior)},
+    }  # fmt: skip
+    result = {"judges": judges, "robust": robust, "beside_R_E": beside, "attacks": rows}
+    files.write_json(report_dir / "comparison.json", result)
+    header = ("attack", *judges, "robust_mean", "mean_beside_R_E", "frechet")
+    lines = [",".join(header)] + [
+        ",".join([name, *(f"{r['top1'][j]:.6g}" for j in judges),
+                  *("" if r[k] is None else f"{r[k]:.6g}"
+                    for k in ("robust_mean", "mean_beside_R_E", "frechet"))])
+        for name, r in rows.items()
+    ]  # fmt: skip
+    files.write_text(report_dir / "comparison.csv", "\n".join(lines) + "\n")
+
+    sides = {}
+    for name, folder, inv in (
+        ("pixels", report_dir / "pixels", pixel_inv),
+        ("prior", report_dir, prior_inv),
+    ):
+        ranks, votes = _clone_ranks(folder / "clones.csv", inv.identities, inv.clones.shape[1],
+                                    beside)  # fmt: skip
+        sides[name] = (inv.clones, ranks, votes)
+    ids = len(inv.identities)
+    shown = np.unique(np.linspace(0, ids - 1, min(ids, 12)).round().astype(int))
+    names = [inv.identities[i] for i in shown]
+    report.comparison_grid(
+        report_dir / "prior_vs_pixels.png",
+        names,
+        [real[n][0] if real and n in real and len(real[n]) else None for n in names],
+        inv.seeds[shown, 0],
+        {k: (c[shown], r[shown], v[shown]) for k, (c, r, v) in sides.items()},
+        len(beside),
+    )
+    return result
+
+
+def _clone_ranks(
+    path: Path, identities: tuple[str, ...], n: int, judges: list[str]
+) -> tuple[np.ndarray, np.ndarray]:
+    """From a report's clones.csv: R_E's rank of the target and how many of ``judges`` rank it
+    first, per clone. # [ids, n] each"""
+    import csv
+
+    ranks = np.zeros((len(identities), n), int)
+    votes = np.zeros((len(identities), n), int)
+    where = {name: i for i, name in enumerate(identities)}
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            i, j = where[row["identity"]], int(row["clone"])
+            ranks[i, j] = int(row["rank_E"])
+            votes[i, j] = sum(int(row[f"rank_{k}"]) == 1 for k in judges if row.get(f"rank_{k}"))
+    return ranks, votes
 
 
 def headline(summary: dict[str, Any]) -> dict[str, Any]:
@@ -475,7 +659,9 @@ STAGE_FUNCTIONS = {
     "split": _stage_split,
     "target": lambda run: _stage_recognizer(run, "target"),
     "evaluation": lambda run: _stage_recognizer(run, "evaluation"),
+    "prior": _stage_prior,
     "inversions": _stage_inversions,
+    "baseline": _stage_baseline,
     "evaluation_other": _stage_other,
     "report": _stage_report,
 }
@@ -483,10 +669,27 @@ WHAT = {
     "split": "faces and the paper's split",
     "target": "train the target recognizer R_T",
     "evaluation": "train the evaluation recognizer R_E",
+    "prior": "train the generator prior on the auxiliary pool",
     "inversions": "invert R_T's attacked identities",
+    "baseline": "the same attack on free pixels, beside a prior's",
     "evaluation_other": "train a second R_E of another architecture",
     "report": "judge the clones with R_E and the judges beside it",
 }
+
+
+def resnet_target(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+    """``config`` with R_T and R_E the ResNet of its second judge (``judges.other_*``), and its
+    paper CNN, with its own recipe, as the second judge: an R_T with batch norm."""
+    if config.model.arch != "paper" or config.judges.other_arch not in ("auto", "resnet"):
+        raise JaxmiaError(
+            f"model.arch={config.model.arch!r}, judges.other_arch={config.judges.other_arch!r}: "
+            "expected a paper-CNN config with a ResNet second judge"
+        )
+    out = other_config(config)
+    out.judges.other_arch = "paper"
+    out.judges.other_model = ml_collections.ConfigDict(config.model.to_dict())
+    out.judges.other_train = ml_collections.ConfigDict(config.train.to_dict())
+    return out
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -508,7 +711,15 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         raise JaxmiaError(
             f"config field experiment.select_jitter: expected >= 0, got {e.select_jitter}"
         )
-    invert.check_settings(config)
+    invert.check_settings(attack_config(config, Path("WORKDIR")))
+    if trains_prior(config):
+        generator.configs_from(config.prior, config.data.image_size, config.data.channels)
+    if config.inversion.feature_weight and config.model.arch != "resnet":
+        raise JaxmiaError(
+            f"inversion.feature_weight={config.inversion.feature_weight}: R_T "
+            f"(model.arch={config.model.arch!r}) has no batch normalisation statistics; expected "
+            "model.arch=resnet or feature_weight=0"
+        )
     train.check_train_config(config.train)
     defences.check_model(defences.Defence.from_config(config.train), config.model.arch)
     verdicts.Settings.from_config(config.judges)
@@ -589,19 +800,28 @@ def run(
     *,
     redo: bool = False,
     progress: bool = True,
-) -> dict[str, Any]:
+    until: str = STAGES[-1],
+) -> dict[str, Any] | None:
     """The ``jaxmia experiment`` stage: every stage, then ``workdir/experiment.json``.
 
+    With ``until`` short of the last stage, the stages up to it and nothing else.
+
     Returns:
-      What ``experiment.json`` holds: the headline, notes, recognizers' accuracy, stage times.
+      What ``experiment.json`` holds: the headline, notes, recognizers' accuracy, stage times;
+      None when stopped short.
     """
     workdir = Path(workdir)
     t0 = time.perf_counter()
-    records = run_stages(config, workdir, redo=redo, progress=progress)
-    h = records["report"]["result"]["headline"]
+    records = run_stages(config, workdir, redo=redo, progress=progress, until=until)
+    if until != STAGES[-1]:
+        print(f"stopped after stage {until!r} (--until); a rerun without it goes on")
+        return None
+    result = records["report"]["result"]
+    h = result["headline"]
     stage_seconds = {s: records[s].get("seconds") for s in STAGES}
     summary = {
         "headline": h,
+        **{k: result[k] for k in ("baseline", "comparison") if k in result},
         "notes": records["split"]["result"]["notes"],
         "recognizers": {
             s: records[s]["result"] for s in ("target", "evaluation", "evaluation_other")
@@ -629,5 +849,16 @@ def run(
             f"{100 * h['adversarial_inflation']:.1f} points (R_E minus "
             f"{h['most_generous_robust_judge']}); judges took {h['judges_seconds']:.0f} s"
         )
+    if "comparison" in result:
+        rows = result["comparison"]["attacks"]
+        pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+        for name in ("pixels", "prior"):
+            r = rows[name]
+            print(
+                f"{name:>6}: R_E {pct(r['top1']['R_E'])}, robust judges' mean "
+                f"{pct(r['robust_mean'])}, mean beside R_E {pct(r['mean_beside_R_E'])}, "
+                f"Fréchet {r['frechet'] if r['frechet'] is None else round(r['frechet'], 1)}"
+            )
+        print(f"side by side: {workdir / 'report' / 'prior_vs_pixels.png'}")
     print(f"report: {workdir / 'report' / 'report.html'}")
     return summary

@@ -544,3 +544,45 @@ nearest real training image of the identity. Hover a cell for its exact value.</
 </body></html>
 """
     files.write_text(path, doc)
+
+
+def comparison_grid(
+    path: str | Path,
+    names: list[str],
+    real: list[np.ndarray | None],
+    seeds: np.ndarray,
+    sides: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
+    judges: int,
+    per_side: int = 4,
+) -> None:
+    """Two attacks' clones of the same identities side by side, one identity a row: a real face,
+    the seed, then ``per_side`` clones of each attack (the same clone numbers: the same seeds).
+
+    Args:
+      path: the PNG to write.
+      names: the identities shown.
+      real: a real face of each, or None. # each [h, w, c]
+      seeds: each identity's first seed. # [ids, h, w, c]
+      sides: attack name -> (clones [ids, n, h, w, c], R_E's rank of the target [ids, n], how
+        many of the ``judges`` beside R_E rank it first [ids, n]).
+      judges: the number of judges beside R_E.
+      per_side: clones of each attack per row.
+    """
+    cells = []
+    for i, name in enumerate(names):
+        cells.append(grids.Cell(real[i], f"{name} real" if real[i] is not None else "no real",
+                                grids.REAL_COLOUR, grids.REAL_COLOUR))  # fmt: skip
+        cells.append(grids.Cell(seeds[i], "seed", "black"))
+        for side, (clones, ranks, votes) in sides.items():
+            for j in range(min(per_side, clones.shape[1])):
+                colour = grids.REAL_COLOUR if 2 * votes[i, j] > judges else grids.TEXT_COLOUR
+                title = f"{side} #{j} r{ranks[i, j]} {votes[i, j]}/{judges}"
+                cells.append(grids.Cell(clones[i, j], title, colour))
+    order = " | ".join(sides)
+    grids.draw(
+        path,
+        cells,
+        f"the same identities and seeds: {order}\n"
+        f"titles: attack, clone #, R_E's rank r of the target, how many of the {judges} judges "
+        "beside R_E rank it first (green: most of them)",
+    )

@@ -67,6 +67,8 @@ LATER_DEFAULTS = {
     "inversion.residual_weight": 0.0,
     "inversion.coef_weight": 0.0,
     "inversion.feature_weight": 0.0,
+    # Only an attack with a prior has a baseline; every record before it was of free pixels.
+    "experiment.baseline": True,
 }
 
 

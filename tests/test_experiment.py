@@ -143,7 +143,7 @@ def test_outputs_and_report_numbers_equal_json(finished):
     assert other.config.arch == "resnet" and other.config.widths == (4, 8)
     assert other.names == checkpoint.load_recognizer(w / "evaluation").names
     records = json.loads((w / "stages.json").read_text())
-    assert [records[s]["status"] for s in experiment.STAGES] == ["done"] * 6
+    assert [records[s]["status"] for s in experiment.STAGES] == ["done"] * 8
 
     summary = json.loads((w / "report" / "evaluation.json").read_text())
     assert summary["num_identities"] == 2 and summary["clones_per_identity"] == 2
@@ -242,7 +242,7 @@ def test_rerun_skips_every_stage(finished, capsys, monkeypatch):
     before = (finished / "report" / "evaluation.json").stat().st_mtime_ns
     rc, out, err = run_cli(capsys, finished, "--config.experiment.restarts=2")
     assert rc == 0, err
-    assert out.count("skipped") == 6
+    assert out.count("skipped") == 8
     summary = json.loads((finished / "report" / "evaluation.json").read_text())
     assert f"top-1 by R_E {100 * summary['overall']['top1']:.1f}%" in out
     assert f"report: {finished / 'report' / 'report.html'}" in out
@@ -319,6 +319,9 @@ def test_an_interrupted_stage_with_outputs_holds_its_settings(finished, tmp_path
         (["--config.judges.sort_by=bogus"], ["judges.sort_by", "pixel_nn"]),
         (["--config.judges.pgd.epsilon=0"], ["epsilon"]),
         (["--config.judges.eigenfaces=0"], ["judges.eigenfaces"]),
+        (["--config.inversion.feature_weight=0.1"], ["no batch normalisation", "resnet"]),
+        (["--config.inversion.prior=generator", "--config.prior.widths=(8,8,8,8,8,8)"],
+         ["prior"]),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, capsys, extra, words):
@@ -390,6 +393,66 @@ def test_stage_settings_chain(tmp_path):
     cfg.train.epochs = 1
     changed = experiment.changed_stage(done, experiment.stage_settings(cfg), tmp_path)
     assert changed[0] == "target"
+
+
+GENERATOR = [
+    "--config.inversion.prior=generator",
+    "--config.inversion.prior_residual=True",
+    "--config.inversion.residual_weight=1.0",
+    "--config.inversion.denoise=gaussian",
+    "--config.prior.epochs=2",
+    "--config.prior.widths=(8,16)",
+    "--config.prior.latent_dim=8",
+    "--config.prior.batch_size=8",
+    "--config.judges.other_arch=",
+]
+
+
+def test_a_prior_experiment_trains_its_generator_and_judges_the_pixel_attack_beside_it(
+    tmp_path, capsys
+):
+    work = tmp_path / "w"
+    rc, out, err = run_cli(capsys, work, *GENERATOR)
+    assert rc == 0, err
+    records = experiment.read_records(work)
+    assert [records[s]["status"] for s in experiment.STAGES] == ["done"] * 8
+    assert records["prior"]["result"]["faces"] > 0 and (work / "prior" / "samples.png").is_file()
+    run = json.loads((work / "inversions" / "run.json").read_text())["settings"]
+    assert run["inversion.prior"] == "generator"
+    assert run["inversion.prior_checkpoint"] == str(work / "prior")
+    base = json.loads((work / "baseline" / "run.json").read_text())["settings"]
+    # (settings at their default are left out of a record: jaxmia.workdir.LATER_DEFAULTS)
+    assert base.get("inversion.prior", "pixels") == "pixels"
+    assert not base.get("inversion.prior_residual", False)
+    assert base["inversion.denoise"] == "gaussian"  # the same attack otherwise
+    with np.load(work / "inversions" / "inversions.npz") as a, np.load(
+        work / "baseline" / "inversions.npz"
+    ) as b:
+        np.testing.assert_array_equal(a["seeds"], b["seeds"])  # the same seeds
+        assert np.abs(a["clones"] - b["clones"]).max() > 1e-3  # other clones
+    # The comparison is the two reports' own figures.
+    ours = json.loads((work / "report" / "evaluation.json").read_text())
+    pixels = json.loads((work / "report" / "pixels" / "evaluation.json").read_text())
+    cmp = json.loads((work / "report" / "comparison.json").read_text())
+    for name, ev in (("prior", ours), ("pixels", pixels)):
+        row = cmp["attacks"][name]
+        assert row["top1"]["R_E"] == ev["overall"]["top1"]
+        clones = ev["judges"]["top"]["clones"]
+        assert row["robust_mean"] == pytest.approx(
+            np.mean([clones[j]["top1"] for j in cmp["robust"]])
+        )
+        assert row["frechet"] == ev["judges"]["realism"]["clones"]["frechet_eigenface"]
+    assert set(cmp["robust"]) == {"R_E_transformed", "eigenface_nn", "eigenface_mean", "pixel_nn"}
+    csv_rows = (work / "report" / "comparison.csv").read_text().splitlines()
+    assert csv_rows[0].startswith("attack,R_E,") and len(csv_rows) == 3
+    assert (work / "report" / "prior_vs_pixels.png").stat().st_size > 1000
+    summary = json.loads((work / "experiment.json").read_text())
+    assert summary["baseline"]["top1"] == pixels["overall"]["top1"]
+    assert "side by side:" in out and "prior_vs_pixels.png" in out
+    # The prior's settings hold the stage: another is refused, and the pixel attack is kept.
+    rc, _, err = run_cli(capsys, work, *GENERATOR, "--config.prior.epochs=3")
+    assert rc == 2
+    one_line_error(err, "'prior'", "prior.epochs: 2 -> 3", "--redo")
 
 
 # The engine's Gaussian denoiser (added for the experiment's attack; see attack_levers.md).

@@ -1,0 +1,19 @@
+"""configs/celeba.py with a ResNet R_T (and R_E): an R_T with batch norm, for DeepInversion's
+prior.
+
+  jaxmia experiment --config configs/celeba_resnet.py --workdir runs/celeba-resnet
+
+R_T and R_E are the ResNet that configs/celeba.py trains as its second judge (41.9% test
+accuracy as that judge, 36 min on the shared 2-core CPU); the second judge is celeba.py's paper
+CNN with its own recipe. benchmarks/prior_levers.md inverts this R_T (trained alone: `--until
+target`) and judges its clones with configs/celeba.py's experiment's judges: measured there.
+"""
+
+from pathlib import Path
+
+from jaxmia.config import load
+from jaxmia.experiment import resnet_target
+
+
+def get_config():
+    return resnet_target(load(str(Path(__file__).with_name("celeba.py"))))
