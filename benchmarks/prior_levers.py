@@ -60,6 +60,16 @@ TRIALS: dict[str, dict] = {
         "prior_residual": True,
         "residual_weight": 1.0,
     },  # fmt: skip
+    # DeepInversion's feature statistics: only for an R_T with batch norm (--target, a ResNet).
+    "pixels, features 0.01": {"feature_weight": 0.01},
+    "pixels, features 0.1": {"feature_weight": 0.1},
+    "pixels, features 1": {"feature_weight": 1.0},
+    "generator + residual 1, Gaussian, features 0.1": {
+        "prior": "generator",
+        "prior_residual": True,
+        "residual_weight": 1.0,
+        "feature_weight": 0.1,
+    },  # fmt: skip
 }
 JUDGES = ("R_E", "R_E_transformed", "R_E_other", "R_E_other_transformed", "eigenface_nn",
           "eigenface_mean", "pixel_nn")  # fmt: skip
@@ -74,9 +84,16 @@ def honest_top1(row: dict) -> float:
 
 
 def run_trial(
-    experiment: Path, base: Path, name: str, config_path: str, clones: int, generator: str
+    experiment: Path,
+    base: Path,
+    name: str,
+    config_path: str,
+    clones: int,
+    generator: str,
+    target: Path | None = None,
 ) -> dict:
-    """Inverts and judges one setting; returns its row."""
+    """Inverts and judges one setting; returns its row. ``target``: the R_T to invert
+    (default EXPERIMENT/target), trained on the same split as the experiment's judges."""
     cfg = config_lib.load(config_path)
     for field, value in TRIALS[name].items():
         cfg.inversion[field] = value
@@ -86,7 +103,7 @@ def run_trial(
     slug = "".join(c if c.isalnum() else "_" for c in name).strip("_")
     out = base / "trials" / f"{slug}_c{clones}"
     t0 = time.perf_counter()
-    invert.run(cfg, out / "inversions", checkpoint_dir=experiment / "target")
+    invert.run(cfg, out / "inversions", checkpoint_dir=target or experiment / "target")
     inverted = time.perf_counter() - t0
     summary = evaluation.run(
         cfg, out / "eval", inversions=out / "inversions", evaluator=experiment / "evaluation",
@@ -140,6 +157,12 @@ def main() -> None:
     p.add_argument("--clones", type=int, default=4, help="per attacked identity")
     p.add_argument("--only", default=None, help="trial names separated by semicolons")
     p.add_argument("--generator", default="", help="a `jaxmia prior` folder for the generator rows")
+    p.add_argument(
+        "--target",
+        default=None,
+        help="another R_T to invert (default EXPERIMENT/target), trained on the same split: "
+        "e.g. a ResNet for the feature-statistics rows (jaxmia experiment --until target)",
+    )
     args = p.parse_args()
     names = list(TRIALS) if args.only is None else [n.strip() for n in args.only.split(";")]
     unknown = [n for n in names if n not in TRIALS]
@@ -147,6 +170,8 @@ def main() -> None:
         raise SystemExit(f"unknown trial(s) {unknown}; known: {list(TRIALS)}")
     if not args.generator:
         names = [n for n in names if TRIALS[n].get("prior") != "generator"]
+    if args.target is None:
+        names = [n for n in names if not TRIALS[n].get("feature_weight")]
     base, experiment = Path(args.workdir), Path(args.experiment)
     results = base / "levers.jsonl"
     done = {(r["name"], r["clones_per_identity"]): r for r in files.read_jsonl(results)}
@@ -154,7 +179,8 @@ def main() -> None:
     for name in names:
         row = done.get((name, args.clones))
         if row is None:
-            row = run_trial(experiment, base, name, args.config, args.clones, args.generator)
+            row = run_trial(experiment, base, name, args.config, args.clones, args.generator,
+                            Path(args.target) if args.target else None)  # fmt: skip
             files.append_jsonl(results, row)
         rows.append(row)
         top = ", ".join(f"{j} {100 * v:.1f}%" for j, v in row["top1"].items())

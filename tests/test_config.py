@@ -129,3 +129,25 @@ def test_fields_added_later_stay_out_of_records_at_their_defaults():
     assert flat["inversion.views"] == 2 and flat["inversion.zoom"] == 0.1 and flat["train.stream"]
     assert workdir._is_later_default("train.stream", False)
     assert not workdir._is_later_default("train.stream", 0)
+
+
+@pytest.mark.parametrize("name", ["att", "celeba"])
+def test_resnet_target_configs_swap_r_t_and_the_second_judge(name):
+    """configs/*_resnet.py: R_T is the base config's ResNet judge, on the same split, and the
+    second judge is the base config's paper CNN with its own recipe."""
+    from jaxmia import experiment
+
+    base = config.load(str(CONFIGS[0].parent / f"{name}.py"))
+    swapped = config.load(str(CONFIGS[0].parent / f"{name}_resnet.py"))
+    settings = experiment.stage_settings
+    assert settings(swapped)["split"] == settings(base)["split"]
+    assert swapped.to_dict() == experiment.resnet_target(base).to_dict()
+    judge = experiment.other_config(base)
+    assert swapped.model.to_dict() == judge.model.to_dict() and swapped.model.arch == "resnet"
+    assert swapped.train.to_dict() == judge.train.to_dict()
+    second = experiment.other_config(swapped)
+    assert second.model.to_dict() == base.model.to_dict()
+    assert second.train.to_dict() == base.train.to_dict()
+    assert swapped.inversion.to_dict() == base.inversion.to_dict()
+    with pytest.raises(JaxmiaError, match="expected a paper-CNN config"):
+        experiment.resnet_target(swapped)

@@ -320,8 +320,7 @@ def test_an_interrupted_stage_with_outputs_holds_its_settings(finished, tmp_path
         (["--config.judges.pgd.epsilon=0"], ["epsilon"]),
         (["--config.judges.eigenfaces=0"], ["judges.eigenfaces"]),
         (["--config.inversion.feature_weight=0.1"], ["no batch normalisation", "resnet"]),
-        (["--config.inversion.prior=generator", "--config.prior.widths=(8,8,8,8,8,8)"],
-         ["prior"]),
+        (["--config.inversion.prior=generator", "--config.prior.widths=(8,8,8,8,8,8)"], ["prior"]),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, capsys, extra, words):
@@ -425,9 +424,10 @@ def test_a_prior_experiment_trains_its_generator_and_judges_the_pixel_attack_bes
     assert base.get("inversion.prior", "pixels") == "pixels"
     assert not base.get("inversion.prior_residual", False)
     assert base["inversion.denoise"] == "gaussian"  # the same attack otherwise
-    with np.load(work / "inversions" / "inversions.npz") as a, np.load(
-        work / "baseline" / "inversions.npz"
-    ) as b:
+    with (
+        np.load(work / "inversions" / "inversions.npz") as a,
+        np.load(work / "baseline" / "inversions.npz") as b,
+    ):
         np.testing.assert_array_equal(a["seeds"], b["seeds"])  # the same seeds
         assert np.abs(a["clones"] - b["clones"]).max() > 1e-3  # other clones
     # The comparison is the two reports' own figures.
