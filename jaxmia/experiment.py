@@ -610,6 +610,7 @@ def compare(
         {k: (c[shown], r[shown], v[shown]) for k, (c, r, v) in sides.items()},
         len(beside),
     )
+    report.write_html(report_dir / "report.html", prior | {"comparison": result})
     return result
 
 

@@ -484,6 +484,31 @@ moved within an L-inf ball of {judged["pgd"]["epsilon"]:.4g} towards the target 
 """
 
 
+def comparison_html(comparison: dict[str, Any], folder: Path) -> str:
+    """The prior's attack beside the pixel attack: every judge's top-1, the means, the picture."""
+    e = html.escape
+    judges = comparison["judges"]
+    head = "".join(f"<th>{e(j)}</th>" for j in judges)
+    rows = []
+    for name, r in comparison["attacks"].items():
+        cells = "".join(f"<td>{format_cell(r['top1'][j], 'pct')}</td>" for j in judges)
+        frechet = "-" if r["frechet"] is None else f"{r['frechet']:.1f}"
+        rows.append(
+            f"<tr><td>{e(name)}</td>{cells}<td>{format_cell(r['robust_mean'], 'pct')}</td>"
+            f"<td>{format_cell(r['mean_beside_R_E'], 'pct')}</td><td>{frechet}</td></tr>"
+        )
+    return (
+        "<h2>The prior against the pixel attack</h2>"
+        '<p class="note">The same identities, seeds and attack, the clones free pixels '
+        "(baseline, its full report in pixels/report.html) or a prior's: top-1 of the clones by "
+        f"each judge; robust mean: {e(', '.join(comparison['robust']))}; Fréchet: distance to "
+        "R_E's real photos in eigenface space (lower: more like real faces).</p>"
+        f"<table><thead><tr><th>attack</th>{head}<th>robust mean</th><th>mean beside R_E</th>"
+        f"<th>Fréchet</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
+        + _img(folder / "prior_vs_pixels.png", "the prior's clones beside the pixel attack's")
+    )
+
+
 def write_html(path: str | Path, summary: dict[str, Any]) -> None:
     """The self-contained report: headline, table, CMC plot, histogram and one grid per identity.
 
@@ -504,7 +529,11 @@ def write_html(path: str | Path, summary: dict[str, Any]) -> None:
         )
         body.append(f"<tr{cls}>{cells}</tr>")
     pics = summary.get("files", {})
-    figures = [judges_html(summary["judges"], path.parent, pics)] if "judges" in summary else []
+    figures = []
+    if "comparison" in summary:
+        figures.append(comparison_html(summary["comparison"], path.parent))
+    if "judges" in summary:
+        figures.append(judges_html(summary["judges"], path.parent, pics))
     if pics:
         figures.append(f"<h2>CMC</h2>{_img(path.parent / pics['cmc'], 'CMC curves')}")
         figures.append(f"<h2>R_E scores</h2>{_img(path.parent / pics['scores_hist'], 'scores')}")

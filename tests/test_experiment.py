@@ -446,6 +446,8 @@ def test_a_prior_experiment_trains_its_generator_and_judges_the_pixel_attack_bes
     csv_rows = (work / "report" / "comparison.csv").read_text().splitlines()
     assert csv_rows[0].startswith("attack,R_E,") and len(csv_rows) == 3
     assert (work / "report" / "prior_vs_pixels.png").stat().st_size > 1000
+    page = (work / "report" / "report.html").read_text()
+    assert "The prior against the pixel attack" in page and page.count("<img") >= 2
     summary = json.loads((work / "experiment.json").read_text())
     assert summary["baseline"]["top1"] == pixels["overall"]["top1"]
     assert "side by side:" in out and "prior_vs_pixels.png" in out
