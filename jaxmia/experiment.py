@@ -2,7 +2,7 @@
 
     jaxmia experiment --config configs/att.py --workdir OUT
 
-Six stages, each into its own place in OUT:
+Eight stages, each into its own place in OUT:
 
 1. ``split``: the faces of the ``data`` section and the paper's split of its identities
    (``split`` section) -> ``split.json``. With the default counts (-1) a data set too small for
@@ -10,16 +10,24 @@ Six stages, each into its own place in OUT:
    of the paper's (identities, auxiliary faces) are printed and recorded as notes.
 2. ``target``: R_T trained on its part of the split -> ``OUT/target`` (as ``jaxmia train``).
 3. ``evaluation``: R_E -> ``OUT/evaluation``.
-4. ``inversions``: R_T's attacked identities inverted -> ``OUT/inversions`` (as ``jaxmia
+4. ``prior``: with ``inversion.prior="generator"`` and no ``inversion.prior_checkpoint``, the
+   generator prior trained on R_T's auxiliary pool (as ``jaxmia prior``) -> ``OUT/prior``, which
+   the inversions then use; otherwise nothing.
+5. ``inversions``: R_T's attacked identities inverted -> ``OUT/inversions`` (as ``jaxmia
    invert``), ``experiment.restarts`` x ``inversion.clones`` clones per identity. With restarts
    > 1 the ``inversion.clones`` best of each identity by R_T (``experiment.select``) are kept
    in ``OUT/inversions/selected``: the attacker cannot ask R_E, but can ask R_T.
-5. ``evaluation_other``: a second R_E of another architecture (``judges.other_arch``) on R_E's
+6. ``baseline``: where the attack has a prior (``inversion.prior`` or ``feature_weight``) and
+   ``experiment.baseline`` is on, the same attack on free pixels from the same seeds ->
+   ``OUT/baseline``; otherwise nothing.
+7. ``evaluation_other``: a second R_E of another architecture (``judges.other_arch``) on R_E's
    photos -> ``OUT/evaluation_other``; skipped with ``judges.other_arch=""``. After the
    inversions, so that a change of its recipe does not redo them.
-6. ``report``: the clones judged by R_E and by the judges beside it (``jaxmia.verdicts``), with
+8. ``report``: the clones judged by R_E and by the judges beside it (``jaxmia.verdicts``), with
    the controls -> ``OUT/report`` (as ``jaxmia evaluate``: ``report.html``, ``evaluation.json``,
-   CSVs and pictures); ``OUT/experiment.json`` sums up.
+   CSVs and pictures); with a baseline, its clones judged alike -> ``OUT/report/pixels``, and
+   both side by side: ``comparison.{json,csv}``, ``prior_vs_pixels.png`` and a section of
+   ``report.html``. ``OUT/experiment.json`` sums up.
 
 Resuming: ``OUT/stages.json`` records for each stage the settings it depends on (the config
 fields it reads, those of the stages before it included), when it started and whether it
