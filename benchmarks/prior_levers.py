@@ -61,14 +61,16 @@ TRIALS: dict[str, dict] = {
         "residual_weight": 1.0,
     },  # fmt: skip
     # DeepInversion's feature statistics: only for an R_T with batch norm (--target, a ResNet).
+    "pixels, features 0.003": {"feature_weight": 0.003},
     "pixels, features 0.01": {"feature_weight": 0.01},
+    "pixels, features 0.03": {"feature_weight": 0.03},
     "pixels, features 0.1": {"feature_weight": 0.1},
     "pixels, features 1": {"feature_weight": 1.0},
-    "generator + residual 1, Gaussian, features 0.1": {
+    "generator + residual 1, Gaussian, features 0.01": {
         "prior": "generator",
         "prior_residual": True,
         "residual_weight": 1.0,
-        "feature_weight": 0.1,
+        "feature_weight": 0.01,
     },  # fmt: skip
 }
 JUDGES = ("R_E", "R_E_transformed", "R_E_other", "R_E_other_transformed", "eigenface_nn",
