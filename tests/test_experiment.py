@@ -408,11 +408,14 @@ GENERATOR = [
 
 
 def test_a_prior_experiment_trains_its_generator_and_judges_the_pixel_attack_beside_it(
-    tmp_path, capsys
+    finished, tmp_path, capsys
 ):
+    # The finished experiment's recognizers serve (a redo from the prior stage on).
     work = tmp_path / "w"
-    rc, out, err = run_cli(capsys, work, *GENERATOR)
+    shutil.copytree(finished[0], work)
+    rc, out, err = run_cli(capsys, work, "--config.experiment.restarts=2", *GENERATOR, "--redo")
     assert rc == 0, err
+    assert "[2/8] target: train the target recognizer R_T: done before" in out
     records = experiment.read_records(work)
     assert [records[s]["status"] for s in experiment.STAGES] == ["done"] * 8
     assert records["prior"]["result"]["faces"] > 0 and (work / "prior" / "samples.png").is_file()
@@ -430,6 +433,7 @@ def test_a_prior_experiment_trains_its_generator_and_judges_the_pixel_attack_bes
     ):
         np.testing.assert_array_equal(a["seeds"], b["seeds"])  # the same seeds
         assert np.abs(a["clones"] - b["clones"]).max() > 1e-3  # other clones
+    assert (work / "baseline" / "selected" / "inversions.npz").is_file()  # kept by R_T alike
     # The comparison is the two reports' own figures.
     ours = json.loads((work / "report" / "evaluation.json").read_text())
     pixels = json.loads((work / "report" / "pixels" / "evaluation.json").read_text())
@@ -452,7 +456,9 @@ def test_a_prior_experiment_trains_its_generator_and_judges_the_pixel_attack_bes
     assert summary["baseline"]["top1"] == pixels["overall"]["top1"]
     assert "side by side:" in out and "prior_vs_pixels.png" in out
     # The prior's settings hold the stage: another is refused, and the pixel attack is kept.
-    rc, _, err = run_cli(capsys, work, *GENERATOR, "--config.prior.epochs=3")
+    rc, _, err = run_cli(
+        capsys, work, "--config.experiment.restarts=2", *GENERATOR, "--config.prior.epochs=3"
+    )
     assert rc == 2
     one_line_error(err, "'prior'", "prior.epochs: 2 -> 3", "--redo")
 
