@@ -47,6 +47,7 @@ Every stage runs through the library function its own command calls (``train.run
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import functools
 import json
@@ -627,8 +628,6 @@ def _clone_ranks(
 ) -> tuple[np.ndarray, np.ndarray]:
     """From a report's clones.csv: R_E's rank of the target and how many of ``judges`` rank it
     first, per clone. # [ids, n] each"""
-    import csv
-
     ranks = np.zeros((len(identities), n), int)
     votes = np.zeros((len(identities), n), int)
     where = {name: i for i, name in enumerate(identities)}
