@@ -513,10 +513,9 @@ def _stage_report(run: _Run) -> dict[str, Any]:
         other=rec_o,
         target=rec_t,
     )
-    summary = evaluation.evaluate_run(
-        inversions,
-        rec_e,
-        run.workdir / "report",
+    judge = functools.partial(
+        evaluation.evaluate_run,
+        evaluator=rec_e,
         real_faces=real,
         target=rec_t,
         real_faces_note=note,
@@ -524,20 +523,11 @@ def _stage_report(run: _Run) -> dict[str, Any]:
         sort_by=run.config.judges.sort_by,
         progress=run.progress,
     )
+    summary = judge(inversions, out_dir=run.workdir / "report")
     out = {"headline": headline(summary)}
     if baseline_config(run.config) is not None:
         baseline = evaluation.load_inversions(run.inversions_dir("baseline"))
-        pixels = evaluation.evaluate_run(
-            baseline,
-            rec_e,
-            run.workdir / "report" / "pixels",
-            real_faces=real,
-            target=rec_t,
-            real_faces_note=note,
-            panel=panel,
-            sort_by=run.config.judges.sort_by,
-            progress=run.progress,
-        )
+        pixels = judge(baseline, out_dir=run.workdir / "report" / "pixels")
         out["baseline"] = headline(pixels)
         out["comparison"] = compare(
             run.workdir / "report", {"pixels": (pixels, baseline), "prior": (summary, inversions)},
