@@ -481,9 +481,14 @@ def _objective(
             x, k, spec.jitter, spec.flip, spec.zoom, spec.blur, spec.noise
         )
         seen = jax.vmap(view)(keys)  # [views, h, w, c]
-    z = apply_fn(params, seen)  # [views, n], or with (the distance [views]) for features
-    if isinstance(z, tuple):
+    z, distance = apply_fn(params, seen), None  # [views, n]
+    if isinstance(z, tuple):  # a feature-statistics apply_fn: with the distances [views]
         z, distance = z
+    if spec.features and distance is None:
+        raise JaxmiaError(
+            "inversion.feature_weight: expected an apply_fn that returns (logits, distances), "
+            "e.g. recognizer_apply(graphdef, statistics=True)"
+        )
     loss = jnp.mean(jax.vmap(lambda zi: data_loss(spec.loss, zi, label, hyper.margin))(z))
     if spec.tv:
         loss = loss + hyper.tv_weight * total_variation(x)

@@ -306,3 +306,7 @@ def test_feature_statistics_need_batch_norm(tiny):
     graphdef, params = models.init(TINY, jax.random.key(0))
     with pytest.raises(JaxmiaError, match="no batch normalisation; expected model.arch='resnet'"):
         models.logits_and_statistics(graphdef, params, jnp.zeros((1, 16, 16, 1)))
+    apply_fn, params = tiny  # logits alone: the weight has no distance to weigh
+    cfg = inv.InversionConfig(feature_weight=0.1)
+    with pytest.raises(JaxmiaError, match="expected an apply_fn that returns"):
+        inv.objective(cfg, apply_fn, params, jnp.zeros((16, 16, 1)), None, jnp.int32(0))
