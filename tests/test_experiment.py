@@ -404,6 +404,7 @@ GENERATOR = [
     "--config.prior.latent_dim=8",
     "--config.prior.batch_size=8",
     "--config.judges.other_arch=",
+    "--config.judges.pgd.per_identity=0",  # the controls are the pixel experiment's to test
 ]
 
 
