@@ -555,14 +555,15 @@ def compare(
     """
     from jaxmia import report  # matplotlib is slow to import
 
-    def top1(s: dict[str, Any]) -> dict[str, float]:
-        return {"R_E": s["overall"]["top1"]} | {
-            j: v["top1"] for j, v in s.get("judges", {}).get("top", {}).get("clones", {}).items()
+    def top1(s: dict[str, Any], group: str = "clones") -> dict[str, float]:
+        r_e = s["overall"]["top1"] if group == "clones" else s["overall"]["seed"]["top1"]
+        return {"R_E": r_e} | {
+            j: v["top1"] for j, v in s.get("judges", {}).get("top", {}).get(group, {}).items()
             if j not in ("R_E", "R_T")
         }  # fmt: skip
 
     (pixels, pixel_inv), (prior, prior_inv) = attacks["pixels"], attacks["prior"]
-    t_prior, t_pixels = top1(prior), top1(pixels)
+    t_prior, t_pixels, t_seeds = top1(prior), top1(pixels), top1(prior, "seeds")
     judges = [j for j in t_prior if j in t_pixels]
     beside = [j for j in BESIDE_R_E if j in judges]
     robust = [j for j in verdicts.ROBUST if j in judges]
@@ -570,14 +571,17 @@ def compare(
     def mean(t: dict[str, float], which: list[str]) -> float | None:
         return float(np.mean([t[j] for j in which])) if which else None
 
-    def frechet(s: dict[str, Any]) -> float | None:
-        return s.get("judges", {}).get("realism", {}).get("clones", {}).get("frechet_eigenface")
+    def frechet(s: dict[str, Any], group: str = "clones") -> float | None:
+        return s.get("judges", {}).get("realism", {}).get(group, {}).get("frechet_eigenface")
 
     rows = {
         "pixels": {"top1": t_pixels, "robust_mean": mean(t_pixels, robust),
                    "mean_beside_R_E": mean(t_pixels, beside), "frechet": frechet(pixels)},
         "prior": {"top1": t_prior, "robust_mean": mean(t_prior, robust),
                   "mean_beside_R_E": mean(t_prior, beside), "frechet": frechet(prior)},
+        # both attacks start from these
+        "seeds": {"top1": t_seeds, "robust_mean": mean(t_seeds, robust),
+                  "mean_beside_R_E": mean(t_seeds, beside), "frechet": frechet(prior, "seeds")},
     }  # fmt: skip
     result = {"judges": judges, "robust": robust, "beside_R_E": beside, "attacks": rows}
     files.write_json(report_dir / "comparison.json", result)
@@ -850,7 +854,7 @@ def run(
     if "comparison" in result:
         rows = result["comparison"]["attacks"]
         pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
-        for name in ("pixels", "prior"):
+        for name in ("seeds", "pixels", "prior"):
             r = rows[name]
             print(
                 f"{name:>6}: R_E {pct(r['top1']['R_E'])}, robust judges' mean "

@@ -449,7 +449,11 @@ def test_a_prior_experiment_trains_its_generator_and_judges_the_pixel_attack_bes
         assert row["frechet"] == ev["judges"]["realism"]["clones"]["frechet_eigenface"]
     assert set(cmp["robust"]) == {"R_E_transformed", "eigenface_nn", "eigenface_mean", "pixel_nn"}
     csv_rows = (work / "report" / "comparison.csv").read_text().splitlines()
-    assert csv_rows[0].startswith("attack,R_E,") and len(csv_rows) == 3
+    assert csv_rows[0].startswith("attack,R_E,") and len(csv_rows) == 4
+    seeds = cmp["attacks"]["seeds"]  # the seeds beside the clones: the same for both attacks
+    assert seeds["top1"]["R_E"] == ours["overall"]["seed"]["top1"]
+    assert seeds["top1"]["R_E"] == pixels["overall"]["seed"]["top1"]
+    assert seeds["top1"]["pixel_nn"] == ours["judges"]["top"]["seeds"]["pixel_nn"]["top1"]
     assert (work / "report" / "prior_vs_pixels.png").stat().st_size > 1000
     page = (work / "report" / "report.html").read_text()
     assert "The prior against the pixel attack" in page and page.count("<img") >= 2
