@@ -716,7 +716,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     invert.check_settings(attack_config(config, Path("WORKDIR")))
     if trains_prior(config):
         generator.configs_from(config.prior, config.data.image_size, config.data.channels)
-    if config.inversion.feature_weight and config.model.arch != "resnet":
+    if config.inversion.feature_weight and not models.has_statistics(config.model.arch):
         raise JaxmiaError(
             f"inversion.feature_weight={config.inversion.feature_weight}: R_T "
             f"(model.arch={config.model.arch!r}) has no batch normalisation statistics; expected "

@@ -371,7 +371,7 @@ def run(
     if workdir.exists() and not workdir.is_dir():
         raise JaxmiaError(f"--workdir {workdir}: exists and is not a folder")
     rec = checkpoint.load_recognizer(checkpoint_dir)
-    if cfg.feature_weight and not models.has_statistics(rec.config):
+    if cfg.feature_weight and not models.has_statistics(rec.config.arch):
         raise JaxmiaError(
             f"inversion.feature_weight={cfg.feature_weight}: R_T ({checkpoint_dir}, "
             f"model.arch={rec.config.arch!r}) has no batch normalisation statistics; expected a "

@@ -431,9 +431,9 @@ def logits(graphdef: nnx.GraphDef, state: nnx.State | dict, x: jax.Array) -> jax
     return nnx.merge(graphdef, state)(x)
 
 
-def has_statistics(config: ModelConfig) -> bool:
-    """Whether ``config``'s recognizer keeps batch norm's running statistics (a ResNet)."""
-    return config.arch == "resnet"
+def has_statistics(arch: str) -> bool:
+    """Whether a recognizer of ``arch`` keeps batch norm's running statistics (a ResNet)."""
+    return arch == "resnet"
 
 
 def logits_and_statistics(
@@ -449,7 +449,7 @@ def logits_and_statistics(
     # [b, h, w, c] -> ([b, classes], [b])
     """
     model = nnx.merge(graphdef, state)
-    if not has_statistics(model.config):
+    if not has_statistics(model.config.arch):
         raise JaxmiaError(
             f"feature statistics: the recognizer (model.arch={model.config.arch!r}) has no batch "
             "normalisation; expected model.arch='resnet'"

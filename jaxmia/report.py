@@ -500,8 +500,9 @@ def comparison_html(comparison: dict[str, Any], folder: Path) -> str:
     return (
         "<h2>The prior against the pixel attack</h2>"
         '<p class="note">The same identities, seeds and attack, the clones free pixels '
-        "(baseline, its full report in pixels/report.html) or a prior's: top-1 of the clones by "
-        f"each judge; robust mean: {e(', '.join(comparison['robust']))}; Fréchet: distance to "
+        "(baseline, its full report in pixels/report.html) or a prior's: top-1 of the clones, and "
+        "of the seeds both attacks start from, by each judge; robust mean: "
+        f"{e(', '.join(comparison['robust']))}; Fréchet: distance to "
         "R_E's real photos in eigenface space (lower: more like real faces).</p>"
         f"<table><thead><tr><th>attack</th>{head}<th>robust mean</th><th>mean beside R_E</th>"
         f"<th>Fréchet</th></tr></thead><tbody>{''.join(rows)}</tbody></table>"
