@@ -15,6 +15,8 @@ PACKAGE = ROOT / "jaxmia"
 # Import names of distributions whose module name differs from the name they are installed by.
 DISTRIBUTION = {
     "PIL": "pillow",
+    "dlib": "dlib-bin",
+    "skimage": "scikit-image",
     "orbax": "orbax-checkpoint",
     "tensorflow_datasets": "tensorflow-datasets",
     "jaxlib": "jax",
