@@ -15,13 +15,13 @@ bottleneck blocks) and any network written with the same module names (``conv1``
 - ``save_checkpoint`` writes a recognizer folder that ``checkpoint.load_recognizer``,
   ``jaxmia invert --checkpoint`` and ``jaxmia evaluate`` use as one trained by ``jaxmia train``.
 
-PyTorch is optional (``pip install -e ".[bench]"``) and only ``load_state_dict`` imports it: the
-other functions take tensors or numpy arrays.
+PyTorch is not needed: ``load_state_dict`` reads the ``.pt`` file with
+``jaxmia.pretrained.torch_format`` (tensors only, no code from the file run), and the other
+functions take tensors or numpy arrays.
 """
 
 from __future__ import annotations
 
-import importlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from flax import nnx
 
 from jaxmia import checkpoint, models
 from jaxmia.errors import JaxmiaError
+from jaxmia.pretrained import torch_format
 
 # torchvision's ImageNet normalisation, the default for 3-channel models; other channel counts
 # default to 0.5, 0.5 (x in [0, 1] mapped to [-1, 1]).
@@ -263,30 +264,17 @@ def save_checkpoint(
 def load_state_dict(path: str | Path) -> dict[str, Any]:
     """The ``state_dict`` in a ``.pt``/``.pth`` file (``torch.save(model.state_dict(), path)``).
 
-    Only tensors are loaded (``weights_only=True``). A checkpoint dict holding the weights under
-    ``"state_dict"`` or ``"model"`` is unwrapped.
+    Read without PyTorch (``torch_format.load_state_dict``): only tensors, numbers, strings and
+    dicts, never code. A checkpoint dict holding the weights under ``"state_dict"`` or
+    ``"model"`` (or as its only dict of tensors) is unwrapped.
+
+    Raises:
+      JaxmiaError: the file is missing, corrupt, names code, or holds no dict of tensors.
     """
-    try:
-        torch = importlib.import_module("torch")
-    except ImportError:
-        raise JaxmiaError(
-            'reading a PyTorch state_dict needs PyTorch: pip install -e ".[bench]"'
-        ) from None
     path = Path(path)
     if not path.is_file():
         raise JaxmiaError(f"state_dict {path}: not found")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a corrupt or unsafe file
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise JaxmiaError(f"state_dict {path}: torch.load failed: {first}") from None
-    for wrapper in ("state_dict", "model"):
-        if isinstance(obj, Mapping) and isinstance(obj.get(wrapper), Mapping):
-            obj = obj[wrapper]
-            break
-    if not isinstance(obj, Mapping) or not all(hasattr(v, "shape") for v in obj.values()):
-        raise JaxmiaError(f"state_dict {path}: expected a dict of tensors (model.state_dict())")
-    return dict(obj)
+    return torch_format.load_state_dict(path)
 
 
 def run(
