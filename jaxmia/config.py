@@ -51,8 +51,17 @@ def default_config() -> ml_collections.ConfigDict:
     c.split.min_photos = 0
 
     c.model = ml_collections.ConfigDict()
-    # "paper": the paper's CNN; "resnet": a ResNet with batch norm (jaxmia/models.py).
+    # "paper": the paper's CNN; "resnet": a ResNet with batch norm; "faceres",
+    # "efficientnet_lite0", "dlib_resnet": a new head over that pretrained backbone (its weights
+    # from `jaxmia models fetch`; jaxmia/models.py). An R_T on a backbone that is also one of
+    # judges.face is refused.
     c.model.arch = "paper"
+    # A pretrained backbone: "linear" trains the head alone (the backbone frozen; without
+    # augmentation its features are computed once), "finetune" the backbone too.
+    c.model.tune = "linear"
+    # R_E's architecture ("": R_T's), its other model fields R_T's: a judge that is not R_T's
+    # twin (e.g. efficientnet_lite0 beside a faceres R_T).
+    c.model.evaluation_arch = ""
     c.model.conv_features = (5, 16, 32, 64)  # paper
     c.model.kernel_sizes = (5, 5, 3, 3)  # paper
     c.model.dense_features = (1024, 1024)  # paper

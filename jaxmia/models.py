@@ -1,4 +1,5 @@
-"""Face recognizers as pure functional Flax NNX models: the paper's CNN and a ResNet family.
+"""Face recognizers as pure functional Flax NNX models: the paper's CNN, a ResNet family, and
+heads over pretrained backbones.
 
 ``arch="paper"``: Khosravy et al. (2021), four conv layers (kernels 5, 5, 3, 3; channels 5, 16,
 32, 64), each followed by ReLU and a 2x2 max-pool, then dense 1024, 1024, n_classes.
@@ -6,6 +7,17 @@
 torchvision ``state_dict`` onto it one to one), with batch normalisation, basic or bottleneck
 blocks, and depth, width and stem set by the config (``resnet18`` is blocks (2, 2, 2, 2), widths
 (64, 128, 256, 512), the 7x7/2 stem with a 3x3/2 max-pool).
+
+``arch`` one of ``BACKBONES`` (``jaxmia.pretrained``): a pretrained network's pooled features
+(faceres: MobileNet-v1 trained on VGGFace2 for identity, 1024-d; EfficientNet-Lite0 on
+ImageNet, 1280-d; dlib's ResNet-29 face embedder, 128-d) under a fresh linear head (with the
+config's dropout and bottleneck). ``tune="linear"`` keeps the backbone frozen: its weights are
+not trainable (``split_trainable`` hands them to the rest, which no optimizer sees);
+``"finetune"`` trains them with the head. Each backbone takes [0, 1] RGB images of any size and
+resizes and normalises them itself (``mean`` and ``std`` are unused); grey images are tiled to
+RGB first, as the backbones saw only colour photos. The backbone always runs in inference mode
+(its batch norms, where it has them, on their pretrained statistics), so features do not
+depend on the batch and a frozen backbone's features can be computed once per image.
 
 Inputs are images with values in [0, 1]; the model normalises them itself, so attacks work in
 image space and the checkpointed model config says everything needed to use it.
@@ -20,6 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import importlib
 from typing import Any
 
 import jax
@@ -28,7 +41,17 @@ from flax import nnx
 
 from jaxmia.errors import JaxmiaError
 
-ARCHS = ("paper", "resnet")
+# Pretrained backbones: arch -> (module in jaxmia.pretrained, its loader, feature width, the
+# fixed input size its network takes or None: any size, through its ``backbone`` method).
+_BACKBONES = {
+    "faceres": ("faceres", "load_faceres", 1024, None),
+    "efficientnet_lite0": ("efficientnet", "load_efficientnet", 1280, None),
+    # dlib's embedder takes 150x150 aligned chips only: images are resized to that
+    "dlib_resnet": ("dlib_resnet", "load_dlib_resnet", 128, 150),
+}
+BACKBONES = tuple(_BACKBONES)
+ARCHS = ("paper", "resnet", *BACKBONES)
+TUNES = ("linear", "finetune")
 BLOCKS = ("basic", "bottleneck")
 _PAPER_FIELDS = ("conv_features", "kernel_sizes", "dense_features")
 _RESNET_FIELDS = ("widths", "blocks", "block", "stem_kernel", "stem_stride", "stem_pool")
@@ -65,10 +88,15 @@ class ModelConfig:
     # 0.225)).
     mean: float | tuple[float, ...] = 0.5
     std: float | tuple[float, ...] = 0.5
+    # A pretrained backbone (arch in BACKBONES): "linear" trains the head alone over the frozen
+    # backbone, "finetune" the backbone too.
+    tune: str = "linear"
 
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ValueError(f"arch: expected one of {ARCHS}, got {self.arch!r}")
+        if self.tune not in TUNES:
+            raise ValueError(f"tune: expected one of {TUNES}, got {self.tune!r}")
         if isinstance(self.bottleneck, bool) or self.bottleneck < 0:
             raise ValueError(f"bottleneck: expected a width >= 0, got {self.bottleneck!r}")
         for name in ("mean", "std"):
@@ -76,6 +104,13 @@ class ModelConfig:
             if isinstance(value, (tuple, list)) and len(value) != self.channels:
                 raise ValueError(f"{name}: {len(value)} values for {self.channels} channels")
         h, w = self.image_size
+        if self.pretrained:
+            if self.channels not in (1, 3):
+                raise ValueError(f"channels: {self.arch} takes RGB (or grey) images, got "
+                                 f"{self.channels} channels")  # fmt: skip
+            if min(h, w) < 1:
+                raise ValueError(f"image_size {self.image_size}: expected positive sides")
+            return
         if self.arch == "paper":
             if len(self.conv_features) != len(self.kernel_sizes):
                 raise ValueError("conv_features and kernel_sizes must have the same length")
@@ -94,6 +129,16 @@ class ModelConfig:
             raise ValueError(f"image_size {self.image_size} is too small for {what}")
 
     @property
+    def pretrained(self) -> bool:
+        """Whether ``arch`` is a pretrained backbone (``BACKBONES``)."""
+        return self.arch in _BACKBONES
+
+    @property
+    def frozen(self) -> bool:
+        """Whether a pretrained backbone stays as fetched in training (``tune="linear"``)."""
+        return self.pretrained and self.tune == "linear"
+
+    @property
     def expansion(self) -> int:
         return 4 if self.block == "bottleneck" else 1
 
@@ -110,12 +155,18 @@ class ModelConfig:
         """Width of ``features``: the last hidden layer (paper) or the pooled stage (resnet)."""
         if self.arch == "paper":
             return self.dense_features[-1] if self.dense_features else self.flat_features
+        if self.pretrained:
+            return _BACKBONES[self.arch][2]
         return self.widths[-1] * self.expansion
 
     def to_dict(self) -> dict[str, Any]:
         """The fields that fix this architecture's function (another arch's are left out, so
         that a settings record or checkpoint does not depend on what the network ignores)."""
-        other = _RESNET_FIELDS if self.arch == "paper" else _PAPER_FIELDS
+        if self.pretrained:
+            other = (*_PAPER_FIELDS, *_RESNET_FIELDS, "mean", "std")
+        else:
+            # "tune": the records and checkpoints of before pretrained backbones, unchanged
+            other = (*(_RESNET_FIELDS if self.arch == "paper" else _PAPER_FIELDS), "tune")
         # no bottleneck: the records and checkpoints of before it existed, unchanged
         other += () if self.bottleneck else ("bottleneck",)
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in other}
@@ -131,7 +182,13 @@ class ModelConfig:
         return cls(**{k: tuple(v) if k in tuples else v for k, v in d.items()})
 
     def flops_per_image(self) -> int:
-        """Multiply-adds x 2 of one forward pass (convolutions and dense layers)."""
+        """Multiply-adds x 2 of one forward pass (convolutions and dense layers).
+
+        A pretrained backbone's by XLA's cost analysis of its forward pass at ``image_size``
+        (its resize to the backbone's own input size included), plus the head's.
+        """
+        if self.pretrained:
+            return _backbone_flops(self) + self.classifier_flops(self.feature_size)
         if self.arch == "resnet":
             return _resnet_flops(self)
         h, w = self.image_size
@@ -398,8 +455,64 @@ class ResNet(_Classifier):
         return _dropout(self.features(x, train_key), self.config.dropout, train_key)
 
 
+def load_backbone(arch: str) -> nnx.Module:
+    """The pretrained network of ``arch`` with its fetched weights, whole (its own heads, which
+    the features do not use, included: a few percent of its weights).
+
+    Raises:
+      jaxmia.pretrained.fetch.FetchError: the weights are not fetched and cannot be
+        (``jaxmia models fetch``).
+    """
+    module, loader, _, _ = _BACKBONES[arch]
+    return getattr(importlib.import_module(f"jaxmia.pretrained.{module}"), loader)()
+
+
+def backbone_features(arch: str, net: nnx.Module, x: jax.Array) -> jax.Array:
+    """The pooled features of ``net``, the pretrained network of ``arch``, for images in [0, 1]
+    of any size (resized where the network takes one size only). # [b, h, w, 3] -> [b, d]"""
+    size = _BACKBONES[arch][3]
+    if size is None:
+        return net.backbone(x)
+    if x.shape[1:3] != (size, size):
+        x = jax.image.resize(x, (x.shape[0], size, size, x.shape[-1]), "linear")
+    return net(x)
+
+
+def to_rgb(x: jax.Array) -> jax.Array:
+    """Grey images tiled to three equal channels; RGB as they are.
+
+    # [b, h, w, 1 or 3] -> [b, h, w, 3]
+    """
+    return jnp.broadcast_to(x, (*x.shape[:-1], 3)) if x.shape[-1] == 1 else x
+
+
+class Pretrained(_Classifier):
+    """A head (dropout, the bottleneck if any, a linear classifier) over a pretrained backbone.
+
+    ``backbone`` is the pretrained network (``load_backbone``; ``backbone_features`` maps [0, 1]
+    RGB images of any size to its pooled features); by default (None) the fetched one of
+    ``config.arch``.
+    """
+
+    def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs, backbone: nnx.Module | None = None):
+        self.config = config
+        self.backbone = load_backbone(config.arch) if backbone is None else backbone
+        self._init_classifier(config.feature_size, rngs)
+
+    def features(self, x: jax.Array, train_key: jax.Array | None = None) -> jax.Array:
+        """The backbone's pooled features, in inference mode even in training (its batch norm
+        statistics are the pretrained ones). # [b, h, w, c] -> [b, feature_size]"""
+        del train_key
+        return backbone_features(self.config.arch, self.backbone, to_rgb(x))
+
+    def _last_hidden(self, x: jax.Array, train_key: jax.Array | None) -> jax.Array:
+        return _dropout(self.features(x), self.config.dropout, train_key)
+
+
 def build(config: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
-    """The NNX module of ``config.arch``."""
+    """The NNX module of ``config.arch`` (a pretrained one with its fetched weights)."""
+    if config.pretrained:
+        return Pretrained(config, rngs=rngs)
     return (ResNet if config.arch == "resnet" else Recognizer)(config, rngs=rngs)
 
 
@@ -424,6 +537,14 @@ def init(config: ModelConfig, key: jax.Array) -> tuple[nnx.GraphDef, nnx.State]:
     if config.arch == "resnet":
         return abstract(config)[0], _jitted_init(config)(key)
     return nnx.split(build(config, nnx.Rngs(params=key)))
+
+
+@functools.lru_cache(maxsize=8)
+def _backbone_flops(config: ModelConfig) -> int:
+    graphdef, state = abstract(config)
+    one = jax.ShapeDtypeStruct((1, *config.image_size, config.channels), jnp.float32)
+    fn = jax.jit(lambda s, x: nnx.merge(graphdef, s).features(x))
+    return int(fn.lower(state, one).compile().cost_analysis()["flops"])
 
 
 def logits(graphdef: nnx.GraphDef, state: nnx.State | dict, x: jax.Array) -> jax.Array:
@@ -464,10 +585,19 @@ def features(graphdef: nnx.GraphDef, state: nnx.State | dict, x: jax.Array) -> j
     return nnx.merge(graphdef, state).features(x)
 
 
+def _trainable(config: ModelConfig):
+    """The NNX filter of the variables training updates: the weights, less a frozen backbone."""
+    if config.frozen:
+        return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("backbone")))
+    return nnx.Param
+
+
 def split_trainable(graphdef: nnx.GraphDef, state: nnx.State | dict) -> tuple[dict, dict]:
-    """(weights, the rest: batch norm's running statistics) as pure dicts; the optimizer sees
-    only the first. The paper CNN's rest is empty."""
-    _, params, rest = nnx.split(nnx.merge(graphdef, state), nnx.Param, ...)
+    """(trainable weights, the rest: batch norm's running statistics and a frozen backbone's
+    weights) as pure dicts; the optimizer sees only the first, so the rest can only change by
+    the forward pass (running statistics). The paper CNN's rest is empty."""
+    model = nnx.merge(graphdef, state)
+    _, params, rest = nnx.split(model, _trainable(model.config), ...)
     return nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
 
 
@@ -487,7 +617,28 @@ def train_outputs(
     # refuses to update them inside value_and_grad ("Cannot mutate BatchStat").
     model = nnx.merge(graphdef, params, jax.tree.map(lambda v: v, rest))
     out, kl = model.forward(x, key)
-    return out, kl, nnx.to_pure_dict(nnx.state(model, nnx.BatchStat))
+    return out, kl, nnx.to_pure_dict(nnx.state(model, nnx.Not(_trainable(model.config))))
+
+
+def head_train_outputs(
+    graphdef: nnx.GraphDef, params: dict, rest: dict, h: jax.Array, key: jax.Array
+) -> tuple[jax.Array, jax.Array, dict]:
+    """``train_outputs`` from a frozen backbone's features ``h`` (``features``) instead of images:
+    the same function, the backbone's pass done once beforehand. # [b, d] -> ([b, classes], [b],
+    rest)"""
+    model = nnx.merge(graphdef, params, rest)
+    if not model.config.frozen:
+        raise JaxmiaError(
+            f"head training on features: needs a frozen pretrained backbone, not "
+            f"model.arch={model.config.arch!r} (tune={model.config.tune!r})"
+        )
+    out, kl = model.classify(_dropout(h, model.config.dropout, key), key)
+    return out, kl, rest
+
+
+def head_logits(graphdef: nnx.GraphDef, state: nnx.State | dict, h: jax.Array) -> jax.Array:
+    """Inference logits from the features ``h`` (``features``). # [b, d] -> [b, num_classes]"""
+    return nnx.merge(graphdef, state).classify(h)[0]
 
 
 def train_logits(
