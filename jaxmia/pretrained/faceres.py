@@ -50,30 +50,51 @@ def _relu6(x: jax.Array) -> jax.Array:
     return jnp.clip(x, 0.0, 6.0)
 
 
-def _conv(x: jax.Array, kernel: jax.Array, stride: int, groups: int = 1) -> jax.Array:
+def _conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     # "SAME" pads as TensorFlow does: the odd extra row and column after, not before
-    return jax.lax.conv_general_dilated(
-        x, kernel, (stride, stride), "SAME", dimension_numbers=_DN, feature_group_count=groups
-    )
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), "SAME", dimension_numbers=_DN)
+
+
+def _depthwise(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """A 3x3 depthwise convolution, "SAME" as TensorFlow pads it. # [n, h, w, c] -> [n, h', w', c]
+
+    Written as 9 shifted, strided slices times the kernel's taps: XLA CPU's grouped convolution
+    (``feature_group_count=c``) was 4-15x slower per layer on this network's shapes (measured at
+    batch 32 on the 2-core CPU), and the sum is the same function.
+    """
+    _, h, w, _ = x.shape
+    oh, ow = -(-h // stride), -(-w // stride)
+    ph, pw = max((oh - 1) * stride + 3 - h, 0), max((ow - 1) * stride + 3 - w, 0)
+    x = jnp.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
+    out = 0.0
+    for i in range(3):
+        for j in range(3):
+            tap = x[
+                :, i : i + (oh - 1) * stride + 1 : stride, j : j + (ow - 1) * stride + 1 : stride
+            ]
+            out = out + tap * kernel[i, j]
+    return out
 
 
 class _Separable(nnx.Module):
     """Depthwise 3x3 + folded norm + ReLU6, then pointwise 1x1 + folded norm + ReLU6."""
 
     def __init__(self, w: dict[str, np.ndarray], i: int, stride: int):
-        dw = w[f"conv_dw_{i}/depthwise_kernel"]  # [3, 3, c, 1]
         self.stride = stride
-        self.dw_kernel = nnx.Param(jnp.asarray(dw.transpose(0, 1, 3, 2)))  # [3, 3, 1, c]
+        self.dw_kernel = nnx.Param(
+            jnp.asarray(w[f"conv_dw_{i}/depthwise_kernel"][..., 0])
+        )  # [3, 3, c]
         self.dw_scale = nnx.Param(jnp.asarray(w[f"conv_dw_{i}_bn/batchnorm_1/mul"]))  # [c]
         self.dw_shift = nnx.Param(jnp.asarray(w[f"conv_dw_{i}_bn/batchnorm_1/sub"]))  # [c]
-        self.pw_kernel = nnx.Param(jnp.asarray(w[f"conv_pw_{i}/convolution/merged_input"]))
+        # the 1x1 kernel as a matrix: a matmul ran 1.2-1.5x faster than XLA CPU's 1x1 convolution
+        pw = w[f"conv_pw_{i}/convolution/merged_input"][0, 0]  # [c, c']
+        self.pw_kernel = nnx.Param(jnp.asarray(pw))
         self.pw_shift = nnx.Param(jnp.asarray(w[f"conv_pw_{i}_bn/batchnorm_1/sub"]))  # [c']
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        c = x.shape[-1]
-        x = _conv(x, self.dw_kernel[...], self.stride, groups=c)
+        x = _depthwise(x, self.dw_kernel[...], self.stride)
         x = _relu6(x * self.dw_scale[...] + self.dw_shift[...])
-        return _relu6(_conv(x, self.pw_kernel[...], 1) + self.pw_shift[...])
+        return _relu6(x @ self.pw_kernel[...] + self.pw_shift[...])
 
 
 def _to_input(x: jax.Array) -> jax.Array:
