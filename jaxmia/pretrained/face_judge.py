@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -277,3 +278,58 @@ def rank(gallery: Gallery, embeddings: np.ndarray, targets: np.ndarray) -> dict[
         "centroid": judges.distance_ranks(central, targets),
         "knn_dist": np.take_along_axis(near, targets[:, None].astype(np.intp), axis=1)[:, 0],
     }
+
+
+# ---------------------------------------------------------------------------------------------
+# End to end.
+
+Embedder = Callable[[Chips], np.ndarray]  # chips -> [n, d] embeddings
+
+
+def dlib_embedder(batch_size: int = 32) -> Embedder:
+    """dlib's ResNet-29 descriptors of chips (``jaxmia.pretrained.dlib_resnet``, loaded once).
+
+    Raises:
+      JaxmiaError: the ``dlib_resnet`` model cannot be had (see ``jaxmia models fetch``).
+    """
+    from jaxmia.pretrained import dlib_resnet  # noqa: PLC0415 - JAX only when a judge is made
+
+    model = dlib_resnet.load_dlib_resnet()
+
+    def embed(chips: Chips) -> np.ndarray:
+        return dlib_resnet.embed_chips(model, chips, batch_size=batch_size)
+
+    return embed
+
+
+def fit_images(
+    embed: Embedder, images: np.ndarray, labels: np.ndarray, num_classes: int, metric: str
+) -> Gallery:
+    """``fit`` on the embeddings of real photos' chips. # [g, h, w, c] in [0, 1], [g]
+
+    Raises:
+      JaxmiaError: as ``face_chips`` and ``fit``.
+    """
+    return fit(embed(face_chips(images)), labels, num_classes, metric)
+
+
+def judge_images(
+    gallery: Gallery, embed: Embedder, images: np.ndarray, targets: np.ndarray
+) -> dict[str, np.ndarray]:
+    """``rank``'s verdicts on images, and whether a face was detected in each.
+
+    Args:
+      gallery: the fitted judge (embeddings by the same ``embed``).
+      embed: chips -> embeddings, such as ``dlib_embedder()``.
+      images: in [0, 1], grey or RGB, any size. # [n, h, w, c]
+      targets: each image's identity in the gallery's label order. # [n]
+
+    Returns:
+      {"nn", "centroid": [n] ranks (1 = the target first), "knn_dist": [n], "detected": [n]
+      bool}.
+
+    Raises:
+      JaxmiaError: as ``face_chips`` and ``rank``.
+    """
+    chips = face_chips(images)
+    return {**rank(gallery, embed(chips), targets), "detected": chips.detected}
