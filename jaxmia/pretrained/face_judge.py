@@ -31,7 +31,7 @@ from jaxmia import judges
 from jaxmia.errors import JaxmiaError
 
 CHIP_SIZE = 150
-CHIP_PADDING = 0.25  # dlib's default, which dlib_face_recognition_resnet_model_v1 was trained on
+CHIP_PADDING = 0.25  # compute_face_descriptor's default for dlib_face_recognition_resnet_model_v1
 METRICS = ("euclidean", "cosine")
 # HOG's sliding window finds faces of about 80 px and up; smaller images are upsampled (dlib's
 # image pyramid, x2 per step) until their shorter side reaches this. Measured on AT&T (92x112)
@@ -40,7 +40,9 @@ METRICS = ("euclidean", "cosine")
 _DETECT_MIN_SIDE = 128
 # The fixed box where no face is found: a central square of this fraction of the shorter side.
 # The detector's boxes on real AT&T and CelebA photos (faces filling the frame) are squares of
-# 0.65-0.85 of the shorter side around the centre.
+# 0.65-0.85 of the shorter side around the centre. With this box for every held-out 64x64
+# photo (detector off), dlib's nearest gallery photo is still the right person for 95.8% of
+# AT&T and 94.0% of CelebA (50 people) photos: the landmarks, not the box, align the chip.
 _FALLBACK_SIDE = 0.75
 _CHUNK = 2**22  # float64 differences held at once by the distances (32 MB)
 
