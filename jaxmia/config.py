@@ -182,6 +182,11 @@ def _judges_defaults() -> ml_collections.ConfigDict:
     c.other_train.nesterov = True
     c.other_train.weight_decay = 5e-4
     c.other_train.epochs = 60
+    # The face judges (jaxmia/verdicts.py FACE_MODELS), first in every table: pretrained face
+    # recognizers on dlib-aligned chips, by the nearest of R_E's real photos and the nearest
+    # centroid; their weights come from `jaxmia models fetch dlib_resnet dlib_landmarks5
+    # faceres` (a model that cannot be had is left out with a note). () runs none.
+    c.face = ("dlib", "faceres")
     # The non-CNN judges' eigenface space: components of R_E's training photos (fewer photos:
     # as many as they allow, noted).
     c.eigenfaces = 64

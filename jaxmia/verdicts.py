@@ -3,6 +3,12 @@
 R_E, the paper's judge, shares R_T's architecture, and a gradient pattern that fools one CNN
 often fools its twin. So beside R_E the clones are judged by
 
+- ``face_dlib``, ``face_dlib_centroid``, ``face_faceres``, ``face_faceres_centroid``: the face
+  judges, first in every table: pretrained face recognizers trained on millions of *other*
+  people (``FACE_MODELS``; the config's ``judges.face``), fed dlib-aligned face chips
+  (``jaxmia.pretrained.face_judge``), naming the identity of the nearest of R_E's real training
+  photos, or of the nearest identity centroid, in their embedding. The field's standard: a
+  person's face, not a pattern one family of CNNs reads as that person;
 - ``R_E_transformed``: R_E's softmax averaged over random small shifts, flips, zooms, blurs and
   noise (``jaxmia.robust``); a face keeps its identity under them, a pixel pattern mostly not;
 - ``R_E_other``: a second evaluation recognizer of another architecture, trained on R_E's
@@ -20,7 +26,9 @@ adversarial patterns. R_T's own ranks are reported beside them (it is the attack
 judge). "Adversarial inflation" is R_E's top-1 on the clones minus the most generous robust
 judge's (``ROBUST``): the share of R_E's success that no robust judge confirms.
 
-Realism and closeness, per group: the Fréchet distance to R_E's real photos in the eigenface
+Realism and closeness, per group: the rate of images where dlib's detector finds a face at all,
+the face judges' "KNN distance" (the field's "FaceNet distance": the embedding distance to the
+target's nearest real photo), the Fréchet distance to R_E's real photos in the eigenface
 coefficient space (FID's formula, not its Inception features, which cannot be downloaded here),
 the KNN ratio (eigenface distance to the target's nearest photo over that to anyone else's: < 1
 is "closer to the target than to anyone else") and the energy outside the span of the eigenfaces.
@@ -31,7 +39,9 @@ The recognizers run in JAX on the device; the statistics are NumPy on the host.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import jax
@@ -40,6 +50,7 @@ import numpy as np
 
 from jaxmia import adversarial, judges, robust, scores
 from jaxmia.errors import JaxmiaError
+from jaxmia.pretrained import face_judge, fetch
 
 if TYPE_CHECKING:
     from jaxmia.checkpoint import LoadedRecognizer
@@ -51,8 +62,42 @@ GROUP_TITLES = {
     "real": "held-out real photos (ceiling)",
     "pgd": "PGD controls (adversarial)",
 }
-ROBUST = ("R_E_transformed", "eigenface_nn", "eigenface_mean", "pixel_nn")
+
+
+@dataclasses.dataclass(frozen=True)
+class FaceModel:
+    """A pretrained face recognizer the panel can judge with (a value of ``judges.face``)."""
+
+    title: str
+    # Loads the model (fetching its weights once): a function of aligned chips
+    # [n, 150, 150, 3] in [0, 1] to embeddings [n, d].
+    load: Callable[[], Callable[[np.ndarray], np.ndarray]]
+    metric: str  # face_judge.METRICS
+
+
+def _load_dlib() -> Callable[[np.ndarray], np.ndarray]:
+    return face_judge.dlib_embedder()
+
+
+def _load_faceres() -> Callable[[np.ndarray], np.ndarray]:
+    from jaxmia.pretrained import faceres  # noqa: PLC0415 - only where the judge runs
+
+    return functools.partial(faceres.embed, faceres.load_faceres(), batch_size=_EMBED_BATCH)
+
+
+FACE_MODELS = {
+    "dlib": FaceModel("dlib's ResNet-29 (about 3 million faces)", _load_dlib, "euclidean"),
+    "faceres": FaceModel("faceres MobileNet-v1 (VGGFace2)", _load_faceres, "cosine"),
+}
+# Each face model judges twice: by the nearest real photo and by the nearest identity centroid.
+FACE_JUDGES = tuple(j for m in FACE_MODELS for j in (f"face_{m}", f"face_{m}_centroid"))
+ROBUST = (*FACE_JUDGES, "R_E_transformed", "eigenface_nn", "eigenface_mean", "pixel_nn")
 JUDGE_TITLES = {
+    **{
+        j: f"face judge, {m.title}: nearest {'identity centroid' if c else 'real photo'}"
+        for name, m in FACE_MODELS.items()
+        for j, c in ((f"face_{name}", False), (f"face_{name}_centroid", True))
+    },
     "R_T": "R_T (the attacked model; not a judge)",
     "R_E": "R_E (R_T's architecture: the paper's judge)",
     "R_E_transformed": "R_E under random transforms",
@@ -62,6 +107,12 @@ JUDGE_TITLES = {
     "eigenface_mean": "nearest class mean, eigenface space",
     "pixel_nn": "nearest real photo, pixels",
 }
+# The per-image measures of the face judges beside their ranks.
+FACE_DETECTED = "face_detected"  # dlib's detector found a face (else a fixed box was aligned)
+FACE_DISTANCE = "face_knn_distance_"  # + model: embedding distance to the target's nearest photo
+_CHIP_BATCH = 256  # images aligned, then embedded by every face model, at a time
+# Chips go to the embedders padded to a multiple of this: one compiled shape, whatever the count.
+_EMBED_BATCH = 32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +125,7 @@ class Settings:
     pgd_per_identity: int
     seed: int
     seeds_per_identity: int = 0  # 0: every clone's seed
+    face: tuple[str, ...] = ()  # keys of FACE_MODELS: the face judges to run
 
     @classmethod
     def from_config(cls, judges_config: ml_collections.ConfigDict) -> Settings:
@@ -99,6 +151,16 @@ class Settings:
                 f"config field judges.sort_by: expected '' or one of {', '.join(JUDGE_TITLES)}, "
                 f"got {c.sort_by!r}"
             )
+        face = c.get("face", ())
+        if (
+            not isinstance(face, tuple | list)
+            or any(f not in FACE_MODELS for f in face)
+            or len(set(face)) != len(face)
+        ):
+            raise JaxmiaError(
+                f"config field judges.face: expected a tuple of distinct face models from "
+                f"{', '.join(FACE_MODELS)} (empty: none), got {face!r}"
+            )
         t = c.transforms
         try:
             return cls(
@@ -117,6 +179,7 @@ class Settings:
                 pgd_per_identity=c.pgd.per_identity,
                 seed=t.seed,
                 seeds_per_identity=seeds,
+                face=tuple(face),
             )
         except JaxmiaError as e:  # the modules name their own fields; say where they are set
             raise JaxmiaError(f"config section judges.pgd / judges.transforms: {e}") from e
@@ -134,6 +197,92 @@ class Panel:
     real_names: tuple[str, ...]  # [m] their identities
     settings: Settings
     notes: tuple[str, ...]
+    face: tuple[FaceJudge, ...] = ()  # the face judges, in the order of settings.face
+
+
+@dataclasses.dataclass(frozen=True)
+class FaceJudge:
+    """A pretrained face recognizer with its gallery: R_E's real training photos, embedded."""
+
+    name: str  # a key of FACE_MODELS
+    embed: Callable[[np.ndarray], np.ndarray]  # aligned chips [n, 150, 150, 3] -> [n, d]
+    gallery: face_judge.Gallery
+
+
+@functools.cache
+def _face_embedder(name: str) -> Callable[[np.ndarray], np.ndarray]:
+    """The face model, loaded once a process (its compiled functions kept with it)."""
+    return FACE_MODELS[name].load()
+
+
+def face_measures(images: np.ndarray, embedders: dict[str, Callable]) -> dict[str, np.ndarray]:
+    """Aligned chips of images, each made once and embedded by every face model.
+
+    Args:
+      images: in [0, 1], grey or RGB; n >= 1. # [n, h, w, c]
+      embedders: face model name -> its embedding of chips.
+
+    Returns:
+      {FACE_DETECTED: [n] bool, name: embeddings [n, d] for each face model}.
+    """
+    detected, embedded = [], {name: [] for name in embedders}
+    for lo in range(0, len(images), _CHIP_BATCH):
+        chips = face_judge.face_chips(images[lo : lo + _CHIP_BATCH])
+        detected.append(chips.detected)
+        n = len(chips.detected)
+        padded = np.pad(chips.images, ((0, -n % _EMBED_BATCH), (0, 0), (0, 0), (0, 0)))
+        for name, embed in embedders.items():
+            embedded[name].append(np.asarray(embed(padded), np.float64)[:n])
+    return {FACE_DETECTED: np.concatenate(detected)} | {
+        n: np.concatenate(e) for n, e in embedded.items()
+    }
+
+
+def _fit_face_judges(
+    settings: Settings, gallery: np.ndarray, labels: np.ndarray, recognizer: LoadedRecognizer
+) -> tuple[tuple[FaceJudge, ...], list[str]]:
+    """The face judges of ``settings.face`` fitted on R_E's real training photos, and notes.
+
+    A model that cannot be had (not fetched, and no registry reachable) is left out with a note,
+    so a machine without the weights still judges with the rest.
+    """
+    notes = []
+    embedders = {}
+    for name in settings.face:
+        try:
+            embedders[name] = _face_embedder(name)
+        except fetch.FetchError as e:
+            notes.append(f"face judge {name} not run: {e}")
+    if not embedders:
+        return (), notes
+    k = recognizer.config.num_classes
+    missing = np.flatnonzero(np.bincount(labels, minlength=k) == 0)
+    if len(missing):
+        notes.append(
+            f"face judges not run: R_E's real photos hold no photo of {len(missing)} of its {k} "
+            f"identities (first: {recognizer.names[missing[0]]}); they rank among all of them"
+        )
+        return (), notes
+    try:
+        measured = face_measures(gallery, embedders)
+    except fetch.FetchError as e:  # the shape predictor that aligns the chips
+        notes.append(f"face judges not run: no face alignment: {e}")
+        return (), notes
+    fitted = tuple(
+        FaceJudge(name, embed, face_judge.fit(measured[name], labels, k, FACE_MODELS[name].metric))
+        for name, embed in embedders.items()
+    )
+    detected = measured[FACE_DETECTED]
+    notes.append(
+        f"face judges ({', '.join(embedders)}): fitted on {len(gallery)} R_E training photos, "
+        f"dlib's detector found a face in {100 * detected.mean():.1f}% of them"
+        + (
+            "; the photos are grey: the face judges see them as RGB (grey on all channels)"
+            if gallery.shape[-1] == 1
+            else ""
+        )
+    )
+    return fitted, notes
 
 
 def make_panel(
@@ -147,7 +296,7 @@ def make_panel(
     other: LoadedRecognizer | None = None,
     target: LoadedRecognizer | None = None,
 ) -> Panel:
-    """Fits the non-CNN judges on R_E's real training photos.
+    """Fits the non-CNN judges and the face judges on R_E's real training photos.
 
     Args:
       evaluator: R_E; its label order is the judges' gallery order.
@@ -198,6 +347,10 @@ def make_panel(
         f"eigenface space: {components} components of {len(gallery)} R_E training photos "
         f"({100 * fitted.eigenfaces.explained:.1f}% of their variance)"
     )
+    face, face_notes = _fit_face_judges(
+        settings, np.asarray(gallery, np.float32), labels, evaluator
+    )
+    notes += face_notes
     if not len(real):
         notes.append("no held-out real photos of the attacked identities: no ceiling control")
     if target is None:
@@ -211,6 +364,7 @@ def make_panel(
         real_names=tuple(real_names),
         settings=settings,
         notes=tuple(notes),
+        face=face,
     )
 
 
@@ -311,7 +465,9 @@ def judge_groups(
       progress: show progress bars.
 
     Returns:
-      group -> {judge name -> ranks [n] (1 = top), "knn_ratio" [n], "residual_energy" [n]}.
+      group -> {judge name -> ranks [n] (1 = top), in ``JUDGE_TITLES``' order, then "knn_ratio"
+      [n], "residual_energy" [n], "frechet" and, with face judges, ``FACE_DETECTED`` [n] and
+      ``FACE_DISTANCE`` + model [n]}.
     """
     cfg = panel.evaluator.config
     shape = (*cfg.image_size, cfg.channels)
@@ -342,6 +498,18 @@ def judge_groups(
     for j, got in zip(cnns, transformed, strict=True):
         found[f"{j}_transformed"] = got.rank
     found |= judges.judge(panel.fitted, images, targets["R_E"])
+    if panel.face and len(images):
+        measured = face_measures(images, {f.name: f.embed for f in panel.face})
+        found[FACE_DETECTED] = measured[FACE_DETECTED]
+        for f in panel.face:
+            got = face_judge.rank(f.gallery, measured[f.name], targets["R_E"])
+            found[f"face_{f.name}"] = got["nn"]
+            found[f"face_{f.name}_centroid"] = got["centroid"]
+            found[FACE_DISTANCE + f.name] = got["knn_dist"]
+    # the face judges first, as in every table
+    found = {j: found[j] for j in JUDGE_TITLES if j in found} | {
+        k: v for k, v in found.items() if k not in JUDGE_TITLES
+    }
     out = {}
     for g, lo, hi in zip(groups, bounds[:-1], bounds[1:], strict=True):
         out[g] = {j: v[lo:hi] for j, v in found.items()}
@@ -360,11 +528,14 @@ def _mean(a: np.ndarray) -> float | None:
 
 
 def summarise(verdicts: dict[str, dict[str, np.ndarray]], num_classes: int) -> dict[str, Any]:
-    """The JSON-ready table: per group and judge top-1 / top-5, realism, adversarial inflation."""
+    """The JSON-ready table: per group and judge top-1 / top-5, realism, adversarial inflation.
+
+    Judges and realism measures come in ``JUDGE_TITLES``' order: the face judges first.
+    """
     table: dict[str, dict[str, Any]] = {}
     realism: dict[str, dict[str, Any]] = {}
     for g, found in verdicts.items():
-        ranks = {j: r for j, r in found.items() if j in JUDGE_TITLES}
+        ranks = {j: found[j] for j in JUDGE_TITLES if j in found}
         table[g] = {
             j: {
                 "top1": float(np.mean(r <= 1)) if len(r) else None,
@@ -375,8 +546,13 @@ def summarise(verdicts: dict[str, dict[str, np.ndarray]], num_classes: int) -> d
         }
         ratio = np.asarray(found["knn_ratio"], np.float64)
         finite = ratio[np.isfinite(ratio)]
-        realism[g] = {
-            "count": len(ratio),
+        realism[g] = {"count": len(ratio)}
+        if FACE_DETECTED in found:
+            realism[g]["face_detection_rate"] = _mean(found[FACE_DETECTED])
+            realism[g] |= {
+                k: _mean(v) for k, v in found.items() if k.startswith(FACE_DISTANCE)
+            }  # the mean over the group: the field's "FaceNet distance"
+        realism[g] |= {
             "frechet_eigenface": _mean(found["frechet"]),
             "knn_ratio_median": float(np.median(finite)) if finite.size else None,
             "knn_ratio_below_1": float(np.mean(finite < 1)) if finite.size else None,
@@ -427,7 +603,8 @@ def run(
 
     Returns:
       (the summary of ``summarise`` with notes and seconds, per-clone ranks of every judge but
-      R_E (the caller has those), the KNN ratio and residual energy ``{name: [ids, clones]}``).
+      R_E (the caller has those), the KNN ratio and residual energy, and with face judges
+      whether a face was detected and each face model's KNN distance ``{name: [ids, clones]}``).
     """
     t0 = time.perf_counter()
     ids, n = clones.shape[:2]
@@ -454,11 +631,11 @@ def run(
     summary["transforms"] = dataclasses.asdict(panel.settings.transforms)
     summary["seeds_per_identity"] = floor.shape[1]
     summary["seconds"] = time.perf_counter() - t0
-    per_clone = {
-        j: np.asarray(r).reshape(ids, n)
-        for j, r in verdicts["clones"].items()
-        if (j in JUDGE_TITLES and j != "R_E") or j in ("knn_ratio", "residual_energy")
-    }
+    found = verdicts["clones"]
+    keys = [j for j in found if j in JUDGE_TITLES and j != "R_E"]
+    keys += [k for k in found if k == FACE_DETECTED or k.startswith(FACE_DISTANCE)]
+    keys += [k for k in ("knn_ratio", "residual_energy") if k in found]
+    per_clone = {k: np.asarray(found[k]).reshape(ids, n) for k in keys}
     return summary, per_clone
 
 
@@ -468,8 +645,18 @@ def lines(judged: dict[str, Any] | None) -> list[str]:
         return []
     out = []
     for g, title in judged["groups"].items():
+        if not next(iter(judged["top"][g].values()), {}).get("count"):
+            continue  # no images in this group (no R_T: no PGD controls)
         cells = ", ".join(f"{j} {100 * v['top1']:.1f}%" for j, v in judged["top"][g].items())
         out.append(f"  {title}: {cells}")
+    rates = {
+        g: r["face_detection_rate"]
+        for g, r in judged.get("realism", {}).items()
+        if r.get("face_detection_rate") is not None
+    }
+    if rates:
+        cells = ", ".join(f"{judged['groups'][g]} {100 * v:.1f}%" for g, v in rates.items())
+        out.append(f"  a face found by dlib's detector: {cells}")
     inf = judged.get("inflation")
     if inf:
         out.append(
