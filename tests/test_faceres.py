@@ -91,6 +91,31 @@ def test_jit_vmap_gradient_backbone(model, ref):
     assert bool(jnp.isfinite(grad).all()) and float(jnp.abs(grad).max()) > 0
 
 
+@pytest.mark.parametrize("shape,stride", [((2, 7, 7, 4), 1), ((2, 8, 9, 3), 2)])
+def test_depthwise_and_its_gradient_equal_a_grouped_convolution(shape, stride):
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.normal(size=shape), jnp.float32)
+    kernel = jnp.asarray(rng.normal(size=(3, 3, shape[-1])), jnp.float32)
+
+    def grouped(x, kernel, stride):  # XLA's own depthwise convolution, autodiff's gradient
+        return jax.lax.conv_general_dilated(
+            x, kernel[:, :, None], (stride, stride), "SAME",
+            dimension_numbers=("NHWC", "HWIO", "NHWC"), feature_group_count=shape[-1],
+        )  # fmt: skip
+
+    expected = grouped(x, kernel, stride)
+    np.testing.assert_allclose(faceres._depthwise(x, kernel, stride), expected, atol=1e-5)
+    weights = jnp.asarray(rng.normal(size=expected.shape), jnp.float32)
+    for ours, theirs in zip(
+        jax.grad(lambda x, k: jnp.sum(faceres._depthwise(x, k, stride) * weights), (0, 1))(
+            x, kernel
+        ),
+        jax.grad(lambda x, k: jnp.sum(grouped(x, k, stride) * weights), (0, 1))(x, kernel),
+        strict=True,
+    ):
+        np.testing.assert_allclose(ours, theirs, atol=1e-4)
+
+
 def test_embed_pads_batches_and_takes_grey(model, ref):
     x = ref["images64"].astype(np.float32) / 255  # [3, 64, 64, 3]
     before = faceres._descriptors._cache_size()

@@ -22,6 +22,10 @@ three channels, as faceres only takes colour). They are resized to 224x224 with
 [0, 255]. human resizes with tfjs's ``resizeBilinear`` without half-pixel centres; for
 enlargement ``jax.image.resize`` equals tfjs's ``resizeBilinear`` *with* half-pixel centres, the
 resize the tests compare against TensorFlow.js.
+
+The module is jit- and vmap-compatible and differentiable to its input in reverse mode
+(``jax.grad``, ``jax.vjp``); its depthwise convolutions carry their own gradient (see
+``_depthwise``), so forward-mode ``jax.jvp`` / ``jax.jacfwd`` through it is not supported.
 """
 
 from __future__ import annotations
@@ -55,25 +59,71 @@ def _conv(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
     return jax.lax.conv_general_dilated(x, kernel, (stride, stride), "SAME", dimension_numbers=_DN)
 
 
-def _depthwise(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
-    """A 3x3 depthwise convolution, "SAME" as TensorFlow pads it. # [n, h, w, c] -> [n, h', w', c]
+def _same(size: int, stride: int) -> tuple[int, tuple[int, int]]:
+    """Output size and (before, after) padding of a 3-tap "SAME" window, as TensorFlow pads."""
+    out = -(-size // stride)
+    pad = max((out - 1) * stride + 3 - size, 0)
+    return out, (pad // 2, pad - pad // 2)
 
-    Written as 9 shifted, strided slices times the kernel's taps: XLA CPU's grouped convolution
-    (``feature_group_count=c``) was 4-15x slower per layer on this network's shapes (measured at
-    batch 32 on the 2-core CPU), and the sum is the same function.
-    """
-    _, h, w, _ = x.shape
-    oh, ow = -(-h // stride), -(-w // stride)
-    ph, pw = max((oh - 1) * stride + 3 - h, 0), max((ow - 1) * stride + 3 - w, 0)
-    x = jnp.pad(x, ((0, 0), (ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)))
+
+def _tap(xp: jax.Array, i: int, j: int, stride: int, oh: int, ow: int) -> jax.Array:
+    """The padded input's pixels that kernel tap (i, j) meets. # [n, hp, wp, c] -> [n, oh, ow, c]"""
+    return xp[:, i : i + (oh - 1) * stride + 1 : stride, j : j + (ow - 1) * stride + 1 : stride]
+
+
+def _taps(xp: jax.Array, kernel: jax.Array, stride: int, oh: int, ow: int) -> jax.Array:
+    """The 3x3 window's sum: each tap's pixels times its kernel weights. # -> [n, oh, ow, c]"""
     out = 0.0
     for i in range(3):
         for j in range(3):
-            tap = x[
-                :, i : i + (oh - 1) * stride + 1 : stride, j : j + (ow - 1) * stride + 1 : stride
-            ]
-            out = out + tap * kernel[i, j]
+            out = out + _tap(xp, i, j, stride, oh, ow) * kernel[i, j]
     return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _depthwise(x: jax.Array, kernel: jax.Array, stride: int) -> jax.Array:
+    """A 3x3 depthwise convolution, "SAME". # [n, h, w, c], [3, 3, c] -> [n, h', w', c]
+
+    Written as 9 shifted, strided slices times the kernel's taps, with a gradient of the same
+    form: XLA CPU's grouped convolution (``feature_group_count=c``) was 4-15x slower forward on
+    this network's shapes, and autodiff of the slices (pads of the whole input, one per tap)
+    as slow backward (measured at batch 32 on the 2-core CPU). The same function either way.
+    """
+    _, h, w, _ = x.shape
+    (oh, ph), (ow, pw) = _same(h, stride), _same(w, stride)
+    return _taps(jnp.pad(x, ((0, 0), ph, pw, (0, 0))), kernel, stride, oh, ow)
+
+
+def _depthwise_fwd(x, kernel, stride):
+    return _depthwise(x, kernel, stride), (x, kernel)
+
+
+def _depthwise_bwd(stride, residuals, ct):
+    x, kernel = residuals  # [n, h, w, c], [3, 3, c]; ct: [n, oh, ow, c]
+    _, h, w, _ = x.shape
+    (oh, ph), (ow, pw) = _same(h, stride), _same(w, stride)
+    xp = jnp.pad(x, ((0, 0), ph, pw, (0, 0)))
+    hp, wp = xp.shape[1:3]
+    # Padded input row p got ct[a] * k[i] wherever p = i + stride * a: so its gradient is the
+    # cotangent dilated by the stride, padded by 2, correlated with the flipped kernel.
+    extra_h, extra_w = hp - ((oh - 1) * stride + 3), wp - ((ow - 1) * stride + 3)
+    dilated = jax.lax.pad(
+        ct,
+        jnp.zeros((), ct.dtype),
+        ((0, 0, 0), (2, 2 + extra_h, stride - 1), (2, 2 + extra_w, stride - 1), (0, 0, 0)),
+    )
+    grad_xp = _taps(dilated, kernel[::-1, ::-1], 1, hp, wp)
+    grad_x = grad_xp[:, ph[0] : ph[0] + h, pw[0] : pw[0] + w]
+    grad_kernel = jnp.stack(
+        [
+            jnp.stack([jnp.sum(_tap(xp, i, j, stride, oh, ow) * ct, (0, 1, 2)) for j in range(3)])
+            for i in range(3)
+        ]
+    )  # [3, 3, c]
+    return grad_x, grad_kernel
+
+
+_depthwise.defvjp(_depthwise_fwd, _depthwise_bwd)
 
 
 class _Separable(nnx.Module):
