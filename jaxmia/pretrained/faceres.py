@@ -131,9 +131,8 @@ class _Separable(nnx.Module):
 
     def __init__(self, w: dict[str, np.ndarray], i: int, stride: int):
         self.stride = stride
-        self.dw_kernel = nnx.Param(
-            jnp.asarray(w[f"conv_dw_{i}/depthwise_kernel"][..., 0])
-        )  # [3, 3, c]
+        dw = w[f"conv_dw_{i}/depthwise_kernel"][..., 0]  # [3, 3, c]
+        self.dw_kernel = nnx.Param(jnp.asarray(dw))
         self.dw_scale = nnx.Param(jnp.asarray(w[f"conv_dw_{i}_bn/batchnorm_1/mul"]))  # [c]
         self.dw_shift = nnx.Param(jnp.asarray(w[f"conv_dw_{i}_bn/batchnorm_1/sub"]))  # [c]
         # the 1x1 kernel as a matrix: a matmul ran 1.2-1.5x faster than XLA CPU's 1x1 convolution
@@ -163,8 +162,10 @@ class FaceResBackbone(nnx.Module):
     """faceres's MobileNet-v1 trunk and global mean pool, the part to reuse as a frozen backbone.
 
     ``backbone(x)``: images ``[n, h, w, 3]`` in [0, 1], any size -> ``[n, 1024]``, the mean over
-    the last 7x7 map of 1024 ReLU6 channels (so each entry is in [0, 6]). This is faceres's
-    identity descriptor itself: no layer was trained between it and the identity loss.
+    the last 7x7 map of 1024 ReLU6 channels (so each entry is in [0, 6]). This is the output
+    human uses as faceres's identity descriptor. Its weights are ``nnx.Param`` (3.2 million),
+    so a classifier built on it can fine-tune them or keep them frozen by optimising only its
+    head's parameters.
     """
 
     dim = DESCRIPTOR_DIM
@@ -172,9 +173,7 @@ class FaceResBackbone(nnx.Module):
     def __init__(self, w: dict[str, np.ndarray]):
         self.conv1_kernel = nnx.Param(jnp.asarray(w["conv1/convolution/merged_input"]))
         self.conv1_shift = nnx.Param(jnp.asarray(w["conv1_bn/batchnorm_1/sub"]))  # [32]
-        self.blocks = nnx.List(
-            [_Separable(w, i + 1, s) for i, s in enumerate(DW_STRIDES)]
-        )  # fmt: skip
+        self.blocks = nnx.List([_Separable(w, i + 1, s) for i, s in enumerate(DW_STRIDES)])
 
     def feature_map(self, x: jax.Array) -> jax.Array:
         """The last map before pooling. # [n, h, w, 3] in [0, 1] -> [n, 7, 7, 1024]"""
