@@ -48,7 +48,10 @@ from jaxmia.errors import JaxmiaError
 
 RECORD = "settings.json"  # the settings claimed; blackbox.json is the table
 GRID = ("scenarios", "budgets", "query.attacks", "query.outputs")  # cells: a rerun may add
-JUDGES = ("R_T", "R_E", "R_E_other", *verdicts.ROBUST)
+JUDGES = (
+    *verdicts.FACE_JUDGES, "R_T", "R_E", "R_E_other",
+    *(j for j in verdicts.ROBUST if j not in verdicts.FACE_JUDGES),
+)  # fmt: skip
 
 
 def _check(config: ml_collections.ConfigDict) -> Path:

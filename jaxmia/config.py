@@ -212,7 +212,7 @@ def _judges_defaults() -> ml_collections.ConfigDict:
     # The seeds judged as the floor: the first of each identity (0: all); every judge runs on
     # them, and they sit near chance, so a few do (5 of AT&T's 20 a person: 30% less judging).
     c.seeds_per_identity = 5
-    # The report's clone grids in order of this judge's rank of the target (e.g. "pixel_nn");
+    # The report's clone grids in order of this judge's rank of the target (e.g. "face_dlib");
     # "": in clone order.
     c.sort_by = ""
     return c

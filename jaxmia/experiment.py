@@ -537,8 +537,11 @@ def _stage_report(run: _Run) -> dict[str, Any]:
 
 
 # The judges that a setting is chosen by (benchmarks/prior_levers.md): every one beside R_E
-# and R_T, as R_E alone rewards patterns that fool R_T's twin.
-BESIDE_R_E = ("R_E_transformed", "R_E_other", "R_E_other_transformed", *verdicts.ROBUST[1:])
+# and R_T, as R_E alone rewards patterns that fool R_T's twin; the face judges first.
+BESIDE_R_E = (
+    *verdicts.FACE_JUDGES, "R_E_transformed", "R_E_other", "R_E_other_transformed",
+    *(j for j in verdicts.ROBUST if j not in verdicts.FACE_JUDGES and j != "R_E_transformed"),
+)  # fmt: skip
 
 
 def compare(
@@ -556,11 +559,14 @@ def compare(
     from jaxmia import report  # matplotlib is slow to import
 
     def top1(s: dict[str, Any], group: str = "clones") -> dict[str, float]:
+        """Every judge's top-1 but R_T's: the face judges first, then R_E."""
         r_e = s["overall"]["top1"] if group == "clones" else s["overall"]["seed"]["top1"]
-        return {"R_E": r_e} | {
+        others = {
             j: v["top1"] for j, v in s.get("judges", {}).get("top", {}).get(group, {}).items()
             if j not in ("R_E", "R_T")
         }  # fmt: skip
+        face = {j: v for j, v in others.items() if j in verdicts.FACE_JUDGES}
+        return face | {"R_E": r_e} | others
 
     (pixels, pixel_inv), (prior, prior_inv) = attacks["pixels"], attacks["prior"]
     t_prior, t_pixels, t_seeds = top1(prior), top1(pixels), top1(prior, "seeds")
@@ -654,6 +660,39 @@ def headline(summary: dict[str, Any]) -> dict[str, Any]:
         out["adversarial_inflation"] = judged["inflation"]["adversarial_inflation"]
         out["most_generous_robust_judge"] = judged["inflation"]["most_generous_robust_judge"]
         out["judges_seconds"] = judged["seconds"]
+        out["face_realism"] = {
+            g: {k: v for k, v in r.items() if k.startswith("face_")}
+            for g, r in judged["realism"].items()
+            if "face_detection_rate" in r
+        }
+    return out
+
+
+def face_lines(h: dict[str, Any]) -> list[str]:
+    """The closing lines on the face judges (first: the standard a person would apply), from a
+    ``headline``: each one's top-1 on the clones, the seeds and the held-out real photos, and
+    the rate of clones with a face found by dlib's detector."""
+    top = h.get("judges_top1", {})
+    clones = top.get("clones", {})
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    out = []
+    for j in verdicts.FACE_JUDGES:
+        if j in clones and not j.endswith("_centroid"):
+            centroid = clones.get(f"{j}_centroid")
+            out.append(
+                f"face judge {j}: clones top-1 {pct(clones[j])} (by centroid {pct(centroid)}), "
+                f"seeds {pct(top.get('seeds', {}).get(j))}, held-out real photos "
+                f"{pct(top.get('real', {}).get(j))}; chance {pct(h['chance_top1'])}"
+            )
+    face = h.get("face_realism", {})
+    if "clones" in face:
+        out.append(
+            f"a face found by dlib's detector: clones {pct(face['clones']['face_detection_rate'])}"
+            + "".join(
+                f", {g} {pct(face[g]['face_detection_rate'])}" for g in ("seeds", "real")
+                if g in face
+            )
+        )  # fmt: skip
     return out
 
 
@@ -842,10 +881,11 @@ def run(
         f"(this run {time.perf_counter() - t0:.0f} s)"
     )
     if "judges_top1" in h:
+        for line in face_lines(h):
+            print(line)
         clones = h["judges_top1"]["clones"]
-        robust = ", ".join(
-            f"{j} {100 * clones[j]:.1f}%" for j in verdicts.ROBUST + ("R_E_other",) if j in clones
-        )
+        beside = [j for j in verdicts.ROBUST if j not in verdicts.FACE_JUDGES] + ["R_E_other"]
+        robust = ", ".join(f"{j} {100 * clones[j]:.1f}%" for j in beside if j in clones)
         print(
             f"judges beside R_E, clones top-1: {robust}; adversarial inflation "
             f"{100 * h['adversarial_inflation']:.1f} points (R_E minus "
@@ -856,8 +896,11 @@ def run(
         pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
         for name in ("seeds", "pixels", "prior"):
             r = rows[name]
+            face = "".join(
+                f"{j} {pct(r['top1'][j])}, " for j in verdicts.FACE_JUDGES[:1] if j in r["top1"]
+            )
             print(
-                f"{name:>6}: R_E {pct(r['top1']['R_E'])}, robust judges' mean "
+                f"{name:>6}: {face}R_E {pct(r['top1']['R_E'])}, robust judges' mean "
                 f"{pct(r['robust_mean'])}, mean beside R_E {pct(r['mean_beside_R_E'])}, "
                 f"Fréchet {r['frechet'] if r['frechet'] is None else round(r['frechet'], 1)}"
             )

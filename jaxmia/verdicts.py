@@ -76,7 +76,7 @@ class FaceModel:
 
 
 def _load_dlib() -> Callable[[np.ndarray], np.ndarray]:
-    return face_judge.dlib_embedder()
+    return face_judge.dlib_embedder(batch_size=_EMBED_BATCH)
 
 
 def _load_faceres() -> Callable[[np.ndarray], np.ndarray]:
@@ -111,8 +111,9 @@ JUDGE_TITLES = {
 FACE_DETECTED = "face_detected"  # dlib's detector found a face (else a fixed box was aligned)
 FACE_DISTANCE = "face_knn_distance_"  # + model: embedding distance to the target's nearest photo
 _CHIP_BATCH = 256  # images aligned, then embedded by every face model, at a time
-# Chips go to the embedders padded to a multiple of this: one compiled shape, whatever the count.
-_EMBED_BATCH = 32
+# Chips go to the embedders padded to a multiple of this: one compiled shape, whatever the count
+# (small: a small gallery or test pads little; on the CPU a larger batch is no faster).
+_EMBED_BATCH = 16
 
 
 @dataclasses.dataclass(frozen=True)

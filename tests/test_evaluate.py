@@ -178,3 +178,50 @@ def test_real_faces_are_the_evaluators_training_images(monkeypatch, train_files,
     evaluation.real_faces_for(cropped, ("cy",), "folder:x", progress=False)
     assert calls[-1]["crop"] == 1.0
     assert evaluation.real_faces_for(rec, ("cy",), "none")[0] is None
+
+
+def test_evaluate_rejudges_an_old_run_with_the_face_judges_first(setup, capsys, monkeypatch):
+    """An inversion run judged again: the face judges (on their fetched weights) come first in
+    the summary, the printed lines and the clones' CSV."""
+    from jaxmia import data, verdicts
+    from jaxmia.pretrained import fetch
+
+    for model in ("dlib_resnet", "dlib_landmarks5", "faceres"):
+        try:
+            fetch.model_files(model)
+        except fetch.FetchError as e:
+            if e.offline:
+                pytest.skip(f"no registry reachable: run jaxmia models fetch {model}")
+            raise
+    tmp, run = setup
+    names = ("ann", "bob", "cy", "dee")
+    rng = np.random.default_rng(0)
+    images = rng.uniform(size=(16, 16, 16, 1)).astype(np.float32)
+    files = tuple(f"{n}/{j}.png" for n in names for j in range(4))
+
+    def load_faces(source, **kwargs):
+        labels = np.repeat(np.arange(4), 4).astype(np.int32)
+        return data.FaceSet(images, labels, names, source, False, files)
+
+    monkeypatch.setattr(data, "load_faces", load_faces)
+    r_e = checkpoint.load_recognizer(tmp / "r_e")
+    # R_E trained on photos 0 and 1 of each: the gallery; 2 and 3 of cy and ann are held out
+    trained = [f for f in files if f.endswith(("/0.png", "/1.png"))]
+    checkpoint.save_recognizer(
+        tmp / "r_e_face", r_e.params, r_e.config, r_e.names, {"train_files": trained}
+    )
+    out = tmp / "out_face"
+    rc, stdout, err = evaluate(
+        capsys, "--inversions", run, "--evaluator", tmp / "r_e_face", "--workdir", out,
+        "--faces", "src",
+    )  # fmt: skip
+    assert rc == 0, err
+    judged = json.loads((out / "evaluation.json").read_text())["judges"]
+    face = list(verdicts.FACE_JUDGES)
+    assert list(judged["judges"])[:4] == face and judged["top"]["real"]["face_dlib"]["count"] == 4
+    assert judged["top"]["clones"]["face_dlib"]["count"] == 8
+    assert any("face judges (dlib, faceres): fitted on 8" in n for n in judged["notes"])
+    header = (out / "clones.csv").read_text().splitlines()[0].split(",")
+    ranks = [h for h in header if h.startswith("rank_") and h != "rank_E"]
+    assert ranks[:4] == [f"rank_{j}" for j in face] and "face_detected" in header
+    assert "  clones: face_dlib " in stdout

@@ -168,9 +168,18 @@ def test_outputs_and_report_numbers_equal_json(finished):
     # Every judge on every group, R_E's row the same as its own table, the report shows them.
     judged = summary["judges"]
     assert set(judged["top"]) == {"clones", "seeds", "real", "pgd"}
+    face = ["face_dlib", "face_dlib_centroid", "face_faceres", "face_faceres_centroid"]
     every = {"R_T", "R_E", "R_E_transformed", "R_E_other", "R_E_other_transformed",
-             "eigenface_nn", "eigenface_mean", "pixel_nn"}  # fmt: skip
+             "eigenface_nn", "eigenface_mean", "pixel_nn", *face}  # fmt: skip
     assert set(judged["top"]["clones"]) == every
+    # The face judges come first: in the summary, its tables and the clones' CSV.
+    assert list(judged["judges"])[:4] == face and judged["robust"][:4] == face
+    for g in ("clones", "seeds", "real", "pgd"):
+        assert list(judged["top"][g])[:4] == face
+        assert 0 <= judged["realism"][g]["face_detection_rate"] <= 1
+        assert judged["realism"][g]["face_knn_distance_dlib"] > 0
+    assert judged["top"]["real"]["face_dlib"]["count"] == 4
+    assert page.index("face judge, dlib") < page.index("R_E (R_T&#x27;s architecture")
     assert judged["top"]["clones"]["R_E"]["top1"] == o["top1"]
     assert judged["top"]["seeds"]["R_E"]["top1"] == s["top1"]
     assert judged["top"]["clones"]["R_E"]["count"] == 4
@@ -187,6 +196,9 @@ def test_outputs_and_report_numbers_equal_json(finished):
     assert (w / "report" / "judges.png").is_file()
     header = (w / "report" / "clones.csv").read_text().splitlines()[0].split(",")
     assert "rank_pixel_nn" in header and "rank_R_E_other" in header and "knn_ratio" in header
+    judges_columns = [h for h in header if h.startswith("rank_") and h != "rank_E"]
+    assert judges_columns[:4] == [f"rank_{j}" for j in face]
+    assert {"face_detected", "face_knn_distance_dlib", "face_knn_distance_faceres"} <= set(header)
 
 
 def test_selection_keeps_the_best_by_r_t(finished):
@@ -247,6 +259,9 @@ def test_rerun_skips_every_stage(finished, capsys, monkeypatch):
     assert f"top-1 by R_E {100 * summary['overall']['top1']:.1f}%" in out
     assert f"report: {finished / 'report' / 'report.html'}" in out
     assert (finished / "report" / "evaluation.json").stat().st_mtime_ns == before
+    # the face judge's line first among the judges'
+    assert "face judge face_dlib: clones top-1" in out and "a face found by dlib's detector" in out
+    assert out.index("face judge face_dlib") < out.index("judges beside R_E")
 
 
 def test_changed_setting_is_an_error_then_redo(finished, tmp_path, capsys, monkeypatch):
@@ -405,6 +420,7 @@ GENERATOR = [
     "--config.prior.batch_size=8",
     "--config.judges.other_arch=",
     "--config.judges.pgd.per_identity=0",  # the controls are the pixel experiment's to test
+    "--config.judges.face=()",  # the face judges are the pixel experiment's to test
 ]
 
 
@@ -524,6 +540,8 @@ def test_blackbox_clones_the_served_r_t_inverts_the_clone_and_resumes(
     assert "none_b9/clone" in summary["checkpoint"]
     for name in ("blackbox.md", "blackbox.csv", "blackbox.png"):
         assert (tmp_path / "bb" / name).stat().st_size > 0
+    head = (tmp_path / "bb" / "blackbox.md").read_text().splitlines()[0].split(" | ")
+    assert head[5:7] == ["face_dlib", "face_dlib_centroid"] and head.index("R_T") > 8
     capsys.readouterr()
     assert cli.main(argv) == 0
     assert "done before" in capsys.readouterr().out
