@@ -42,8 +42,12 @@ from jaxmia import config as config_lib
 from jaxmia.errors import JaxmiaError
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-# The table's columns of judges, in order: R_E first, then those adversarial patterns fool less.
-JUDGE_COLUMNS = ("R_E", "R_E_other", *verdicts.ROBUST)
+# The table's columns of judges, in order: the face judges first (a person's standard), then
+# R_E, then those adversarial patterns fool less.
+JUDGE_COLUMNS = (
+    *verdicts.FACE_JUDGES, "R_E", "R_E_other",
+    *(j for j in verdicts.ROBUST if j not in verdicts.FACE_JUDGES),
+)  # fmt: skip
 JUDGE_STAGES = ("evaluation", "evaluation_other")  # never defended: shared by every cell
 
 

@@ -344,9 +344,11 @@ def clones_csv(
 
 
 def judge_columns(per_clone: dict[str, np.ndarray]) -> tuple[str, ...]:
-    """The per-clone columns the judges beside R_E add (``jaxmia.verdicts``), if they ran."""
+    """The per-clone columns the judges beside R_E add (``jaxmia.verdicts``), if they ran: their
+    ranks (the face judges' first), then the face judges' measures, then the eigenface ones."""
     ranks = tuple(k for k in per_clone if k.startswith("rank_") and k != "rank_E")
-    return ranks + tuple(k for k in ("knn_ratio", "residual_energy") if k in per_clone)
+    face = tuple(k for k in per_clone if k.startswith("face_"))
+    return ranks + face + tuple(k for k in ("knn_ratio", "residual_energy") if k in per_clone)
 
 
 def identity_row(name: str, s: dict[str, Any]) -> dict[str, Any]:
@@ -444,7 +446,18 @@ def judges_html(judged: dict[str, Any], folder: Path, pics: dict[str, Any]) -> s
     counts = "".join(f"<td>{next(iter(judged['top'][g].values()))['count']}</td>" for g in groups)
     rows.append(f"<tr><td>images</td>{counts}</tr>")
     real_head = "".join(f"<th>{e(judged['groups'][g])}</th>" for g in judged["realism"])
+    distances = dict.fromkeys(
+        k for r in judged["realism"].values() for k in r if k.startswith("face_knn_distance_")
+    )
+    face_rows = [
+        (k, f"{k.removeprefix('face_knn_distance_')}: distance to the target's nearest photo, "
+            "mean (the field's FaceNet distance)", "num")
+        for k in distances
+    ]  # fmt: skip
+    if any("face_detection_rate" in r for r in judged["realism"].values()):
+        face_rows.insert(0, ("face_detection_rate", "a face found by dlib's detector", "pct"))
     measures = (
+        *face_rows,
         ("frechet_eigenface", "Fréchet distance to R_E's photos (eigenface space)", "num"),
         ("knn_ratio_median", "KNN ratio, median (target / anyone else)", "num"),
         ("knn_ratio_below_1", "closer to the target than to anyone else", "pct"),
@@ -466,8 +479,16 @@ def judges_html(judged: dict[str, Any], folder: Path, pics: dict[str, Any]) -> s
         )
     plot = _img(folder / pics["judges"], "judges") if "judges" in pics else ""
     notes = "<br>".join(e(n) for n in judged.get("notes", []))
+    face = ""
+    if any(j.startswith("face_") for j in judged["judges"]):
+        face = (
+            "<p>The face judges, first, are pretrained face recognizers trained on millions of "
+            "other people, judging dlib-aligned face chips of each image (a fixed box where "
+            "dlib's detector finds no face): the standard a person, or the field, would apply.</p>"
+        )
     return f"""<h2>Judges beside R_E</h2>
 {lead}
+{face}
 <p class="note">Top-1 (top-5) of the target among R_E's {round(1 / judged["chance_top1"])}
 identities (chance {format_cell(judged["chance_top1"], "pct")}). * robust judges: not fooled by
 small gradient patterns. Held-out real photos were fitted on by no recognizer or judge (every

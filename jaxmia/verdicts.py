@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any
 import jax
 import ml_collections
 import numpy as np
+from tqdm.auto import tqdm
 
 from jaxmia import adversarial, judges, robust, scores
 from jaxmia.errors import JaxmiaError
@@ -216,18 +217,22 @@ def _face_embedder(name: str) -> Callable[[np.ndarray], np.ndarray]:
     return FACE_MODELS[name].load()
 
 
-def face_measures(images: np.ndarray, embedders: dict[str, Callable]) -> dict[str, np.ndarray]:
+def face_measures(
+    images: np.ndarray, embedders: dict[str, Callable], *, progress: bool = False
+) -> dict[str, np.ndarray]:
     """Aligned chips of images, each made once and embedded by every face model.
 
     Args:
       images: in [0, 1], grey or RGB; n >= 1. # [n, h, w, c]
       embedders: face model name -> its embedding of chips.
+      progress: show a progress bar.
 
     Returns:
       {FACE_DETECTED: [n] bool, name: embeddings [n, d] for each face model}.
     """
     detected, embedded = [], {name: [] for name in embedders}
-    for lo in range(0, len(images), _CHIP_BATCH):
+    starts = range(0, len(images), _CHIP_BATCH)
+    for lo in tqdm(starts, desc="face judges", disable=not progress, unit="batch", leave=False):
         chips = face_judge.face_chips(images[lo : lo + _CHIP_BATCH])
         detected.append(chips.detected)
         n = len(chips.detected)
@@ -500,7 +505,7 @@ def judge_groups(
         found[f"{j}_transformed"] = got.rank
     found |= judges.judge(panel.fitted, images, targets["R_E"])
     if panel.face and len(images):
-        measured = face_measures(images, {f.name: f.embed for f in panel.face})
+        measured = face_measures(images, {f.name: f.embed for f in panel.face}, progress=progress)
         found[FACE_DETECTED] = measured[FACE_DETECTED]
         for f in panel.face:
             got = face_judge.rank(f.gallery, measured[f.name], targets["R_E"])

@@ -246,6 +246,8 @@ SWEEP = [
     "--config.judges.eigenfaces=6",
     "--config.judges.pgd.steps=2",
     "--config.judges.transforms.samples=2",
+    # the face judges cost most of a tiny cell's judging; test_experiment runs them end to end
+    "--config.judges.face=()",
     "--config.defences.cells=('none:', 'nls: train.defence.label_smoothing=-0.1')",
     "--config.defences.adaptive=('inversion.learning_rate=0.2',)",
 ]
@@ -306,6 +308,21 @@ def test_defend_writes_the_table_shares_r_e_and_resumes(tmp_path, capsys):
     bad = [*SWEEP, f"--config.defences.reuse={tmp_path / 'nothing'}"]
     assert cli.main(["defend", "--workdir", str(tmp_path / "bad"), *bad]) == 2
     assert "config field defences.reuse" in capsys.readouterr().err
+
+
+def test_the_face_judges_are_the_tables_first_judges():
+    from jaxmia import defence_sweep, verdicts
+
+    top1 = {"R_E": 0.5, "pixel_nn": 0.25, "face_dlib": 0.125, "face_faceres": 0.0}
+    row = {"cell": "none", "defence": "none", "attack": "as configured", "R_T_test_accuracy": 0.9,
+           "epsilon": None, "robust_mean_top1": 0.3, "seed_top1": 0.1, "clones": 4,
+           "top1": top1}  # fmt: skip
+    assert defence_sweep.JUDGE_COLUMNS[:4] == verdicts.FACE_JUDGES
+    head = defence_sweep.table([row]).splitlines()[0].split(" | ")
+    assert head[5:9] == ["face_dlib", "face_faceres", "R_E", "pixel_nn"]
+    assert defence_sweep._csv([row]).splitlines()[0].split(",")[5:8] == [
+        "top1_face_dlib", "top1_face_faceres", "top1_R_E"
+    ]  # fmt: skip
 
 
 @pytest.mark.parametrize(
