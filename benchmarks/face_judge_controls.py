@@ -127,7 +127,8 @@ def main() -> None:
         f"Negative control: a face detected in {100 * noise_detected:.0f}% of 100 uniform-noise "
         "64x64 images.",
         "",
-        "images/s: chips and embedding together, on 2 CPU cores shared with other jobs.",
+        "images/s: chips and embedding together, on 2 CPU cores shared with other jobs; the "
+        "first set's rate includes compiling the embedder.",
     ]
     table = "\n".join(lines)
     print(table)
