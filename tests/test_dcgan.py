@@ -23,7 +23,7 @@ TOLERANCE = 1e-4  # measured 1.2e-6
 
 @pytest.fixture(scope="module")
 def net():
-    """(model, jitted z -> images)."""
+    """(model, z -> images jitted, the same taking the state first)."""
     try:
         fetch.model_files("dcgan_face")
     except fetch.FetchError as e:
@@ -32,11 +32,12 @@ def net():
         raise
     model = dcgan.load_dcgan()
     graphdef, state = nnx.split(model)
-    return model, jax.jit(lambda z: nnx.merge(graphdef, state)(z))
+    jitted = jax.jit(lambda state, z: nnx.merge(graphdef, state)(z))
+    return model, lambda z: jitted(state, z), jitted
 
 
 def test_equals_torch_generator(net):
-    _, generate = net
+    _, generate, _ = net
     images = np.asarray(generate(REFERENCE["z"]))
     assert images.shape == (4, 64, 64, 3) and images.dtype == np.float32
     np.testing.assert_allclose(images, REFERENCE["images"], atol=TOLERANCE, rtol=0)
@@ -64,11 +65,12 @@ def test_conv_transpose_is_torch_semantics():
 
 
 def test_vmap_features_and_latent_gradients(net):
-    model, generate = net
+    model, generate, jitted = net
     graphdef, state = nnx.split(model)
     z = jnp.asarray(REFERENCE["z"])
     batched = np.asarray(generate(z))
-    one_at_a_time = jax.jit(jax.vmap(lambda zi: generate(zi[None])[0]))(z)
+    one = jax.vmap(lambda zi, state: jitted(state, zi[None])[0], in_axes=(0, None))
+    one_at_a_time = jax.jit(one)(z, state)
     np.testing.assert_allclose(np.asarray(one_at_a_time), batched, atol=1e-5)
     for layer in (1, 3):
         h = model.features(z, layer)
@@ -79,18 +81,18 @@ def test_vmap_features_and_latent_gradients(net):
 
     @jax.jit
     @jax.value_and_grad
-    def loss(z):
+    def loss(z, state):
         return jnp.mean((nnx.merge(graphdef, state)(z) - target) ** 2)
 
-    before, g = loss(z)
+    before, g = loss(z, state)
     g = np.asarray(g)
     assert g.shape == (4, 100) and np.isfinite(g).all() and np.abs(g).max() > 0
-    after, _ = loss(z - 0.1 * g / np.abs(g).max())  # a step down the gradient
+    after, _ = loss(z - 0.1 * g / np.abs(g).max(), state)  # a step down the gradient
     assert float(after) < float(before)
 
 
 def test_bad_latents_and_checkpoints(net, tmp_path):
-    model, _ = net
+    model, _, _ = net
     with pytest.raises(JaxmiaError, match=r"latents of shape \(2, 64\), expected \[n, 100\]"):
         model(jnp.zeros((2, 64)))
     with pytest.raises(JaxmiaError, match="layer 5"):

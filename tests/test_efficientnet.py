@@ -26,7 +26,7 @@ TOLERANCE = 1e-4  # float32 over 50 layers; measured 9e-6 (enlarged), 1.1e-5 (sh
 
 @pytest.fixture(scope="module")
 def net():
-    """(model, jitted images -> (logits, features)); eager calls would compile layer by layer."""
+    """(model, images -> (logits, features) jitted, the same taking the state first)."""
     try:
         fetch.model_files("efficientnet_lite0")
     except fetch.FetchError as e:
@@ -37,11 +37,11 @@ def net():
     graphdef, state = nnx.split(model)
 
     @jax.jit
-    def both(x):
+    def jitted(state, x):  # the weights an argument, not constants folded into the program
         m = nnx.merge(graphdef, state)
         return m.logits(x), m.backbone(x)
 
-    return model, both
+    return model, lambda x: jitted(state, x), jitted
 
 
 def _unit(images: np.ndarray) -> np.ndarray:
@@ -49,7 +49,7 @@ def _unit(images: np.ndarray) -> np.ndarray:
 
 
 def test_equals_torch_forward_pass(net):
-    _, both = net
+    _, both, _ = net
     small = _unit(REFERENCE["small"])  # [4, 64, 64, 3], enlarged to 224 inside
     logits, features = map(np.asarray, both(small))
     assert logits.shape == (4, 1000) and features.shape == (4, 1280)
@@ -61,7 +61,7 @@ def test_equals_torch_forward_pass(net):
 
 
 def test_classifies_imagenet_photos(net):
-    _, both = net
+    _, both, _ = net
     # ImageNet classes: 281-285 cats (285 Egyptian cat); 967 espresso, 968 cup, 504 coffee mug
     expected = [{281, 282, 283, 284, 285}, {967, 968, 504}]
     photos = [skimage.data.chelsea(), skimage.data.coffee(), skimage.data.rocket()]
@@ -74,7 +74,7 @@ def test_classifies_imagenet_photos(net):
 
 
 def test_grey_images_are_repeated_to_rgb(net):
-    _, both = net
+    _, both, _ = net
     grey = _unit(REFERENCE["small"]).mean(axis=-1, keepdims=True)  # [4, 64, 64, 1]
     np.testing.assert_allclose(
         np.asarray(both(grey)[0]), np.asarray(both(np.repeat(grey, 3, axis=-1))[0]), atol=1e-5
@@ -82,31 +82,32 @@ def test_grey_images_are_repeated_to_rgb(net):
 
 
 def test_vmap_and_input_gradients(net):
-    model, both = net
+    model, both, jitted = net
     graphdef, state = nnx.split(model)
     x = jnp.asarray(_unit(REFERENCE["small"]))  # [4, 64, 64, 3]
     batched = np.asarray(both(x)[0])
-    one_at_a_time = jax.jit(jax.vmap(lambda xi: both(xi[None])[0][0]))(x)
+    one = jax.vmap(lambda xi, state: jitted(state, xi[None])[0][0], in_axes=(0, None))
+    one_at_a_time = jax.jit(one)(x, state)
     np.testing.assert_allclose(np.asarray(one_at_a_time), batched, atol=1e-5)
 
     top = batched.argmax(1)
 
     @jax.jit
     @jax.value_and_grad
-    def score(x):  # log-probability of each image's own top class, summed
+    def score(x, state):  # log-probability of each image's own top class, summed
         out = nnx.merge(graphdef, state).logits(x)
         return jax.nn.log_softmax(out)[jnp.arange(4), top].sum()
 
-    before, g = score(x)
+    before, g = score(x, state)
     g = np.asarray(g)
     assert g.shape == x.shape and np.isfinite(g).all() and np.abs(g).max() > 0
     # a small step up the gradient raises the score: the gradient is right, not just finite
-    after, _ = score(x + 1e-3 * g / np.abs(g).max())
+    after, _ = score(x + 1e-3 * g / np.abs(g).max(), state)
     assert float(after) > float(before)
 
 
 def test_bad_input_and_bad_state_dict(net):
-    model, _ = net
+    model, _, _ = net
     with pytest.raises(JaxmiaError, match=r"\[n, h, w, 3\]"):
         model.logits(np.zeros((1, 32, 32, 4), np.float32))
     with pytest.raises(JaxmiaError, match=r"\[n, h, w, 3\]"):

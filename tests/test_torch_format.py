@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jaxmia.errors import JaxmiaError
 from jaxmia.pretrained import fetch, torch_format
@@ -150,3 +152,67 @@ def test_state_dict_unwrapping_errors(tmp_path):
     # the small object mixes tensors, lists and strings: not a state_dict
     with pytest.raises(JaxmiaError, match="expected a dict of tensors"):
         torch_format.load_state_dict(DATA / "torch_reference_legacy.pt")
+
+
+# Checkpoints written opcode by opcode (no torch): one tensor of any shape, strides and offset.
+_DTYPES = {"FloatStorage": np.float32, "HalfStorage": np.float16, "LongStorage": np.int64,
+           "ByteStorage": np.uint8, "BoolStorage": np.bool_}  # fmt: skip
+
+
+def _ops(value) -> bytes:
+    """The opcodes that push ``value`` (a str, int, or tuple of ints)."""
+    return pickle.dumps(value, 2)[2:-1]  # without PROTO and STOP
+
+
+def _tensor_pickle(kind: str, numel: int, offset: int, size, stride, *, legacy: bool) -> bytes:
+    pid = b"(" + _ops("storage") + f"ctorch\n{kind}\n".encode() + _ops("0") + _ops("cpu")
+    pid += _ops(numel) + (b"N" if legacy else b"") + b"tQ"  # the tuple, then BINPERSID
+    args = pid + _ops(offset) + _ops(tuple(size)) + _ops(tuple(stride))
+    args += b"\x89" + b"ccollections\nOrderedDict\n)R"  # requires_grad False, no hooks
+    return b"\x80\x02ctorch._utils\n_rebuild_tensor_v2\n(" + args + b"tR."
+
+
+@st.composite
+def _tensors(draw):
+    kind = draw(st.sampled_from(sorted(_DTYPES)))
+    ndim = draw(st.integers(0, 4))
+    size = draw(st.lists(st.integers(0, 4), min_size=ndim, max_size=ndim))
+    order = draw(st.permutations(range(ndim)))
+    stride, step = [0] * ndim, 1
+    for axis in order:  # any axis order, with gaps between rows
+        stride[axis] = step
+        step *= size[axis] + draw(st.integers(0, 2))
+    offset = draw(st.integers(0, 5))
+    reach = offset + sum((n - 1) * s for n, s in zip(size, stride, strict=True)) + 1
+    numel = max(reach + draw(st.integers(-2, 3)), 0)
+    return kind, size, stride, offset, numel, reach
+
+
+@settings(max_examples=60, deadline=None)
+@given(case=_tensors(), legacy=st.booleans())
+def test_any_strided_tensor(tmp_path_factory, case, legacy):
+    kind, size, stride, offset, numel, reach = case
+    dtype = _DTYPES[kind]
+    storage = (np.arange(numel) * 7 % 11).astype(dtype)  # distinct-ish values, exact in each type
+    pkl = _tensor_pickle(kind, numel, offset, size, stride, legacy=legacy)
+    if legacy:
+        head = b"".join(pickle.dumps(v, 2) for v in (0x1950A86A20F9469CFC6C, 1001, {}))
+        data = head + pkl + pickle.dumps(["0"], 2) + np.int64(numel).tobytes() + storage.tobytes()
+    else:
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w") as z:
+            z.writestr("archive/data.pkl", pkl)
+            z.writestr("archive/data/0", storage.tobytes())
+        data = buf.getvalue()
+    path = tmp_path_factory.mktemp("t") / "t.pt"
+    path.write_bytes(data)
+    if 0 not in size and reach > numel:
+        with pytest.raises(JaxmiaError, match="reaches past its storage"):
+            torch_format.load(path)
+        return
+    got = torch_format.load(path)
+    # element idx of the tensor is storage[offset + idx . stride]
+    index = offset + sum(i * s for i, s in zip(np.indices(size), stride, strict=True))
+    want = storage[index] if 0 not in size else np.zeros(size, dtype)
+    assert got.dtype == dtype and got.shape == tuple(size)
+    np.testing.assert_array_equal(got, want)
