@@ -763,6 +763,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
         )
     train.check_train_config(config.train)
     defences.check_model(defences.Defence.from_config(config.train), config.model.arch)
+    train.check_target(config)  # an R_T on a face judge's own backbone
     verdicts.Settings.from_config(config.judges)
     other = other_config(config)
     if other is not None:
