@@ -89,7 +89,7 @@ def client_name(name: object) -> str:
 
 def hash_key(key: str) -> str:
     """The stored form of an API key."""
-    return hashlib.sha256(key.encode()).hexdigest()
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def new_key() -> str:
@@ -136,6 +136,14 @@ class Store:
                 f"service store {self.path}: not a jaxmia service database ({e})"
             ) from None
         self._lock = threading.Lock()
+        # Every key's account, in memory: the server checks a key on its event loop, which
+        # must never wait for the lock while a batch is being written.
+        self._keys = {
+            h: (name, bool(a))
+            for h, name, a in self._db.execute(
+                "SELECT key_hash, name, admin FROM clients WHERE key_hash IS NOT NULL"
+            )
+        }
 
     def close(self) -> None:
         with self._lock:
@@ -178,15 +186,12 @@ class Store:
                 raise JaxmiaError(f"client name {name!r}: already taken") from None
             except sqlite3.Error as e:
                 raise StoreError(f"service store {self.path}: {e}") from None
+            self._keys[hash_key(key)] = (name, admin)
         return key
 
     def client_for_key(self, key: str) -> tuple[str, bool] | None:
         """(name, admin) of the account with this API key, or None."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT name, admin FROM clients WHERE key_hash = ?", (hash_key(key),)
-            ).fetchone()
-        return None if row is None else (row[0], bool(row[1]))
+        return self._keys.get(hash_key(key))
 
     def clients(self) -> list[dict]:
         """Every account: name, budget (None: the policy's), admin, cid (None: no query yet)."""

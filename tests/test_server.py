@@ -294,7 +294,8 @@ def _start(recognizer, workdir, port):
         [sys.executable, "-m", "jaxmia", "serve", "--checkpoint", str(recognizer),
          "--workdir", str(workdir), "--port", str(port), "--config.serve.detector=hash",
          "--config.serve.misrecognition=0.3", "--config.serve.buckets=(8,)",
-         "--config.serve.budget=400"],
+         "--config.serve.budget=400", "--config.serve.shutdown_s=2",
+         "--config.serve.body_timeout_s=120"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env, text=True,
     )  # fmt: skip
     line = proc.stdout.readline()
@@ -354,10 +355,19 @@ def test_killed_server_loses_no_answered_query_and_still_detects_old_duplicates(
         last = boss.records(after=int(a.indices[0]) - 1)[0]
         assert last["duplicate"]
         _cloning_study_against(url, workdir / "admin.key", tmp_path / "study", monkeypatch)
-        # SIGTERM: a clean stop
+        # SIGTERM: a clean stop, which a slow uploader delays by serve.shutdown_s at most
+        slow = socket.create_connection(("127.0.0.1", port))
+        slow.sendall(
+            b"POST /v1/query HTTP/1.1\r\nHost: x\r\nContent-Length: 100000\r\n"
+            + f"Authorization: Bearer {keys[1]}\r\n\r\n\x93NUMPY".encode()
+        )
+        time.sleep(0.3)
+        t0 = time.perf_counter()
         proc.send_signal(signal.SIGTERM)
         out, _ = proc.communicate(timeout=60)
+        slow.close()
         assert proc.returncode == 0 and "stopped" in out
+        assert time.perf_counter() - t0 < 10  # 2 s for the uploader, not uvicorn's 30
     finally:
         if proc.poll() is None:
             proc.kill()
@@ -458,6 +468,7 @@ def _png_header(width, height, color_type=0):
     )  # fmt: skip
 
 
+@pytest.mark.filterwarnings("ignore::PIL.Image.DecompressionBombWarning")
 @pytest.mark.parametrize("side", [12_000, 20_000])
 def test_an_image_of_another_size_is_refused_from_its_header(api, side):
     http, admin, db, _ = api
