@@ -361,6 +361,16 @@ def _serve_defaults() -> ml_collections.ConfigDict:
     c.max_wait_ms = 5.0
     c.max_images = 1024  # per request
     c.max_body_mb = 64.0
+    # Connections: at most max_connections open (more get a 503); a request's head must arrive
+    # within header_timeout_s of its connection opening (or its last answer), its body within
+    # body_timeout_s (else 408); an idle connection closes after keep_alive_s. SIGTERM waits
+    # at most shutdown_s for the requests in flight. Bodies decode on decode_threads threads.
+    c.max_connections = 512
+    c.keep_alive_s = 5.0
+    c.header_timeout_s = 10.0
+    c.body_timeout_s = 30.0
+    c.shutdown_s = 10.0
+    c.decode_threads = 2
     # The coins' key: -1 a secret drawn at the first start (workdir/secret.key); >= 0 this seed.
     c.seed = -1
     c.durable = False  # fsync every request (survives power loss, not only a killed server)

@@ -318,23 +318,25 @@ class Service:
             budget). Nothing is recorded then: the history and the accounts stay as they were.
         """
         (out,) = self.query_many([(client, images)])
-        if isinstance(out, JaxmiaError):
+        if isinstance(out, Exception):
             raise out
         return out
 
-    def query_many(self, requests: list[tuple[str, Any]]) -> list[Answers | JaxmiaError]:
+    def query_many(self, requests: list[tuple[str, Any]]) -> list[Answers | Exception]:
         """Answers several clients' batches with one pass of the recognizer (dynamic batching).
 
         The same answers and records as ``query`` on each request in order: the recognizer
         runs once over every accepted image, then each request's policy (budget, near-duplicate
         search, coins, store) in order. A refused request gets its error in its place and
-        changes nothing; the others are answered.
+        changes nothing; the others are answered. So does a request whose store write failed
+        (``store.StoreError``): a query is charged and recorded exactly when it is answered.
 
         Args:
           requests: (client, images # [b, h, w, c]) each.
 
         Returns:
-          Per request, its ``Answers`` or the ``JaxmiaError`` that refused it.
+          Per request, its ``Answers`` or the exception that refused it (a ``JaxmiaError``
+          for bad input or a spent budget).
         """
         out: list[Answers | JaxmiaError | None] = [None] * len(requests)
         accepted, pending = [], {}
@@ -359,9 +361,14 @@ class Service:
             for i, client, x in accepted:
                 part = slice(start, start + len(x))
                 start += len(x)
-                out[i] = self._answer(
-                    client, probs[part], words[part], None if feats is None else feats[part]
-                )
+                try:
+                    out[i] = self._answer(
+                        client, probs[part], words[part], None if feats is None else feats[part]
+                    )
+                except Exception as e:  # noqa: BLE001 - its own failure; the others go on
+                    # _answer changes nothing before its store write succeeds, so a request
+                    # the store refused (a full disk) is neither charged nor answered.
+                    out[i] = e
         return out
 
     def budget_of(self, client: str) -> int:

@@ -21,10 +21,13 @@ From these the service rebuilds its accounts and near-duplicate index on start
 from __future__ import annotations
 
 import hashlib
+import os
+import re
 import secrets
 import sqlite3
 import threading
 import time
+import unicodedata
 from pathlib import Path
 
 import numpy as np
@@ -55,11 +58,38 @@ CREATE TABLE IF NOT EXISTS queries (
 CREATE INDEX IF NOT EXISTS queries_cid ON queries (cid, idx);
 """
 COLUMNS = ("idx", "cid", "hash", "token", "true_label", "answer", "altered", "duplicate")
+# Client names: ASCII letters, digits and . _ @ + - after NFKC, so that no name hides control
+# characters, a right-to-left override or a look-alike of another (Cyrillic "\u0430dmin").
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._@+-]{0,127}")
+MAX_BUDGET = 2**62  # SQLite integers are 64-bit; far beyond any real budget
+
+
+class StoreError(JaxmiaError):
+    """The store could not write or read (a full disk, a broken file): the service's fault,
+    not the request's."""
+
+
+def client_name(name: object) -> str:
+    """A client name as stored: NFKC-normalised, checked against ``NAME``.
+
+    Raises:
+      JaxmiaError: not a string, or (after normalising) not 1 to 128 of ``[A-Za-z0-9._@+-]``
+        starting with a letter or digit.
+    """
+    if not isinstance(name, str):
+        raise JaxmiaError(f"client name: expected a string, got {type(name).__name__}")
+    norm = unicodedata.normalize("NFKC", name)
+    if not NAME.fullmatch(norm):
+        raise JaxmiaError(
+            f"client name {ascii(name)[:80]}: expected 1 to 128 of the characters "
+            "A-Z a-z 0-9 . _ @ + - (starting with a letter or digit)"
+        )
+    return norm
 
 
 def hash_key(key: str) -> str:
     """The stored form of an API key."""
-    return hashlib.sha256(key.encode()).hexdigest()
+    return hashlib.sha256(key.encode("utf-8", "surrogatepass")).hexdigest()
 
 
 def new_key() -> str:
@@ -74,6 +104,10 @@ def _signed(u: np.ndarray) -> list[int]:
 class Store:
     """The SQLite store of one service (thread-safe: one connection behind a lock).
 
+    The database and its WAL are created readable by their owner only (0600): they hold every
+    query's true label. A write that fails raises ``StoreError`` naming SQLite's cause and
+    leaves the store as it was.
+
     Args:
       path: the database file (created with its tables if absent).
       durable: fsync every transaction (``synchronous=FULL``) instead of at checkpoints.
@@ -81,6 +115,17 @@ class Store:
 
     def __init__(self, path: str | Path, *, durable: bool = False):
         self.path = Path(path)
+        try:
+            os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+            # SQLite gives the -wal and -shm files the database's mode; older ones are narrowed.
+            for p in (
+                self.path,
+                *(self.path.with_name(self.path.name + s) for s in ("-wal", "-shm")),
+            ):
+                if p.exists():
+                    os.chmod(p, 0o600)
+        except OSError as e:
+            raise JaxmiaError(f"service store {self.path}: cannot create it ({e})") from None
         try:
             self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -91,6 +136,14 @@ class Store:
                 f"service store {self.path}: not a jaxmia service database ({e})"
             ) from None
         self._lock = threading.Lock()
+        # Every key's account, in memory: the server checks a key on its event loop, which
+        # must never wait for the lock while a batch is being written.
+        self._keys = {
+            h: (name, bool(a))
+            for h, name, a in self._db.execute(
+                "SELECT key_hash, name, admin FROM clients WHERE key_hash IS NOT NULL"
+            )
+        }
 
     def close(self) -> None:
         with self._lock:
@@ -101,17 +154,28 @@ class Store:
     def add_client(self, name: str, *, budget: int | None = None, admin: bool = False) -> str:
         """Creates an account and returns its API key (shown once: only its hash is kept).
 
+        Args:
+          name: normalised by ``client_name``; a name that differs from a taken one only in
+            case is taken.
+
         Raises:
-          JaxmiaError: the name is taken, empty or too long.
+          JaxmiaError: the name is taken or not a valid name, or the budget is not an integer
+            in 0..2^62.
         """
-        if not isinstance(name, str) or not 0 < len(name) <= 128:
-            raise JaxmiaError(f"client name: expected 1 to 128 characters, got {name!r}")
-        if budget is not None and (not isinstance(budget, int) or budget < 0):
+        name = client_name(name)
+        if budget is not None and (
+            isinstance(budget, bool) or not isinstance(budget, int) or not 0 <= budget <= MAX_BUDGET
+        ):
             raise JaxmiaError(
-                f"client budget: expected an integer >= 0 (0: unlimited), got {budget!r}"
+                f"client budget: expected an integer in 0..2^62 (0: unlimited), got {budget!r}"
             )
         key = new_key()
         with self._lock:
+            taken = self._db.execute(
+                "SELECT name FROM clients WHERE lower(name) = lower(?)", (name,)
+            ).fetchone()
+            if taken is not None:
+                raise JaxmiaError(f"client name {name!r}: already taken (as {taken[0]!r})")
             try:
                 self._db.execute(
                     "INSERT INTO clients (name, key_hash, budget, admin, created) "
@@ -120,15 +184,14 @@ class Store:
                 )
             except sqlite3.IntegrityError:
                 raise JaxmiaError(f"client name {name!r}: already taken") from None
+            except sqlite3.Error as e:
+                raise StoreError(f"service store {self.path}: {e}") from None
+            self._keys[hash_key(key)] = (name, admin)
         return key
 
     def client_for_key(self, key: str) -> tuple[str, bool] | None:
         """(name, admin) of the account with this API key, or None."""
-        with self._lock:
-            row = self._db.execute(
-                "SELECT name, admin FROM clients WHERE key_hash = ?", (hash_key(key),)
-            ).fetchone()
-        return None if row is None else (row[0], bool(row[1]))
+        return self._keys.get(hash_key(key))
 
     def clients(self) -> list[dict]:
         """Every account: name, budget (None: the policy's), admin, cid (None: no query yet)."""
@@ -172,8 +235,8 @@ class Store:
             )
         )
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
             try:
+                self._db.execute("BEGIN IMMEDIATE")
                 self._db.execute(
                     "INSERT INTO clients (name, created) VALUES (?, ?) ON CONFLICT DO NOTHING",
                     (client, now),
@@ -187,8 +250,13 @@ class Store:
                     data,
                 )
                 self._db.execute("COMMIT")
-            except BaseException:
-                self._db.execute("ROLLBACK")
+            except BaseException as e:
+                # SQLite has already rolled back after some errors (a full disk at COMMIT): a
+                # second ROLLBACK would raise "cannot rollback" and hide the cause.
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                if isinstance(e, sqlite3.Error):
+                    raise StoreError(f"service store {self.path}: {e}") from None
                 raise
 
     def history(self, *, features: bool = False) -> dict[str, np.ndarray]:
