@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import subprocess
 import time
 from pathlib import Path
 
@@ -386,7 +387,8 @@ def _table(meta: dict, judge: dict, inversion: dict, gpu_note: str) -> str:
     peak, tpeak = meta["matmul_gflops"], meta["torch_matmul_gflops"]
     lines = [
         f"Device: JAX {meta['jax_device']}, torch {meta['torch_device']} ({meta['cores']} "
-        f"cores, torch threads {meta['torch_threads']}), {meta['machine']}. {gpu_note}",
+        f"cores, torch threads {meta['torch_threads']}), {meta['machine']}; torch "
+        f"{meta['torch_version']}, JAX {meta['jax_version']}; code {meta['code']}. {gpu_note}",
         f"Cores shared with other jobs (load average {meta['load_before']:.1f} before the run, "
         f"{meta['load_after']:.1f} after; OMP_WAIT_POLICY={meta['OMP_WAIT_POLICY'] or 'unset'}): "
         "rows of this run compare with each other, not with other runs.",
@@ -435,6 +437,19 @@ def _table(meta: dict, judge: dict, inversion: dict, gpu_note: str) -> str:
     return "\n".join(lines)
 
 
+def _code_version() -> str:
+    """The commit measured, and jaxmia's files with uncommitted edits (a shared checkout)."""
+    root = Path(__file__).resolve().parents[1]
+
+    def git(*args: str) -> str:
+        r = subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=False)
+        return r.stdout.rstrip()
+
+    head = git("rev-parse", "--short", "HEAD") or "unknown"
+    dirty = [line[3:] for line in git("status", "--porcelain", "jaxmia").splitlines()]
+    return head + (f" + uncommitted edits in {', '.join(dirty)}" if dirty else "")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a smoke run: few images, short timing")
@@ -469,7 +484,7 @@ def main() -> None:
         "jax_version": jax.__version__, "load_before": os.getloadavg()[0],
         "images": args.images, "rounds": args.rounds, "clones": args.clones,
         "seconds": args.seconds, "matmul_n": n_mm,
-        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", ""),
+        "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", ""), "code": _code_version(),
     }  # fmt: skip
     meta["matmul_gflops"] = matmul_gflops(n_mm)
     meta["torch_matmul_gflops"] = torch_matmul_gflops(n_mm, dev)
