@@ -6,7 +6,7 @@
 R_T and R_E are trained once per setup (``jaxmia experiment``'s first three stages, into
 WORKDIR/SETUP); every trial then inverts R_T's attacked identities with the ``jaxmia invert``
 stage (``invert.run``), keeps the best clones by R_T when it makes restarts
-(``selection.select_clones``) and scores them with R_E (``evaluation.evaluate``). Setups:
+(``selection.select_clones``) and scores them with R_E (``evaluate_lib.evaluate``). Setups:
 
 - ``many``: as many attacked identities as the split allows: 33 attacked, 7 auxiliary (the
   seed's pool), no target-only or evaluation-only; 2 test photos per person, the other 8 split
@@ -29,8 +29,11 @@ from pathlib import Path
 
 import ml_collections
 
-from jaxmia import checkpoint, evaluation, experiment, files, invert, selection
+from jaxmia import checkpoint, files
 from jaxmia import config as config_lib
+from jaxmia.attacks import inversions_file, selection
+from jaxmia.stages import evaluate as evaluate_lib
+from jaxmia.stages import experiment, invert
 
 SETUPS = {
     "many": {
@@ -124,7 +127,7 @@ def run_trial(
         selection.select_clones(out, out / selection.SELECTED, rec_t, cfg)
         run_dir = out / selection.SELECTED
     seconds = time.perf_counter() - t0
-    ev = evaluation.evaluate(evaluation.load_inversions(run_dir), rec_e)
+    ev = evaluate_lib.evaluate(inversions_file.load_inversions(run_dir), rec_e)
     o = ev.summary["overall"]
     timing = json.loads((out / "summary.json").read_text())["timing"]
     return {

@@ -17,7 +17,8 @@ import time
 
 import numpy as np
 
-from jaxmia import dedup, files
+from jaxmia import files
+from jaxmia.service import dedup
 
 SIZES = (10_000, 100_000, 1_000_000)
 CONFIGS = ((4, 2), (5, 2), (3, 2), (7, 4))  # (radius, chunks); (4, 2) is the service default

@@ -3,7 +3,7 @@
   python -m benchmarks.face_judge_controls            # the table (about 5 minutes on 2 cores)
   python -m benchmarks.face_judge_controls --quick    # a smoke run (5 people each, no files)
 
-The face judge (``jaxmia.pretrained.face_judge``: dlib-bin's HOG detector and 5-point
+The face judge (``jaxmia.judges.face``: dlib-bin's HOG detector and 5-point
 alignment, jaxmia's JAX port of dlib's ResNet-29) must recognise real photos it has not seen
 before it can vouch for a clone: issue 25 asks for >= 90% top-1 on AT&T and on the CelebA faces.
 For each set, the last photos of every person are held out, the rest are the gallery, and each
@@ -29,8 +29,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from jaxmia import data, files
-from jaxmia.pretrained import face_judge as fj
+from jaxmia import files
+from jaxmia.data import faces as faces_lib
+from jaxmia.judges import face as fj
 
 OUT = Path(__file__).resolve().parent / "results"
 CELEBA = Path("/work/shared/datasets/celeba128")
@@ -90,7 +91,7 @@ def main() -> None:
     embed = fj.dlib_embedder()
     results = {}
     for size in [(112, 92), (64, 64)]:
-        att = data.load_faces("att", image_size=size, channels=1, progress=False)
+        att = faces_lib.load_faces("att", image_size=size, channels=1, progress=False)
         keep = att.labels < att_people
         name = f"AT&T {size[0]}x{size[1]} grey, {att_people} people, 2 held out each"
         results[name] = control(embed, att.images[keep], att.labels[keep], 2)

@@ -70,8 +70,8 @@ HEADLINE_BATCH = 64
 def _setup(setting: str):
     import jax
 
-    from jaxmia import inversion as inv
-    from jaxmia import models
+    from jaxmia.attacks import inversion as inv
+    from jaxmia.recognizers import models
 
     mc = models.ModelConfig(**SETTINGS[setting][0])
     graphdef, params = models.init(mc, jax.random.key(0))
@@ -89,7 +89,7 @@ def _batch(mc, batch: int):
 
 def jaxmia_config(shard: bool = True):
     """The engine's settings of the jaxmia timings (``steps_per_call`` the backend's default)."""
-    from jaxmia import inversion as inv
+    from jaxmia.attacks import inversion as inv
 
     return inv.InversionConfig(loss="least_squares", learning_rate=LR, shard=shard)
 
@@ -105,7 +105,7 @@ def step_loop(cfg) -> dict:
     (``inversion.resolved_steps_per_call``: by default 1 on CPU, check_every on GPU/TPU)."""
     import jax
 
-    from jaxmia import inversion as inv
+    from jaxmia.attacks import inversion as inv
 
     k = inv.resolved_steps_per_call(cfg)
     if k == 1:
@@ -127,7 +127,7 @@ def jax_run(
 ) -> dict:
     """The engine on ``batch`` clones in chunks of ``size`` (default: the whole batch as one
     program): compile + warm-up, then about ``seconds`` of steps."""
-    from jaxmia import inversion as inv
+    from jaxmia.attacks import inversion as inv
 
     cfg = jaxmia_config(shard)
     size = size or batch
@@ -164,7 +164,7 @@ def jax_run(
 def chunked_run(mc, apply_fn, params, batch: int, seconds: float, one: dict) -> dict:
     """The engine as ``jaxmia invert`` runs ``batch`` clones: in chunks of ``inversion.chunk_size``
     (on CPU, what stays in cache); ``one`` (the ``jax_run`` of the whole batch) if that is one."""
-    from jaxmia import inversion as inv
+    from jaxmia.attacks import inversion as inv
 
     cfg = jaxmia_config()
     size = inv.chunk_size(batch, batch, inv.bytes_per_clone(mc, cfg))
@@ -178,7 +178,7 @@ def _devices_used(batch: int) -> int:
 
 def loop_run(mc, apply_fn, params, clones: int, seconds: float) -> dict:
     """Peer (b): the engine with vmap replaced by a Python loop over clones (one at a time)."""
-    from jaxmia import inversion as inv
+    from jaxmia.attacks import inversion as inv
 
     cfg = jaxmia_config(shard=False)
     x, labels, keys = _batch(mc, clones)
@@ -198,7 +198,7 @@ def layer_times(mc, model, batch: int, reps: int = 20) -> list[dict]:
     import jax
     import jax.numpy as jnp
 
-    from jaxmia import fastconv
+    from jaxmia.recognizers import fastconv
 
     def timed(f, x):
         def forward_backward(v):
@@ -310,7 +310,7 @@ def gradient_check(apply_fn, params, net, mc) -> dict:
     import torch
 
     from benchmarks.inversion_cpu import torch_grad
-    from jaxmia import inversion as inv
+    from jaxmia.attacks import inversion as inv
 
     h, w = mc.image_size
     x = jax.random.uniform(jax.random.key(3), (2, h, w, mc.channels))
@@ -445,7 +445,7 @@ def main() -> None:
     from flax import nnx
 
     from benchmarks.inversion_cpu import torch_model
-    from jaxmia import models
+    from jaxmia.recognizers import models
 
     try:
         import art  # noqa: F401
@@ -606,8 +606,9 @@ def markdown(r: dict, png: str) -> str:
         "threads spin and one thread is often faster): the better of the two is the peer. "
         "jaxmia runs as `jaxmia "
         "invert` does: clones sharded over every device JAX sees, the small-channel "
-        "convolutions rewritten on the space-to-depth image (`jaxmia/fastconv.py`), a batch "
-        "larger than fits in cache (on CPU: `inversion.CPU_CACHE_BYTES` per device) run in "
+        "convolutions rewritten on the space-to-depth image "
+        "(`jaxmia/recognizers/fastconv.py`), a batch larger than fits in cache (on CPU: "
+        "`inversion.CPU_CACHE_BYTES` per device) run in "
         "equal chunks (`inversion.chunk_size`); 'one program' is the whole batch in one. jaxmia's "
         f"timings run at least {JAX_MIN_STEPS} steps (its fixed costs per run come once per "
         "inversion of hundreds of steps in real use).",

@@ -32,8 +32,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxmia import inversion as inv
-from jaxmia import models
+from jaxmia.attacks import inversion as inv
+from jaxmia.recognizers import models
 
 OUT = Path(__file__).resolve().parent
 LR = 0.1

@@ -16,7 +16,7 @@ All in one run on one machine, every JAX figure after a warm-up call, compile ti
 ``block_until_ready``; every torch figure after a warm-up call, ``torch.set_num_threads`` equal
 to the cores, inference mode for embeddings, ``torch.cuda.synchronize`` on a GPU:
 
-1. The face judge (``jaxmia.pretrained.face_judge``) on CelebA photos: (a) the host-side chips
+1. The face judge (``jaxmia.judges.face``) on CelebA photos: (a) the host-side chips
    (dlib-bin's HOG detector, 5-point landmarks and ``get_face_chip``) at 128x128 and 64x64;
    (b) jaxmia's JAX dlib ResNet-29 on the 150x150 chips at batch 32 and 64; (c) dlib-bin's own
    ``compute_face_descriptor`` on the same chips (its batched overload); (d) the ResNet-29
@@ -55,9 +55,11 @@ import torch.nn.functional as F  # noqa: N812
 from flax import nnx
 from PIL import Image
 
-from jaxmia import files, models
-from jaxmia import inversion as inv
-from jaxmia.pretrained import dlib_resnet, face_judge, faceres, fetch
+from jaxmia import files
+from jaxmia.attacks import inversion as inv
+from jaxmia.judges import face as face_lib
+from jaxmia.pretrained import dlib_resnet, faceres, fetch
+from jaxmia.recognizers import models
 
 OUT = Path(__file__).resolve().parent / "results"
 CELEBA = Path("/work/shared/datasets/celeba128")
@@ -254,9 +256,9 @@ def judge_rows(n: int, batches: tuple[int, ...], rounds: int, dev: torch.device)
     photos = celeba_photos(n, 128)
     for side in (128, 64):
         x = photos if side == 128 else celeba_photos(n, 64)
-        face_judge.face_chips(x[:2])  # the detector and predictor loaded, outside the timing
+        face_lib.face_chips(x[:2])  # the detector and predictor loaded, outside the timing
         t = time.perf_counter()
-        chips = face_judge.face_chips(x)
+        chips = face_lib.face_chips(x)
         dt = time.perf_counter() - t
         rows[f"chips {side}x{side} (host, dlib-bin HOG + landmarks + get_face_chip)"] = {
             "images_per_s": n / dt, "detected": float(chips.detected.mean())}  # fmt: skip

@@ -11,7 +11,7 @@ inverts the experiment's R_T (``EXPERIMENT/target``) on its attacked identities 
 ``jaxmia invert`` stage and judges the clones with the ``jaxmia evaluate`` stage: R_E
 (``EXPERIMENT/evaluation``), the second R_E of another architecture beside it
 (``evaluation_other``) and the judges that are not CNNs, on the clones, their seeds, held-out
-real photos and PGD controls (``jaxmia.verdicts``). Each row records every judge's top-1 on the
+real photos and PGD controls (``jaxmia.judges.panel``). Each row records every judge's top-1 on the
 clones, the Fréchet distance to R_E's photos in eigenface space, the KNN ratio, and the
 inversion's image-gradients/s (compile time apart) beside the pixel attack's, measured in the
 same run.
@@ -30,7 +30,9 @@ import time
 from pathlib import Path
 
 from jaxmia import config as config_lib
-from jaxmia import evaluation, files, invert
+from jaxmia import files
+from jaxmia.stages import evaluate as evaluate_lib
+from jaxmia.stages import invert
 
 PIXELS: dict = {}
 LINEAR = {"prior": "linear", "denoise": "none"}
@@ -107,7 +109,7 @@ def run_trial(
     t0 = time.perf_counter()
     invert.run(cfg, out / "inversions", checkpoint_dir=target or experiment / "target")
     inverted = time.perf_counter() - t0
-    summary = evaluation.run(
+    summary = evaluate_lib.run(
         cfg, out / "eval", inversions=out / "inversions", evaluator=experiment / "evaluation",
         progress=False,
     )  # fmt: skip

@@ -30,8 +30,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxmia import config as config_lib
-from jaxmia import files, generator, models, priors
-from jaxmia import inversion as inv
+from jaxmia import files
+from jaxmia.attacks import generator, priors
+from jaxmia.attacks import inversion as inv
+from jaxmia.recognizers import models
 
 OUT = Path(__file__).resolve().parent / "results"
 ATTACK = {"loss": "max_margin", "margin": 20.0, "optimizer": "adam", "learning_rate": 0.05,

@@ -39,7 +39,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxmia import checkpoint, client, files, models
+from jaxmia import checkpoint, files
+from jaxmia.recognizers import models
+from jaxmia.service import client
 
 SHAPE = (32, 32, 1)
 BATCH = 4

@@ -30,7 +30,10 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from jaxmia import checkpoint, client, dedup, files, models, service, store
+from jaxmia import checkpoint, files
+from jaxmia.recognizers import models
+from jaxmia.service import client, dedup, store
+from jaxmia.service import policy as policy_lib
 
 SHAPE = (64, 64, 1)
 POLICY = dict(detector="hash", misrecognition=0.3, buckets=(8, 64, 256))
@@ -88,8 +91,8 @@ def _load(url: str, keys: list[str], batch: int, seconds: float) -> dict:
 
 
 def _in_process(graphdef, params, batch: int, seconds: float) -> float:
-    svc = service.Service(
-        graphdef, params, policy=service.Policy(**POLICY), key=jax.random.key(1),
+    svc = policy_lib.Service(
+        graphdef, params, policy=policy_lib.Policy(**POLICY), key=jax.random.key(1),
         image_shape=SHAPE,
     )  # fmt: skip
     x = np.random.default_rng(1).random((64, batch, *SHAPE), dtype=np.float32)
@@ -119,8 +122,8 @@ def _store_at_scale(graphdef, params, n: int) -> dict:
         db.close()
         size = (Path(tmp) / "s.db").stat().st_size  # the WAL is merged into it on close
         t0 = time.perf_counter()
-        svc = service.Service(
-            graphdef, params, policy=service.Policy(**POLICY, scope="global"),
+        svc = policy_lib.Service(
+            graphdef, params, policy=policy_lib.Policy(**POLICY, scope="global"),
             key=jax.random.key(1), image_shape=SHAPE, store=store.Store(Path(tmp) / "s.db"),
         )  # fmt: skip
         rebuild = time.perf_counter() - t0

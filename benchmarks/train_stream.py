@@ -3,9 +3,9 @@
 (a) Peak resident memory (``ru_maxrss``, a fresh subprocess per size and mode) of ``--steps``
 training steps of the paper CNN on synthetic faces at 128x128x3, 2041 identities, with
 ``--small`` and ``--large`` images per identity: streamed from the array_record cache through
-grain (``jaxmia.stream``) against the in-memory path (the whole set as float32). The in-memory
+grain (``jaxmia.data.stream``) against the in-memory path (the whole set as float32). The in-memory
 peak of the large set is predicted from the small one's (plus the float32 set and the uint8
-read buffer ``data._read`` fills) unless ``--measure-large-in-memory``.
+read buffer ``faces_lib._read`` fills) unless ``--measure-large-in-memory``.
 
 (b) Training images/s at 64x64x3, batch 64, of the ResNet (widths 16-128, one basic block a
 stage, 3x3 stride-2 stem, no pool) and the paper CNN, with the same augmentation (random
@@ -37,9 +37,9 @@ AUG = {"crop_scale": 0.6, "saturation": 0.4}
 
 
 def _records(size: int, per_identity: int, cache: str | None, stream_mode: bool = True):
-    from jaxmia import data
+    from jaxmia.data import faces as faces_lib
 
-    return data.load_faces(
+    return faces_lib.load_faces(
         "synthetic",
         image_size=(size, size),
         channels=3,
@@ -53,7 +53,8 @@ def _records(size: int, per_identity: int, cache: str | None, stream_mode: bool 
 def _setup(mc, batch: int, n_steps: int):
     import jax
 
-    from jaxmia import config, models, train
+    from jaxmia import config
+    from jaxmia.recognizers import models, train
 
     cfg = config.default_config().train
     cfg.update(batch_size=batch, **AUG)
@@ -67,16 +68,19 @@ def memory_child(args) -> dict:
     """One size, one mode: steps of training; returns the peak RSS and timings."""
     import jax
 
-    from jaxmia import data, models, sharding, stream, train
+    from jaxmia import sharding
+    from jaxmia.data import faces as faces_lib
+    from jaxmia.data import stream
+    from jaxmia.recognizers import models, train
 
     t0 = time.perf_counter()
     faces = _records(128, args.per_identity, args.cache)
     if args.mode == "memory":
-        # What the in-memory path does with a cached source (data._cached): every image read
+        # What the in-memory path does with a cached source (faces_lib._cached): every image read
         # into one uint8 array, then the float32 FaceSet (synthetic faces would be rendered
         # into memory instead, the same float32 set).
-        images, _, _ = data._read(faces.records, (128, 128, 3))
-        faces = data.FaceSet(
+        images, _, _ = faces_lib._read(faces.records, (128, 128, 3))
+        faces = faces_lib.FaceSet(
             images.astype(np.float32) / 255.0, faces.labels, faces.names, faces.source, True
         )
         del images
@@ -221,7 +225,9 @@ def torch_rate(kind: str, faces, batch: int, warmup: int, steps: int) -> dict:
 def jax_rate(mc, faces, batch: int, warmup: int, steps: int) -> dict:
     import jax
 
-    from jaxmia import sharding, stream, train
+    from jaxmia import sharding
+    from jaxmia.data import stream
+    from jaxmia.recognizers import train
 
     graphdef, params, rest, opt, tx, aug = _setup(mc, batch, warmup + steps)
     mesh = stream.mesh(batch)
@@ -243,7 +249,7 @@ def jax_rate(mc, faces, batch: int, warmup: int, steps: int) -> dict:
 
 
 def throughput(args) -> dict:
-    from jaxmia import models
+    from jaxmia.recognizers import models
 
     faces = _records(64, args.small, args.cache)
     nets = {

@@ -15,7 +15,7 @@ ResNet R_E 37.6%; with inversion.feature_weight=0.01 (chosen on seed 0) 17.6% an
 from pathlib import Path
 
 from jaxmia.config import load
-from jaxmia.experiment import resnet_target
+from jaxmia.stages.experiment import resnet_target
 
 
 def get_config():

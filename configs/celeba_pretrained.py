@@ -8,7 +8,7 @@ What differs from configs/celeba.py: R_T is a linear head over faceres (MobileNe
 VGGFace2 for face identity; jaxmia/pretrained/faceres.py), frozen; R_E a linear head over
 EfficientNet-Lite0 (ImageNet; model.evaluation_arch), so R_T and R_E are not twins; the second
 R_E is configs/celeba.py's paper CNN with its recipe. The face judge is dlib's alone: faceres,
-R_T's own backbone, cannot judge R_T's clones (jaxmia.train.check_target refuses it).
+R_T's own backbone, cannot judge R_T's clones (jaxmia.recognizers.train.check_target refuses it).
 """
 
 from pathlib import Path

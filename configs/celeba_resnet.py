@@ -15,7 +15,7 @@ top-1 by R_E (the paper CNN) 0.5%, by the ResNet R_E 4.0%; with inversion.featur
 from pathlib import Path
 
 from jaxmia.config import load
-from jaxmia.experiment import resnet_target
+from jaxmia.stages.experiment import resnet_target
 
 
 def get_config():

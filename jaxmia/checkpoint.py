@@ -21,8 +21,9 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from jaxmia import generator, models
+from jaxmia.attacks import generator
 from jaxmia.errors import JaxmiaError
+from jaxmia.recognizers import models
 
 # Orbax logs every save and restore at INFO; a CLI user only needs the outcome.
 logging.getLogger("absl").setLevel(logging.WARNING)

@@ -71,13 +71,15 @@ NO_WORKDIR = ("models",)
 CPU_SHARDED = ("invert", "experiment", "defend", "blackbox")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _parser(chosen: str | None = None) -> argparse.ArgumentParser:
+    """The command line; only the ``chosen`` command's module is imported, for its arguments."""
     parser = argparse.ArgumentParser(prog="jaxmia", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (module, help_text) in COMMANDS.items():
         if name in NO_WORKDIR:
             p = sub.add_parser(name, help=help_text, description=help_text)
-            importlib.import_module(module).add_arguments(p)
+            if name == chosen:
+                importlib.import_module(module).add_arguments(p)
             continue
         p = sub.add_parser(
             name,
@@ -89,13 +91,15 @@ def _parser() -> argparse.ArgumentParser:
             "--config", default=None, help="config file with get_config() (default: built-in)"
         )
         p.add_argument("--workdir", required=True, help="output folder (runs resume from it)")
-        importlib.import_module(module).add_arguments(p)
+        if name == chosen:
+            importlib.import_module(module).add_arguments(p)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    parser = _parser()
+    # The command is the first argument (the top-level parser takes no options besides --help).
+    parser = _parser(argv[0] if argv else None)
     args, rest = parser.parse_known_args(argv)
     no_config = args.command in NO_WORKDIR
     overrides = [a for a in rest if a.startswith("--config.") and not no_config]

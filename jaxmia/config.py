@@ -53,8 +53,8 @@ def default_config() -> ml_collections.ConfigDict:
     c.model = ml_collections.ConfigDict()
     # "paper": the paper's CNN; "resnet": a ResNet with batch norm; "faceres",
     # "efficientnet_lite0", "dlib_resnet": a new head over that pretrained backbone (its weights
-    # from `jaxmia models fetch`; jaxmia/models.py). An R_T on a backbone that is also one of
-    # judges.face is refused.
+    # from `jaxmia models fetch`; jaxmia/recognizers/models.py). An R_T on a backbone that is also
+    # one of judges.face is refused.
     c.model.arch = "paper"
     # A pretrained backbone: "linear" trains the head alone (the backbone frozen; without
     # augmentation its features are computed once), "finetune" the backbone too.
@@ -94,7 +94,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.crop_scale = 1.0
     c.train.saturation = 0.0
     c.train.label_smoothing = 0.0
-    # Stream batches from the array_record cache through grain (jaxmia/stream.py) instead of
+    # Stream batches from the array_record cache through grain (jaxmia/data/stream.py) instead of
     # holding the images in memory, each batch split over every device (data-parallel; the
     # batch size must divide by the device count). Another shuffle than in memory: other weights.
     c.train.stream = False
@@ -114,7 +114,8 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def _defence_defaults() -> ml_collections.ConfigDict:
-    """Training-time defences against inversion (jaxmia/defences.py); all off by default.
+    """Training-time defences against inversion (jaxmia/recognizers/defences.py); all off by
+    default.
 
     They apply to the target recognizer R_T (``jaxmia train``, the experiment's ``target``
     stage); R_E and the judges are never trained with them.
@@ -147,7 +148,7 @@ def _defence_defaults() -> ml_collections.ConfigDict:
 
 
 def _sweep_defaults() -> ml_collections.ConfigDict:
-    """``jaxmia defend``: the defence sweep (jaxmia/defence_sweep.py, configs/defences.py)."""
+    """``jaxmia defend``: the defence sweep (jaxmia/stages/defend.py, configs/defences.py)."""
     c = ml_collections.ConfigDict()
     # "NAME: field=value; field=value" per cell, the fields relative to the config's root
     # (e.g. "nls: train.defence.label_smoothing=-0.05"); "NAME:" alone is the undefended R_T.
@@ -163,7 +164,7 @@ def _sweep_defaults() -> ml_collections.ConfigDict:
 
 
 def _judges_defaults() -> ml_collections.ConfigDict:
-    """The judges beside R_E (jaxmia/verdicts.py): how much of a success survives them."""
+    """The judges beside R_E (jaxmia/judges/panel.py): how much of a success survives them."""
     c = ml_collections.ConfigDict()
     # A second evaluation recognizer, trained by `jaxmia experiment` on R_E's photos: "auto" is
     # an architecture other than R_T's (resnet for the paper CNN, the paper CNN for a resnet),
@@ -182,7 +183,7 @@ def _judges_defaults() -> ml_collections.ConfigDict:
     c.other_train.nesterov = True
     c.other_train.weight_decay = 5e-4
     c.other_train.epochs = 60
-    # The face judges (jaxmia/verdicts.py FACE_MODELS), first in every table: pretrained face
+    # The face judges (jaxmia/judges/panel.py FACE_MODELS), first in every table: pretrained face
     # recognizers on dlib-aligned chips, by the nearest of R_E's real photos and the nearest
     # centroid; their weights come from `jaxmia models fetch dlib_resnet dlib_landmarks5
     # faceres` (a model that cannot be had is left out with a note). () runs none.
@@ -190,7 +191,7 @@ def _judges_defaults() -> ml_collections.ConfigDict:
     # The non-CNN judges' eigenface space: components of R_E's training photos (fewer photos:
     # as many as they allow, noted).
     c.eigenfaces = 64
-    # R_E's verdict averaged over random small transforms (jaxmia/robust.py).
+    # R_E's verdict averaged over random small transforms (jaxmia/judges/transformed.py).
     c.transforms = ml_collections.ConfigDict()
     c.transforms.max_shift = 4  # pixels
     c.transforms.flip = True
@@ -201,7 +202,7 @@ def _judges_defaults() -> ml_collections.ConfigDict:
     # (AT&T: 8 draws made the judges 14% of an experiment's time, over the 10% they may cost).
     c.transforms.samples = 4
     c.transforms.seed = 0
-    # The adversarial control: a targeted L-inf PGD from seeds against R_T (jaxmia/adversarial.py),
+    # The adversarial control: a targeted L-inf PGD from seeds against R_T (jaxmia/judges/pgd.py),
     # for the first `per_identity` clones' seeds of each identity.
     c.pgd = ml_collections.ConfigDict()
     # 16 grey levels in 30 steps: R_T accepts all on AT&T (8 levels in 20 steps: 67%).
@@ -219,7 +220,8 @@ def _judges_defaults() -> ml_collections.ConfigDict:
 
 
 def _experiment_defaults() -> ml_collections.ConfigDict:
-    """``jaxmia experiment``: restarts of the inversion ranked by R_T (see jaxmia/experiment.py)."""
+    """``jaxmia experiment``: restarts of the inversion ranked by R_T (see
+    jaxmia/stages/experiment.py)."""
     c = ml_collections.ConfigDict()
     # Invert restarts x inversion.clones per identity and keep the inversion.clones best by R_T.
     c.restarts = 1
@@ -239,7 +241,8 @@ def _experiment_defaults() -> ml_collections.ConfigDict:
 
 
 def _cloning_defaults() -> ml_collections.ConfigDict:
-    """``jaxmia clone``: the cloning attack vs intentional misrecognition (see jaxmia/cloning.py).
+    """``jaxmia clone``: the cloning attack vs intentional misrecognition (see
+    jaxmia/attacks/cloning.py).
 
     Small on purpose (32x32 grey, few epochs) so the default table takes minutes on 2 CPU cores.
     """
@@ -310,7 +313,7 @@ def _cloning_defaults() -> ml_collections.ConfigDict:
 
 def _blackbox_defaults() -> ml_collections.ConfigDict:
     """``jaxmia blackbox``: clone the served R_T from its answers, invert the clone
-    (jaxmia/blackbox.py); the service's policy and the attacker's near-duplicates are
+    (jaxmia/stages/blackbox.py); the service's policy and the attacker's near-duplicates are
     ``cloning``'s fields (detector, radius, near_duplicates, perturb, estimate, ...)."""
     c = ml_collections.ConfigDict()
     c.experiment = ""  # the workdir of a finished jaxmia experiment of the same config
@@ -319,7 +322,7 @@ def _blackbox_defaults() -> ml_collections.ConfigDict:
     c.rate = 0.3  # intentional misrecognition's p
     c.clone_epochs = 60
     c.seed = 0  # the attacker's order of its faces, its near-duplicates, the clone's init
-    # Inversion by queries alone (jaxmia/query_attack.py), in the codes of a VAE trained on the
+    # Inversion by queries alone (jaxmia/attacks/query.py), in the codes of a VAE trained on the
     # public faces (jaxmia prior): "nes" (score-based) and "brep" (label-only), each against
     # the service answering in each of `outputs` (the output-side defences): "probs",
     # "probs:D" (rounded to D decimals), "topk:K" (the K best only), "label".
@@ -378,8 +381,8 @@ def _serve_defaults() -> ml_collections.ConfigDict:
 
 
 def _prior_defaults() -> ml_collections.ConfigDict:
-    """``jaxmia prior``: the VAE of the generator prior (see jaxmia/generator.py), trained on
-    the auxiliary pool the inversion's seeds come from (inversion.seed_source)."""
+    """``jaxmia prior``: the VAE of the generator prior (see jaxmia/attacks/generator.py), trained
+    on the auxiliary pool the inversion's seeds come from (inversion.seed_source)."""
     c = ml_collections.ConfigDict()
     c.latent_dim = 64
     # Encoder channels per halving of the image (the decoder mirrors them): 4 halvings take
@@ -399,7 +402,8 @@ def _prior_defaults() -> ml_collections.ConfigDict:
 
 
 def _inversion_defaults() -> ml_collections.ConfigDict:
-    """``jaxmia invert``: the paper's gray-box inversion (see jaxmia/inversion.py, seeds.py)."""
+    """``jaxmia invert``: the paper's gray-box inversion (see jaxmia/attacks/inversion.py,
+    seeds.py)."""
     c = ml_collections.ConfigDict()
     c.clones = 100  # per identity (the paper's)
     c.steps = 600  # most updates per clone
@@ -414,7 +418,7 @@ def _inversion_defaults() -> ml_collections.ConfigDict:
     c.seed_noise = 0.1  # std of the Gaussian noise of "mean_noise"
     c.seed_grey = 0.5
     c.seed_files = ""  # comma-separated image paths for "files", cycled over the clones
-    # The optimisation (jaxmia.inversion.InversionConfig).
+    # The optimisation (jaxmia.attacks.inversion.InversionConfig).
     c.loss = "least_squares"  # "least_squares", "cross_entropy", "max_margin", "poincare"
     c.optimizer = "sgd"  # "sgd" (the paper's x <- x - lr * grad), "momentum", "adam"
     c.learning_rate = 0.1
@@ -437,8 +441,8 @@ def _inversion_defaults() -> ml_collections.ConfigDict:
     c.zoom = 0.0
     c.blur = 0.0
     c.noise = 0.0
-    # What each clone's variables are (jaxmia/priors.py): "pixels" (the paper's free pixels),
-    # "linear": coefficients of the auxiliary pool's first prior_components principal
+    # What each clone's variables are (jaxmia/attacks/priors.py): "pixels" (the paper's free
+    # pixels), "linear": coefficients of the auxiliary pool's first prior_components principal
     # components (the seed pool's faces, public: never R_T's or R_E's photos), starting at the
     # seed's projection, or "generator": the latent code of the VAE that `jaxmia prior` trained
     # on that pool into the folder prior_checkpoint, starting at the encoder's code of the seed.

@@ -43,8 +43,8 @@ RUN_ONLY = frozenset(
 # left out of settings at that value, so those records still equal a rerun's.
 LATER_DEFAULTS = {
     "train.stream": False,
-    # pretrained backbones (jaxmia/models.py): every record before them was of the paper CNN or
-    # a ResNet, and of R_E of R_T's architecture
+    # pretrained backbones (jaxmia/recognizers/models.py): every record before them was of the
+    # paper CNN or a ResNet, and of R_E of R_T's architecture
     "model.tune": "linear",
     "model.evaluation_arch": "",
     # every seed was judged before judges.seeds_per_identity existed

@@ -2,8 +2,9 @@ import jax
 import numpy as np
 import pytest
 
-from jaxmia import checkpoint, models
+from jaxmia import checkpoint
 from jaxmia.errors import JaxmiaError
+from jaxmia.recognizers import models
 
 
 def _model(classes=3):

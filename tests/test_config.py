@@ -90,11 +90,11 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_config_file_loads_and_passes_the_checks(path):
     """Each shipped config is valid for every stage that reads it (no work is done)."""
-    from jaxmia import cloning_study, experiment
+    from jaxmia.stages import clone, experiment
 
     c = config.load(str(path))
     experiment.check_config(c)
-    cloning_study._check(c.cloning)
+    clone._check(c.cloning)
 
 
 def test_the_headline_split_is_not_one_the_settings_were_tuned_on():
@@ -135,7 +135,7 @@ def test_fields_added_later_stay_out_of_records_at_their_defaults():
 def test_resnet_target_configs_swap_r_t_and_the_second_judge(name):
     """configs/*_resnet.py: R_T is the base config's ResNet judge, on the same split, and the
     second judge is the base config's paper CNN with its own recipe."""
-    from jaxmia import experiment
+    from jaxmia.stages import experiment
 
     base = config.load(str(CONFIGS[0].parent / f"{name}.py"))
     swapped = config.load(str(CONFIGS[0].parent / f"{name}_resnet.py"))

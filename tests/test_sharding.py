@@ -10,15 +10,18 @@ import numpy as np
 import pytest
 from conftest import xla_flags
 
-from jaxmia import inversion as inv
-from jaxmia import models, sharding
+from jaxmia import sharding
+from jaxmia.attacks import inversion as inv
+from jaxmia.recognizers import models
 
 # Runs under XLA_FLAGS=--xla_force_host_platform_device_count=4, which must be set before JAX
 # starts, hence a subprocess. 6 clones over 4 devices: padded to 8, the padding dropped.
 SHARDED_VS_ONE = r"""
 import json, sys
 import jax, jax.numpy as jnp, numpy as np
-from jaxmia import inversion as inv, models, sharding
+from jaxmia import sharding
+from jaxmia.attacks import inversion as inv
+from jaxmia.recognizers import models
 
 mc = models.ModelConfig(num_classes=10, image_size=(16, 16), channels=3, conv_features=(4, 8),
                         kernel_sizes=(5, 3), dense_features=(32,))
@@ -145,7 +148,8 @@ import jax
 jax.config.update("jax_cpu_collectives_implementation", "gloo")
 jax.distributed.initialize(sys.argv[1], num_processes=2, process_id=int(sys.argv[2]))
 import jax.numpy as jnp
-from jaxmia import inversion as inv, models
+from jaxmia.attacks import inversion as inv
+from jaxmia.recognizers import models
 mc = models.ModelConfig(num_classes=10, image_size=(16, 16), channels=3, conv_features=(4, 8),
                         kernel_sizes=(5, 3), dense_features=(32,))
 graphdef, params = models.init(mc, jax.random.key(0))

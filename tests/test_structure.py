@@ -1,9 +1,14 @@
-"""The package's shape: commands are thin and on top, library modules form no import cycle, and
-the project declares what it imports."""
+"""The package's shape: infrastructure at the top, the rest in role subpackages, layered; commands
+are thin and on top; no import cycle; the project declares what it imports.
+
+The layers, from the top: ``cli`` -> ``commands/`` -> ``stages/`` -> the role packages
+(``data/``, ``recognizers/``, ``attacks/``, ``judges/``, ``service/``, ``report/``,
+``pretrained/``) and the infrastructure modules at the top of ``jaxmia/``."""
 
 from __future__ import annotations
 
 import ast
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -44,16 +49,120 @@ def _imports(path: Path) -> set[str]:
             out |= {a.name for a in node.names}
         elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
             out.add(node.module)
-            # ``from jaxmia import train`` imports the module jaxmia.train
+            # ``from jaxmia import train`` imports the module jaxmia.recognizers.train
             out |= {f"{node.module}.{a.name}" for a in node.names}
     return out
 
 
 MODULES = {_module_name(p): p for p in PACKAGE.rglob("*.py")}
 GRAPH = {
-    name: {m for m in _imports(path) if m in MODULES and m != "jaxmia"}
+    # a package's __init__ holds only its docstring: ``from jaxmia.data import faces`` uses faces
+    name: {m for m in _imports(path) if m in MODULES and MODULES[m].name != "__init__.py"}
     for name, path in MODULES.items()
 }
+
+
+# The modules at the top of jaxmia/: infrastructure every layer may use.
+INFRASTRUCTURE = {
+    f"jaxmia.{m}"
+    for m in ("config", "errors", "files", "workdir", "batching", "sharding", "transforms")
+} | {"jaxmia.checkpoint"}
+# Commands whose whole stage is one library module's entry point, outside stages/.
+COMMAND_ENTRY = {
+    "jaxmia.commands.models": {"jaxmia.pretrained.fetch"},
+    "jaxmia.commands.serve": {"jaxmia.service.server"},
+    "jaxmia.commands.import_torch": {"jaxmia.recognizers.torch_import"},
+    # the judges' one-line verdicts it prints after the stage
+    "jaxmia.commands.evaluate": {"jaxmia.judges.panel"},
+}
+# What the judges may use of the attacks: the losses (in the engine's module) and the file the
+# inversion stages write.
+JUDGES_FROM_ATTACKS = {"jaxmia.attacks.inversion", "jaxmia.attacks.inversions_file"}
+
+
+def _in(name: str, package: str) -> bool:
+    return name == package or name.startswith(package + ".")
+
+
+def test_at_most_15_top_level_modules():
+    top = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(top) <= 15, top
+
+
+def test_every_module_is_infrastructure_or_in_a_role_package():
+    roles = ("data", "recognizers", "attacks", "judges", "service", "stages", "report")
+    roles += ("pretrained", "commands")
+    for name, path in MODULES.items():
+        if path.parent == PACKAGE and path.name != "__init__.py":
+            assert name in INFRASTRUCTURE | {"jaxmia.cli", "jaxmia.__main__"}, name
+        elif path.parent != PACKAGE:
+            assert name.split(".")[1] in roles, name
+    for role in roles:
+        assert (PACKAGE / role / "__init__.py").is_file(), role
+
+
+def test_commands_import_only_stages_and_infrastructure():
+    for name, deps in GRAPH.items():
+        if not name.startswith("jaxmia.commands."):
+            continue
+        allowed = INFRASTRUCTURE | COMMAND_ENTRY.get(name, set())
+        extra = {d for d in deps if not _in(d, "jaxmia.stages") and d not in allowed}
+        assert not extra, f"{name} imports {sorted(extra)}"
+
+
+def test_only_commands_and_stages_import_stages():
+    for name, deps in GRAPH.items():
+        if _in(name, "jaxmia.stages") or _in(name, "jaxmia.commands") or name == "jaxmia.cli":
+            continue
+        assert not {d for d in deps if _in(d, "jaxmia.stages")}, name
+
+
+def test_judges_use_only_the_losses_and_the_inversions_file_of_the_attacks():
+    for name, deps in GRAPH.items():
+        if not _in(name, "jaxmia.judges"):
+            continue
+        extra = {d for d in deps if _in(d, "jaxmia.attacks") and d not in JUDGES_FROM_ATTACKS}
+        assert not extra, f"{name} imports {sorted(extra)}"
+
+
+def test_the_cli_imports_only_the_chosen_commands_module(monkeypatch):
+    from jaxmia import cli
+
+    imported = []
+    monkeypatch.setattr(cli.importlib, "import_module", lambda m: imported.append(m) or _Args())
+    cli._parser("clone")
+    assert imported == ["jaxmia.commands.clone"]
+    imported.clear()
+    cli._parser(None)  # jaxmia --help
+    assert imported == []
+    assert set(cli.COMMANDS) == {
+        p.stem.replace("_", "-") for p in (PACKAGE / "commands").glob("[!_]*.py")
+    }
+
+
+class _Args:
+    """A command module's stand-in: takes its arguments and adds none."""
+
+    @staticmethod
+    def add_arguments(parser) -> None:
+        del parser
+
+
+def test_the_cli_loads_no_stage_for_a_command_without_one():
+    """``jaxmia models list`` runs without importing a stage or another command's module."""
+    code = (
+        "import sys; from jaxmia import cli; cli._parser('models'); "
+        "print(sorted(m for m in sys.modules if m.startswith('jaxmia.')))"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=ROOT
+    ).stdout
+    loaded = set(eval(out))  # a printed list of module names
+    assert not {m for m in loaded if _in(m, "jaxmia.stages")}, loaded
+    assert {m for m in loaded if _in(m, "jaxmia.commands")} == {
+        "jaxmia.commands",
+        "jaxmia.commands.models",
+    }
 
 
 def test_no_library_module_imports_a_command_module():
@@ -94,7 +203,7 @@ def test_no_import_cycle():
 
 
 @pytest.mark.parametrize(
-    "only,module", [("orbax", "jaxmia.checkpoint"), ("tensorflow_datasets", "jaxmia.data")]
+    "only,module", [("orbax", "jaxmia.checkpoint"), ("tensorflow_datasets", "jaxmia.data.faces")]
 )
 def test_one_module_imports_each_heavy_library(only, module):
     users = {
@@ -117,7 +226,9 @@ def _requirement_names(specs: list[str]) -> set[str]:
 
 def _undeclared(paths, declared: set[str]) -> set[str]:
     stdlib = set(sys.stdlib_module_names) | {"__future__"}
-    local = {"jaxmia", "benchmarks"} | {p.stem for p in (ROOT / "tests").glob("*.py")}
+    tests = ROOT / "tests"  # conftest, and the test folders as packages (tests/ is on the path)
+    local = {"jaxmia", "benchmarks"} | {p.stem for p in tests.glob("*.py")}
+    local |= {p.name for p in tests.iterdir() if p.is_dir()}
     missing = set()
     for path in paths:
         for module in _imports(path):
@@ -135,13 +246,17 @@ def test_every_third_party_import_is_declared():
     missing = _undeclared(PACKAGE.rglob("*.py"), declared)
     assert not missing, f"imported but not in pyproject dependencies: {sorted(missing)}"
     dev = declared | _requirement_names(project["optional-dependencies"]["dev"])
-    data = ROOT / "tests" / "data"  # scripts that made reference files with the peers, run by hand
+    data = (
+        ROOT / "tests" / "reference"
+    )  # scripts that made reference files with the peers, run by hand
     tests = [p for p in (ROOT / "tests").rglob("*.py") if data not in p.parents]
     missing = _undeclared(tests, dev)
     assert not missing, f"tests import what the dev extra does not install: {sorted(missing)}"
     bench = dev | _requirement_names(project["optional-dependencies"]["bench"])
     missing = _undeclared(data.rglob("*.py"), bench)
-    assert not missing, f"tests/data scripts import what dev and bench do not: {sorted(missing)}"
+    assert not missing, (
+        f"tests/reference scripts import what dev and bench do not: {sorted(missing)}"
+    )
 
 
 def test_every_dev_dependency_is_used():

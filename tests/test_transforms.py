@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxmia import inversion as inv
 from jaxmia import transforms
+from jaxmia.attacks import inversion as inv
 
 
 def np_shift(x, dy, dx, m):

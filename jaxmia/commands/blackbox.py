@@ -1,4 +1,5 @@
-"""``jaxmia blackbox``: inversion without R_T's weights, through a clone (``jaxmia.blackbox``).
+"""``jaxmia blackbox``: inversion without R_T's weights, through a clone
+(``jaxmia.stages.blackbox``).
 
 jaxmia blackbox --config configs/att.py --workdir OUT --config.blackbox.experiment=RUN
 """
@@ -9,7 +10,7 @@ import argparse
 
 import ml_collections
 
-from jaxmia import blackbox
+from jaxmia.stages import blackbox
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -10,7 +10,7 @@ import argparse
 
 import ml_collections
 
-from jaxmia import cloning_study
+from jaxmia.stages import clone as clone_lib
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -18,4 +18,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:
-    cloning_study.run(config, args.workdir, plots=not args.no_plots)
+    clone_lib.run(config, args.workdir, plots=not args.no_plots)

@@ -1,4 +1,4 @@
-"""``jaxmia defend``: training-time defences, leak against utility (``jaxmia.defence_sweep``).
+"""``jaxmia defend``: training-time defences, leak against utility (``jaxmia.stages.defend``).
 
 jaxmia defend --config configs/defences.py --workdir OUT
 """
@@ -9,7 +9,7 @@ import argparse
 
 import ml_collections
 
-from jaxmia import defence_sweep
+from jaxmia.stages import defend as defend_lib
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -17,4 +17,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:
-    defence_sweep.run(config, args.workdir, plots=not args.no_plots)
+    defend_lib.run(config, args.workdir, plots=not args.no_plots)

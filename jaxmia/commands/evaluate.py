@@ -3,9 +3,9 @@
     jaxmia evaluate --inversions RUN --evaluator CKPT --workdir OUT
 
 Writes OUT/evaluation.json, clones.csv, identities.csv, grid_<name>.png, cmc.png,
-scores_hist.png, judges.png and report.html (``jaxmia.evaluation.run``): R_E's verdict and, beside
-it, the judges of ``jaxmia.verdicts`` on the clones, their seeds, held-out real photos and PGD
-controls (fitted in seconds; no retraining).
+scores_hist.png, judges.png and report.html (``jaxmia.stages.evaluate.run``): R_E's verdict and,
+beside it, the judges of ``jaxmia.judges.panel`` on the clones, their seeds, held-out real photos
+and PGD controls (fitted in seconds; no retraining).
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ from pathlib import Path
 
 import ml_collections
 
-from jaxmia import evaluation, verdicts
+from jaxmia.judges import panel
+from jaxmia.stages import evaluate as evaluate_lib
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -64,7 +65,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:
-    summary = evaluation.run(
+    summary = evaluate_lib.run(
         config,
         args.workdir,
         inversions=args.inversions,
@@ -81,6 +82,6 @@ def run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:
         f"clones of {summary['num_identities']} identities; seed {100 * s['top1']:.1f}% "
         f"(top-5 {100 * s['top5']:.1f}%); chance {100 * summary['chance_top1']:.1f}%"
     )
-    for line in verdicts.lines(summary.get("judges")):
+    for line in panel.lines(summary.get("judges")):
         print(line)
     print(f"report: {Path(args.workdir) / 'report.html'}")

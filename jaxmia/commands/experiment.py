@@ -1,4 +1,4 @@
-"""``jaxmia experiment``: the paper's protocol end to end (``jaxmia.experiment``).
+"""``jaxmia experiment``: the paper's protocol end to end (``jaxmia.stages.experiment``).
 
 jaxmia experiment --config configs/att.py --workdir OUT
 """
@@ -9,7 +9,7 @@ import argparse
 
 import ml_collections
 
-from jaxmia import experiment
+from jaxmia.stages import experiment
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

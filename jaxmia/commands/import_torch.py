@@ -9,7 +9,7 @@ import argparse
 
 import ml_collections
 
-from jaxmia import torch_import
+from jaxmia.recognizers import torch_import
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -9,7 +9,8 @@ import argparse
 
 import ml_collections
 
-from jaxmia import invert, sharding
+from jaxmia import sharding
+from jaxmia.stages import invert
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -10,7 +10,7 @@ import argparse
 
 import ml_collections
 
-from jaxmia import prior_training
+from jaxmia.stages import prior as prior_lib
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,4 +22,4 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, config: ml_collections.ConfigDict) -> None:
-    prior_training.run(config, args.workdir, checkpoint_dir=args.checkpoint)
+    prior_lib.run(config, args.workdir, checkpoint_dir=args.checkpoint)

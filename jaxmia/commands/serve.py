@@ -4,7 +4,7 @@
     jaxmia serve ... --config.serve.misrecognition=0.3 --config.serve.detector=hash
 
 The policy (answers, budgets, misrecognition, near-duplicate detection) is ``config.serve``;
-see ``jaxmia.server`` for the endpoints. WORKDIR keeps the store (``service.db``), the
+see ``jaxmia.service.server`` for the endpoints. WORKDIR keeps the store (``service.db``), the
 administrator's key (``admin.key``) and the settings; a restart resumes from them.
 """
 
@@ -14,8 +14,8 @@ import argparse
 
 import ml_collections
 
-from jaxmia import server
 from jaxmia.errors import JaxmiaError
+from jaxmia.service import server
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -6,7 +6,7 @@ import argparse
 
 import ml_collections
 
-from jaxmia import train
+from jaxmia.stages import train
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

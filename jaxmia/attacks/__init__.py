@@ -1,0 +1,2 @@
+"""Attacks: the inversion engine and its losses, priors, seeds, selection, query attacks,
+cloning."""

@@ -1,0 +1,1 @@
+"""Faces: the datasets, their cache, the identity splits, synthetic faces and streaming."""

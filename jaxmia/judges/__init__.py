@@ -1,0 +1,1 @@
+"""Judges: who scores a clone, and the panel of all of them."""

@@ -1,0 +1,1 @@
+"""Recognizers: the models, their training, the defences, imports of outside weights."""

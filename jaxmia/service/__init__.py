@@ -1,0 +1,1 @@
+"""The recognizer as a service: its policy, dedup index, store, server and client."""
