@@ -12,7 +12,7 @@ import pytest
 from flax import nnx
 from PIL import Image
 
-from jaxmia import checkpoint, config, models, train
+from jaxmia import checkpoint, config, experiment, models, train
 from jaxmia.errors import JaxmiaError
 from jaxmia.pretrained import fetch
 
@@ -147,6 +147,8 @@ def test_an_rt_on_a_face_judge_backbone_is_refused():
     assert "dlib" in c.judges.face
     with pytest.raises(JaxmiaError, match=r"model.arch='dlib_resnet': the face judge 'dlib'"):
         train.check_target(c)
+    with pytest.raises(JaxmiaError, match="the face judge 'dlib'"):
+        experiment.check_config(c)  # before any work
     c.judges.face = ("faceres",)
     train.check_target(c)  # dlib is no judge here: allowed
     c.model.arch = "faceres"
