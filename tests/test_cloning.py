@@ -329,6 +329,7 @@ TINY = [
 ]
 
 
+@pytest.mark.slow
 def test_clone_command_writes_the_table_and_resumes(tmp_path, monkeypatch, capsys):
     from jaxmia import cli
 

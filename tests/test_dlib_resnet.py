@@ -134,6 +134,7 @@ def test_grey_is_rgb_and_sizes_are_checked(model, att_chips):
         model(jnp.zeros((1, 64, 64, 3)))
 
 
+@pytest.mark.slow
 def test_jit_vmap_and_finite_input_gradients(model, att_chips):
     x = jnp.asarray(att_chips.images[:3])
     batched = model(x)

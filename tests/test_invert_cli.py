@@ -287,6 +287,7 @@ def failing_pair(ckpt, tmp_path_factory):
     pair.kill()
 
 
+@pytest.mark.slow
 def test_two_processes_as_two_hosts_write_what_one_process_does(ckpt, tmp_path):
     """Process 0 writes the clones a single process makes; process 1 (given a workdir of its
     own to show it) writes nothing."""
@@ -340,6 +341,7 @@ def test_a_run_that_fails_on_bad_input_does_not_claim_the_workdir(ckpt, tmp_path
     assert _invert(ckpt, tmp_path) == 0
 
 
+@pytest.mark.slow
 def test_a_failing_process_stops_the_other_with_one_line(failing_pair):
     """Process 1 is given a checkpoint that is not there: both stop with one-line errors
     (process 0 once JAX's collectives time out, about 30 s) and nothing is written."""

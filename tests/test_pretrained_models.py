@@ -89,6 +89,7 @@ def _steps(graphdef, state, x, y, steps=2):
     return params, rest
 
 
+@pytest.mark.slow
 def test_a_frozen_backbone_is_bit_identical_after_training_and_finetuning_moves_it(faceres):
     _, (graphdef, state) = faceres
     before = nnx.to_pure_dict(state)
@@ -176,6 +177,7 @@ def _celeba_people(n_people: int, per_person: int) -> tuple[np.ndarray, np.ndarr
 
 
 @pytest.mark.skipif(not CELEBA.is_dir(), reason="../shared/datasets/celeba128 is absent")
+@pytest.mark.slow
 def test_a_linear_head_learns_real_faces(faceres):
     x, y = _celeba_people(5, 12)
     test = np.arange(len(y)) % 12 >= 9  # 3 held-out photos a person

@@ -91,6 +91,7 @@ def reference(cfg, apply_fn, params, prior, seed, key, label, steps):
     ],
     ids=["coefficients", "residual-levers"],
 )  # fmt: skip
+@pytest.mark.slow
 def test_vmapped_linear_prior_equals_reference_loop(tiny, pool, cfg):
     apply_fn, params = tiny
     prior = priors.Prior(priors.LINEAR, priors.fit_linear(pool, 8))
@@ -133,6 +134,7 @@ GEN_LEVERS = inv.InversionConfig(
 )
 
 
+@pytest.mark.slow
 def test_vmapped_generator_prior_equals_reference_loop(tiny, pool):
     """An (untrained) VAE's decoder as the prior, with a residual, blur and jitter: clones
     vmapped as one by one (the codes' penalty takes the linear prior's tested path)."""

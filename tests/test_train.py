@@ -54,6 +54,7 @@ def test_same_seed_same_params():
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+@pytest.mark.slow
 def test_interrupted_training_resumes_to_identical_params(tmp_path, monkeypatch):
     x, y = _blobs()
     _, straight, _ = train.fit(
@@ -303,6 +304,7 @@ RESNET = models.ModelConfig(
 )
 
 
+@pytest.mark.slow
 def test_resnet_trains_checkpoints_and_resumes_to_identical_state(tmp_path, monkeypatch):
     x, y = _squares(size=16)
     cfg = _config(

@@ -289,6 +289,7 @@ def faces10(tmp_path_factory):
     return faces, panel, summary, per_clone, gallery, index[:, 6]
 
 
+@pytest.mark.slow
 def test_face_judges_recognise_held_out_real_photos(faces10):
     _, panel, summary, _, _, _ = faces10
     assert [f.name for f in panel.face] == ["dlib", "faceres"]
@@ -310,6 +311,7 @@ def test_face_judges_recognise_held_out_real_photos(faces10):
     assert any("grey: the face judges see them as RGB" in n for n in panel.notes)
 
 
+@pytest.mark.slow
 def test_face_judges_come_first(faces10):
     _, _, summary, per_clone, _, _ = faces10
     first = list(verdicts.FACE_JUDGES)
@@ -336,6 +338,7 @@ def test_face_judges_come_first(faces10):
     )
 
 
+@pytest.mark.slow
 def test_face_ranks_are_the_nearest_gallery_photo_by_name(faces10):
     """Against ranks computed here: chips, the judge's own embedder, the nearest photo of each
     identity, all in the face set's label order (R_E's is reversed)."""
@@ -374,6 +377,7 @@ def _without(monkeypatch, unavailable):
         monkeypatch.setattr(face_judge, "_dlib_models", face_judge._dlib_models.__wrapped__)
 
 
+@pytest.mark.slow
 def test_an_unavailable_face_model_is_a_note(faces10, monkeypatch):
     faces, panel, _, _, gallery, _ = faces10
     images = panel.fitted.gallery.images
@@ -392,6 +396,7 @@ def test_an_unavailable_face_model_is_a_note(faces10, monkeypatch):
     assert "face_detected" not in per_clone and "inflation" in summary
 
 
+@pytest.mark.slow
 def test_an_identity_without_a_photo_is_a_note(faces10):
     faces, panel, _, _, gallery, _ = faces10
     images = panel.fitted.gallery.images
