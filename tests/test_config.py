@@ -1,3 +1,4 @@
+import dataclasses
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,101 @@ def test_resnet_target_configs_swap_r_t_and_the_second_judge(name):
     assert swapped.inversion.to_dict() == base.inversion.to_dict()
     with pytest.raises(JaxmiaError, match="expected a paper-CNN config"):
         experiment.resnet_target(swapped)
+
+
+def _section_cases():
+    """(config section, the dataclass it is built from, its fields the section leaves out)."""
+    from jaxmia import (
+        adversarial,
+        cloning,
+        defences,
+        generator,
+        inversion,
+        models,
+        query_attack,
+        robust,
+        server,
+        service,
+        train,
+    )
+
+    return [
+        ("train.defence", defences.Defence(), ()),
+        ("train", train.Augment(), ("max_shift",)),
+        ("judges.transforms", robust.TransformSettings(), ()),
+        ("judges.pgd", adversarial.PGDSettings(), ()),
+        ("inversion", inversion.InversionConfig(), ()),
+        ("prior", generator.GeneratorConfig(), ("image_size", "channels")),
+        ("prior", generator.TrainConfig(), ()),
+        ("serve", service.Policy(), ()),
+        ("serve", server.Limits(), ("max_body_bytes",)),
+        ("blackbox.query", query_attack.Settings(), ("attack",)),
+        ("cloning.perturb", cloning.Perturbation(), ()),
+        # Presets: what the section sets apart from the dataclass's defaults, stated here once.
+        (
+            "cloning",
+            service.Policy(detector="hash", cosine=0.99),
+            tuple(
+                f.name
+                for f in dataclasses.fields(service.Policy)
+                if f.name not in config.POLICY_FIELDS
+            ),
+        ),
+        (
+            "cloning.outside_perturb",
+            cloning.Perturbation(shift=1, crop=0.05, noise=0.01, jpeg=0.0),
+            (),
+        ),
+        # The model section is not built from ModelConfig (whose dropout, 0, is the architecture's
+        # for imported networks too); R_T's recipe trains with dropout 0.5.
+        (
+            "model",
+            models.ModelConfig(num_classes=1, dropout=0.5),
+            ("num_classes", "image_size", "channels", "bottleneck", "mean", "std"),
+        ),
+    ]
+
+
+def test_every_section_agrees_with_its_dataclass():
+    """One definition of each default: every field a section shares with its dataclass has the
+    dataclass's value and type, and the section holds every field it does not leave out."""
+    c = config.default_config()
+    for path, settings, leave_out in _section_cases():
+        node = c
+        for name in path.split("."):
+            node = node[name]
+        for f in dataclasses.fields(settings):
+            if f.name in leave_out:
+                assert f.name not in node, f"{path}.{f.name} is left out but set"
+                continue
+            want = getattr(settings, f.name)
+            assert f.name in node, f"{path}.{f.name}: missing (dataclass {type(settings)})"
+            got = node[f.name]
+            assert got == want and type(got) is type(want), f"{path}.{f.name}: {got!r} != {want!r}"
+    from jaxmia import server
+
+    assert c.serve.max_body_mb * (1 << 20) == server.Limits().max_body_bytes
+    assert c.inversion.steps_per_call is None  # InversionConfig's "by backend"
+
+
+def test_the_section_check_sees_a_change_on_one_side(monkeypatch):
+    """A default changed in config.py alone is a disagreement the check above reports."""
+    built = config.default_config
+
+    def changed():
+        c = built()
+        c.judges.transforms.samples = 8
+        return c
+
+    monkeypatch.setattr(config, "default_config", changed)
+    with pytest.raises(AssertionError, match="judges.transforms.samples: 8 != 4"):
+        test_every_section_agrees_with_its_dataclass()
+
+
+def test_section_dataclasses_hold_the_defaults_runs_used():
+    """The three that disagreed before took config.py's values (what every CLI run used)."""
+    from jaxmia import adversarial, robust, service
+
+    assert adversarial.PGDSettings() == adversarial.PGDSettings(16 / 255, 2 / 255, 30)
+    assert robust.TransformSettings().samples == 4
+    assert service.Policy().cosine == 0.98 and config.default_config().cloning.cosine == 0.99
