@@ -1,4 +1,6 @@
 import dataclasses
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -77,15 +79,31 @@ def test_load_bad_file(tmp_path, text, message):
         config.load(str(p))
 
 
-def test_repo_configs_load():
-    from pathlib import Path
+# Every config file; configs/common.py holds the helpers they share.
+CONFIGS = sorted(
+    p
+    for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.py")
+    if p.name != "common.py"
+)
 
-    for path in sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.py")):
+
+def _common():
+    """configs/common.py as a module (a config file imports it by name)."""
+    spec = importlib.util.spec_from_file_location("configs_common", CONFIGS[0].parent / "common.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_repo_configs_load_and_each_differs_from_the_defaults():
+    """A config is what differs from the defaults: one that equals them is redundant."""
+    defaults = config.default_config().to_dict()
+    path_before = list(sys.path)
+    for path in CONFIGS:
         c = config.load(str(path))
+        assert sys.path == path_before  # the config's folder is on it only while it loads
         assert "data" in c and "train" in c, path
-
-
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
+        assert c.to_dict() != defaults, f"{path.name} equals the defaults"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -142,7 +160,8 @@ def test_resnet_target_configs_swap_r_t_and_the_second_judge(name):
     swapped = config.load(str(CONFIGS[0].parent / f"{name}_resnet.py"))
     settings = experiment.stage_settings
     assert settings(swapped)["split"] == settings(base)["split"]
-    assert swapped.to_dict() == experiment.resnet_target(base).to_dict()
+    resnet_target = _common().resnet_target
+    assert swapped.to_dict() == resnet_target(base).to_dict()
     judge = experiment.other_config(base)
     assert swapped.model.to_dict() == judge.model.to_dict() and swapped.model.arch == "resnet"
     assert swapped.train.to_dict() == judge.train.to_dict()
@@ -151,7 +170,7 @@ def test_resnet_target_configs_swap_r_t_and_the_second_judge(name):
     assert second.train.to_dict() == base.train.to_dict()
     assert swapped.inversion.to_dict() == base.inversion.to_dict()
     with pytest.raises(JaxmiaError, match="expected a paper-CNN config"):
-        experiment.resnet_target(swapped)
+        resnet_target(swapped)
 
 
 def _section_cases():
