@@ -406,6 +406,7 @@ def load(path: str | None) -> ml_collections.ConfigDict:
     # The file runs as it would as a script in its folder: a module beside it imports by name
     # (configs/*.py: ``from common import ...``, configs/common.py).
     folder = str(p.resolve().parent)
+    before = set(sys.modules)
     sys.path.insert(0, folder)
     try:
         spec.loader.exec_module(module)
@@ -413,6 +414,10 @@ def load(path: str | None) -> ml_collections.ConfigDict:
         raise JaxmiaError(f"config file {path}: failed to load: {type(e).__name__}: {e}") from e
     finally:
         sys.path.remove(folder)
+        # Forget the modules found beside it, so another folder's common.py is its own.
+        for name in set(sys.modules) - before:
+            if str(Path(getattr(sys.modules[name], "__file__", "") or "").parent) == folder:
+                del sys.modules[name]
     if not hasattr(module, "get_config"):
         raise JaxmiaError(f"config file {path}: expected a function get_config()")
     return module.get_config()

@@ -269,3 +269,16 @@ def test_section_dataclasses_hold_the_defaults_runs_used():
     assert adversarial.PGDSettings() == adversarial.PGDSettings(16 / 255, 2 / 255, 30)
     assert robust.TransformSettings().samples == 4
     assert service.Policy().cosine == 0.98 and config.default_config().cloning.cosine == 0.99
+
+
+def test_each_config_folder_gets_its_own_common_module(tmp_path):
+    for tag in ("a", "b"):
+        folder = tmp_path / tag
+        folder.mkdir()
+        (folder / "common.py").write_text(f"TAG = {tag!r}\n")
+        (folder / "cfg.py").write_text(
+            "import ml_collections\nfrom common import TAG\n\n\n"
+            "def get_config():\n    return ml_collections.ConfigDict({'tag': TAG})\n"
+        )
+    assert config.load(str(tmp_path / "a" / "cfg.py")).tag == "a"
+    assert config.load(str(tmp_path / "b" / "cfg.py")).tag == "b"
