@@ -186,6 +186,7 @@ def test_bottleneck_kl_and_mean_code():
     assert np.std(samples[:, 1]) == pytest.approx(2.0, rel=0.15)
 
 
+@pytest.mark.slow
 def test_mid_recognizer_infers_on_the_mean_and_is_r_t_only(tmp_path):
     args = [
         "train", "--workdir", str(tmp_path), "--recognizer", "both", *SMALL,

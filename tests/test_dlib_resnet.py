@@ -106,6 +106,7 @@ def test_a_truncated_or_missing_file_is_a_clear_error(tmp_path):
 # The embedder.
 
 
+@pytest.mark.slow
 def test_equals_dlib_on_att_faces(model, att_chips):
     ours = dlib_resnet.embed_chips(model, att_chips, batch_size=12)  # a padded last batch
     ref = dlib_descriptors(att_chips.images)
@@ -115,6 +116,7 @@ def test_equals_dlib_on_att_faces(model, att_chips):
 
 
 @pytest.mark.skipif(not CELEBA.is_dir(), reason="../shared/datasets/celeba128 is absent")
+@pytest.mark.slow
 def test_equals_dlib_on_celeba_faces(model):
     model_file("dlib_landmarks5")
     people = sorted(p for p in CELEBA.iterdir() if p.is_dir())[:8]

@@ -295,6 +295,7 @@ def test_changed_setting_is_an_error_then_redo(finished, tmp_path, capsys, monke
         assert (z["steps"] == 5).all()
 
 
+@pytest.mark.slow
 def test_a_stage_that_failed_on_bad_input_holds_nothing(tmp_path, capsys):
     """A split asking for more identities than the data has fails; the corrected rerun runs."""
     work = tmp_path / "w"

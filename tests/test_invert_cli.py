@@ -70,6 +70,7 @@ def _one_line_error(capsys, *words):
     return err
 
 
+@pytest.mark.slow
 def test_end_to_end_outputs(ckpt, tmp_path, capsys):
     assert _invert(ckpt, tmp_path) == 0
     with np.load(tmp_path / "inversions.npz") as z:
@@ -202,6 +203,7 @@ def test_infinite_learning_rate_is_refused(ckpt, tmp_path, capsys):
     _one_line_error(capsys, "inversion.learning_rate=inf", "finite")
 
 
+@pytest.mark.slow
 def test_seed_from_the_checkpoints_auxiliary_identities(tmp_path):
     """The default seed: per-clone means of faces of the split's auxiliary people."""
     from jaxmia import synthetic

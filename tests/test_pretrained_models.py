@@ -39,6 +39,7 @@ def _images(n: int, channels: int = 3, seed: int = 1) -> jax.Array:
     return jax.random.uniform(jax.random.key(seed), (n, 32, 32, channels))
 
 
+@pytest.mark.slow
 def test_init_puts_the_fetched_weights_in_the_backbone_and_a_fresh_head(faceres):
     net, (graphdef, state) = faceres
     state = nnx.to_pure_dict(state)

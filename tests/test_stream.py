@@ -132,6 +132,7 @@ def test_streamed_fit_resumes_to_identical_params(faces, straight, tmp_path, mon
     assert [m["epoch"] for m in history] == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.slow
 def test_streamed_run_reads_the_cache(tmp_path):
     """``jaxmia train`` with train.stream: synthetic faces written to the cache and streamed."""
     cfg = config_lib.default_config()

@@ -36,6 +36,7 @@ def _config(epochs=6, **kw):
 MODEL = models.ModelConfig(num_classes=4, image_size=(32, 32), dense_features=(64, 64), dropout=0.2)
 
 
+@pytest.mark.slow
 def test_fit_learns():
     x, y = _blobs()
     graphdef, params, history = train.fit(

@@ -73,6 +73,7 @@ def att(tmp_path_factory):
     return panel, summary, per_clone, split, seeds
 
 
+@pytest.mark.slow
 def test_held_out_real_photos_are_recognised_by_every_judge(att):
     _, summary, _, _, _ = att
     real = summary["top"]["real"]
@@ -85,6 +86,7 @@ def test_held_out_real_photos_are_recognised_by_every_judge(att):
         assert real[judge]["top1"] >= floor, (judge, real[judge])
 
 
+@pytest.mark.slow
 def test_seeds_are_near_chance_for_every_judge(att):
     _, summary, _, _, _ = att
     for judge, cell in summary["top"]["seeds"].items():
@@ -92,6 +94,7 @@ def test_seeds_are_near_chance_for_every_judge(att):
         assert cell["top1"] <= 0.15, (judge, cell)
 
 
+@pytest.mark.slow
 def test_pgd_controls_fool_r_t_not_the_robust_judges(att):
     _, summary, _, _, _ = att
     pgd = summary["top"]["pgd"]
@@ -102,6 +105,7 @@ def test_pgd_controls_fool_r_t_not_the_robust_judges(att):
     assert pgd["R_E_transformed"]["top1"] <= pgd["R_T"]["top1"] - 0.5
 
 
+@pytest.mark.slow
 def test_realism_of_the_groups(att):
     _, summary, _, _, _ = att
     r = summary["realism"]
@@ -115,6 +119,7 @@ def test_realism_of_the_groups(att):
     assert r["real"]["residual_energy_mean"] < r["seeds"]["residual_energy_mean"]
 
 
+@pytest.mark.slow
 def test_inflation_is_r_e_minus_the_most_generous_robust_judge(att):
     _, summary, per_clone, _, _ = att
     clones = summary["top"]["clones"]
@@ -129,6 +134,7 @@ def test_inflation_is_r_e_minus_the_most_generous_robust_judge(att):
     assert "R_E" not in per_clone  # the caller has R_E's ranks
 
 
+@pytest.mark.slow
 def test_pgd_controls_stay_in_the_ball(att):
     panel, _, _, split, _ = att
     seeds = np.full((2, 3, *SIZE, 1), 0.5, np.float32)
@@ -140,6 +146,7 @@ def test_pgd_controls_stay_in_the_ball(att):
     assert np.abs(images - 0.5).max() <= panel.settings.pgd.epsilon + 1e-6
 
 
+@pytest.mark.slow
 def test_groups_judged_together_equal_each_group_alone(att):
     panel, _, _, split, seeds = att
     # The other R_E: R_E with its classes in another order, so each judge needs its own labels.
@@ -167,6 +174,7 @@ def test_groups_judged_together_equal_each_group_alone(att):
     np.testing.assert_array_equal(together["real"]["R_E_other"], together["real"]["R_E"])
 
 
+@pytest.mark.slow
 def test_the_floor_judges_the_first_seeds_of_each_identity(att):
     panel, summary, _, split, seeds = att
     ids = len(split.attacked)
@@ -183,6 +191,7 @@ def test_the_floor_judges_the_first_seeds_of_each_identity(att):
             assert cell["top1"] == pytest.approx(np.mean(got[judge] <= 1))
 
 
+@pytest.mark.slow
 def test_too_few_photos_for_the_components_is_a_note(att):
     panel, _, _, _, _ = att
     few = panel.fitted.gallery.images[:6]
@@ -197,6 +206,7 @@ def test_too_few_photos_for_the_components_is_a_note(att):
         verdicts.make_panel(panel.evaluator, few[:1], names[:1], few[:0], [], panel.settings)
 
 
+@pytest.mark.slow
 def test_bad_input(att):
     panel, _, _, _, _ = att
     wrong = np.zeros((3, 16, 16, 1), np.float32)
