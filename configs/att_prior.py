@@ -18,13 +18,11 @@ distance 52.9 against 52.2, over 660 clones each (benchmarks/prior_levers.md): t
 R_E and nothing by the judges beside it.
 """
 
-from pathlib import Path
-
-from jaxmia.config import load
+from common import base
 
 
 def get_config():
-    c = load(str(Path(__file__).with_name("att.py")))
+    c = base("att.py")
     c.inversion.prior = "generator"
     c.inversion.prior_residual = True
     c.inversion.residual_weight = 1.0

@@ -12,11 +12,8 @@ configs/att.py's attack, 10 clones per identity: top-1 by R_E (the paper CNN) 15
 ResNet R_E 37.6%; with inversion.feature_weight=0.01 (chosen on seed 0) 17.6% and 40.3%.
 """
 
-from pathlib import Path
-
-from jaxmia.config import load
-from jaxmia.stages.experiment import resnet_target
+from common import base, resnet_target
 
 
 def get_config():
-    return resnet_target(load(str(Path(__file__).with_name("att.py"))))
+    return resnet_target(base("att.py"))

@@ -32,9 +32,9 @@ A ResNet instead of the paper CNN (slow on this CPU; see the lever table):
   --config.model.dropout=0.0
 """
 
-from pathlib import Path
+from common import base
 
-from jaxmia.config import default_config, load
+from jaxmia.config import default_config
 
 CELEBA = "../shared/datasets/celeba128"
 
@@ -67,7 +67,7 @@ def get_config(source: str = CELEBA):
     t.saturation = 0.3
     t.label_smoothing = 0.1
     # The attack of configs/att.py (chosen on AT&T, never on these faces).
-    att = load(str(Path(__file__).with_name("att.py")))
+    att = base("att.py")
     c.inversion = att.inversion
     c.experiment = att.experiment
     return c

@@ -16,13 +16,11 @@ the Fréchet distance 295 against 321, over 200 clones each (benchmarks/prior_le
 clones move towards faces and away from what R_T's CNN twin recognises.
 """
 
-from pathlib import Path
-
-from jaxmia.config import load
+from common import base
 
 
 def get_config():
-    c = load(str(Path(__file__).with_name("celeba.py")))
+    c = base("celeba.py")
     c.inversion.prior = "generator"
     c.inversion.prior_residual = True
     c.inversion.residual_weight = 1.0

@@ -12,11 +12,8 @@ top-1 by R_E (the paper CNN) 0.5%, by the ResNet R_E 4.0%; with inversion.featur
 1.0% and 4.5%.
 """
 
-from pathlib import Path
-
-from jaxmia.config import load
-from jaxmia.stages.experiment import resnet_target
+from common import base, resnet_target
 
 
 def get_config():
-    return resnet_target(load(str(Path(__file__).with_name("celeba.py"))))
+    return resnet_target(base("celeba.py"))

@@ -17,13 +17,11 @@ and the clipping alone (noise 0, no privacy) to tell the clipping's cost from th
 Measured: see README, "Defences", and benchmarks/results/defences_att.{md,json,png}.
 """
 
-from pathlib import Path
-
-from jaxmia.config import load
+from common import base
 
 
 def get_config():
-    c = load(str(Path(__file__).with_name("att.py")))
+    c = base("att.py")
     c.inversion.clones = 5
     # the judges as the table was measured: every seed as the floor (5 a person here anyway),
     # 8 transforms an image, 5 PGD controls a person

@@ -20,13 +20,11 @@ Expected time: about 2.2 h with --config.defences.reuse (measured 132 min, cores
 Measured: see README, "Defences", and benchmarks/results/defences_celeba.{md,json,png}.
 """
 
-from pathlib import Path
-
-from jaxmia.config import load
+from common import base
 
 
 def get_config():
-    c = load(str(Path(__file__).with_name("celeba.py")))
+    c = base("celeba.py")
     d = "train.defence"
     c.defences.cells = (
         "none:",

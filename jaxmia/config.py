@@ -7,17 +7,59 @@ An unknown field or a value of the wrong type is a JaxmiaError naming the field.
 from __future__ import annotations
 
 import ast
+import dataclasses
 import importlib.util
+import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import ml_collections
 
 from jaxmia.errors import JaxmiaError
 
+# The cloning section's fields of the service's policy (service.Policy).
+POLICY_FIELDS = (
+    "answer",
+    "top_k",
+    "wrong",
+    "detector",
+    "scope",
+    "radius",
+    "cosine",
+    "chunks",
+    "fingerprint_bits",
+)
+
+
+def section(settings: Any, *, leave_out: Sequence[str] = ()) -> ml_collections.ConfigDict:
+    """A config section holding a section dataclass's fields at the values of ``settings``.
+
+    The dataclasses (``transformed.TransformSettings``, ``policy.Policy``, ...) are the one home of
+    their defaults and checks; the sections are built from them so the two cannot disagree.
+
+    Args:
+      settings: a dataclass instance: its class's defaults, or a preset of it.
+      leave_out: its fields the section does not hold (set from elsewhere, or derived).
+    """
+    return ml_collections.ConfigDict(
+        {
+            f.name: getattr(settings, f.name)
+            for f in dataclasses.fields(settings)
+            if f.name not in leave_out
+        }
+    )
+
 
 def default_config() -> ml_collections.ConfigDict:
-    """The defaults: the paper's recognizer on the embedded AT&T faces at 64x64 grey."""
+    """The defaults: the paper's recognizer on the embedded AT&T faces at 64x64 grey.
+
+    A section with a dataclass in its module is built from it (``section``): the dataclass is
+    the one home of those defaults and their checks.
+    """
+    # imported here: importing this module stays light (the CLI's first import)
+    from jaxmia.recognizers import train
+
     c = ml_collections.ConfigDict()
     c.seed = 0
 
@@ -91,8 +133,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.augment = True
     # With augment: < 1 replaces the shifts by random resized crops of [crop_scale, 1] of the
     # area (aspect 3/4 to 4/3); saturation > 0 jitters RGB saturation by a factor in 1 +- it.
-    c.train.crop_scale = 1.0
-    c.train.saturation = 0.0
+    augment = train.Augment()
+    c.train.crop_scale = augment.crop_scale
+    c.train.saturation = augment.saturation
     c.train.label_smoothing = 0.0
     # Stream batches from the array_record cache through grain (jaxmia/data/stream.py) instead of
     # holding the images in memory, each batch split over every device (data-parallel; the
@@ -114,37 +157,14 @@ def default_config() -> ml_collections.ConfigDict:
 
 
 def _defence_defaults() -> ml_collections.ConfigDict:
-    """Training-time defences against inversion (jaxmia/recognizers/defences.py); all off by
-    default.
+    """Training-time defences against inversion (``defences.Defence``); all off by default.
 
     They apply to the target recognizer R_T (``jaxmia train``, the experiment's ``target``
     stage); R_E and the judges are never trained with them.
     """
-    c = ml_collections.ConfigDict()
-    # Label smoothing in (-1, 1): > 0 the usual smoothing (known to *raise* leakage), < 0
-    # negative smoothing (Struppek et al. 2024: the strongest simple defence), reached linearly
-    # from 0 over the first smoothing_ramp_epochs (negative smoothing from the start does not
-    # train). Other than 0, it replaces train.label_smoothing (the recipe's) for R_T.
-    c.label_smoothing = 0.0
-    c.smoothing_ramp_epochs = 0
-    # DP-SGD (Abadi et al. 2016): each example's gradient clipped to L2 norm dp_clip, Gaussian
-    # noise of std dp_noise * dp_clip added to their sum; epsilon at dp_delta by an RDP
-    # accountant, recorded with the checkpoint. Paper CNN only (batch norm mixes examples).
-    c.dp = False
-    c.dp_clip = 1.0
-    c.dp_noise = 1.0
-    c.dp_delta = 1e-5
-    # MID (Wang et al. 2021): a variational bottleneck of this width before the classifier
-    # (0: none), its KL divergence weighted by bottleneck_weight in the loss.
-    c.bottleneck = 0
-    c.bottleneck_weight = 0.0
-    # For comparison, the plain regularisers as R_T's own: >= 0 replaces train.weight_decay
-    # (decoupled, under adam as adamw) / model.dropout for R_T only; -1: R_T's are R_E's.
-    c.weight_decay = -1.0
-    c.dropout = -1.0
-    # >= 1: R_T's epochs (DP-SGD's are costlier, and usually fewer); -1: train.epochs.
-    c.epochs = -1
-    return c
+    from jaxmia.recognizers import defences
+
+    return section(defences.Defence())
 
 
 def _sweep_defaults() -> ml_collections.ConfigDict:
@@ -165,6 +185,8 @@ def _sweep_defaults() -> ml_collections.ConfigDict:
 
 def _judges_defaults() -> ml_collections.ConfigDict:
     """The judges beside R_E (jaxmia/judges/panel.py): how much of a success survives them."""
+    from jaxmia.judges import pgd, transformed
+
     c = ml_collections.ConfigDict()
     # A second evaluation recognizer, trained by `jaxmia experiment` on R_E's photos: "auto" is
     # an architecture other than R_T's (resnet for the paper CNN, the paper CNN for a resnet),
@@ -191,24 +213,13 @@ def _judges_defaults() -> ml_collections.ConfigDict:
     # The non-CNN judges' eigenface space: components of R_E's training photos (fewer photos:
     # as many as they allow, noted).
     c.eigenfaces = 64
-    # R_E's verdict averaged over random small transforms (jaxmia/judges/transformed.py).
-    c.transforms = ml_collections.ConfigDict()
-    c.transforms.max_shift = 4  # pixels
-    c.transforms.flip = True
-    c.transforms.scale = 0.1  # zoom factor in 1 +- scale
-    c.transforms.blur_sigma = 1.0  # pixels, uniform in [0, blur_sigma]
-    c.transforms.noise_std = 0.02
-    # 4 draws an image: the judges' largest cost is the recognizers' passes over the draws
-    # (AT&T: 8 draws made the judges 14% of an experiment's time, over the 10% they may cost).
-    c.transforms.samples = 4
+    # R_E's verdict averaged over random small transforms (robust.TransformSettings), the draws
+    # keyed by seed.
+    c.transforms = section(transformed.TransformSettings())
     c.transforms.seed = 0
-    # The adversarial control: a targeted L-inf PGD from seeds against R_T (jaxmia/judges/pgd.py),
-    # for the first `per_identity` clones' seeds of each identity.
-    c.pgd = ml_collections.ConfigDict()
-    # 16 grey levels in 30 steps: R_T accepts all on AT&T (8 levels in 20 steps: 67%).
-    c.pgd.epsilon = 16 / 255
-    c.pgd.step_size = 2 / 255
-    c.pgd.steps = 30
+    # The adversarial control: a targeted L-inf PGD from seeds against R_T
+    # (adversarial.PGDSettings), for the first `per_identity` clones' seeds of each identity.
+    c.pgd = section(pgd.PGDSettings())
     c.pgd.per_identity = 3
     # The seeds judged as the floor: the first of each identity (0: all); every judge runs on
     # them, and they sit near chance, so a few do (5 of AT&T's 20 a person: 30% less judging).
@@ -246,6 +257,9 @@ def _cloning_defaults() -> ml_collections.ConfigDict:
 
     Small on purpose (32x32 grey, few epochs) so the default table takes minutes on 2 CPU cores.
     """
+    from jaxmia.attacks import cloning
+    from jaxmia.service import policy
+
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.image_size = (32, 32)  # overrides data.image_size for this command
@@ -258,36 +272,21 @@ def _cloning_defaults() -> ml_collections.ConfigDict:
     c.clone_epochs = 40
     c.batch_size = 16  # service and clone training (the rest of train.* applies as set)
     c.dense_features = (512, 512)  # service and clone recognizers (the paper's conv layers)
-    # The service: its answers and defences.
-    c.answer = "label"  # "label", "topk" or "probs"
-    c.top_k = 3
-    c.wrong = "uniform"  # misrecognition's wrong identity: "uniform" or "runner_up"
-    c.detector = "hash"  # countermeasure: "hash" or "embedding"
-    c.scope = "client"  # near-duplicates searched in the "client"'s history or a "global" one
-    c.radius = 4  # Hamming radius of a hash match (of 64 bits); <= 5 keeps 2 chunk tables fast
-    c.cosine = 0.99  # cosine threshold of an embedding match
-    c.chunks = 2  # hash index chunk tables: 8 * chunks bytes per stored query
-    c.fingerprint_bits = 16  # "fingerprint" misrecognition: coin keyed by this many low hash bits
+    # The service: policy.Policy's answers and defences, but the countermeasure's detector
+    # ("hash" or "embedding") is a hash search, and an embedding match stricter than served.
+    cloning_policy = policy.Policy(detector="hash", cosine=0.99)
+    for name in POLICY_FIELDS:
+        c[name] = getattr(cloning_policy, name)
     # The attacker.
     c.near_duplicates = 3  # m queries per image in the estimation attack (the image + m-1 variants)
     c.estimate = "relabel"  # "relabel" by strict majority or "drop" images whose answers disagree
     c.accounts = 3  # accounts of the multi-account attacker
     # Clones train on m variants per image (the plain attacker makes its own, unasked).
     c.train_on_variants = True
-    c.perturb = ml_collections.ConfigDict()
-    c.perturb.shift = 0  # pixels
-    c.perturb.crop = 0.0  # fraction of the side
-    c.perturb.noise = 0.02
-    c.perturb.brightness = 0.05
-    c.perturb.jpeg = 0.02
+    c.perturb = section(cloning.Perturbation())
     # The outside-the-radius attacker: shifts and crops, which move the hash but barely the
     # recognizer, at the weakest strength on the ladder that leaves the radius.
-    c.outside_perturb = ml_collections.ConfigDict()
-    c.outside_perturb.shift = 1
-    c.outside_perturb.crop = 0.05
-    c.outside_perturb.noise = 0.01
-    c.outside_perturb.brightness = 0.05
-    c.outside_perturb.jpeg = 0.0
+    c.outside_perturb = section(cloning.Perturbation(shift=1, crop=0.05, noise=0.01, jpeg=0.0))
     c.ladder = (1.0, 1.5, 2.0, 3.0)
     # The table: scenarios x budgets x rates; adaptive scenarios at the largest budget only.
     c.scenarios = ("none", "misrec", "estimate", "countermeasure")
@@ -315,6 +314,8 @@ def _blackbox_defaults() -> ml_collections.ConfigDict:
     """``jaxmia blackbox``: clone the served R_T from its answers, invert the clone
     (jaxmia/stages/blackbox.py); the service's policy and the attacker's near-duplicates are
     ``cloning``'s fields (detector, radius, near_duplicates, perturb, estimate, ...)."""
+    from jaxmia.attacks import query
+
     c = ml_collections.ConfigDict()
     c.experiment = ""  # the workdir of a finished jaxmia experiment of the same config
     c.scenarios = ("none", "misrec", "countermeasure")  # of cloning.SCENARIOS, one account
@@ -326,54 +327,24 @@ def _blackbox_defaults() -> ml_collections.ConfigDict:
     # public faces (jaxmia prior): "nes" (score-based) and "brep" (label-only), each against
     # the service answering in each of `outputs` (the output-side defences): "probs",
     # "probs:D" (rounded to D decimals), "topk:K" (the K best only), "label".
-    q = c.query = ml_collections.ConfigDict()
+    # query_attack.Settings' budget and step sizes, for each attack.
+    q = c.query = section(query.Settings(), leave_out=("attack",))
     q.attacks = ()  # e.g. ("nes", "brep")
     q.outputs = ("probs", "probs:1", "topk:1", "label")
     q.prior = ""  # the generator folder (jaxmia prior)
     q.clones = 2  # per attacked identity
-    q.steps = 40
-    q.samples = 16  # queries per clone per step
-    q.sigma = 0.5
-    q.learning_rate = 0.5
-    q.init_codes = 2000
-    q.radius = 1.0
-    q.growth = 1.3
-    q.step_size = 0.5
     return c
 
 
 def _serve_defaults() -> ml_collections.ConfigDict:
-    """``jaxmia serve``: the HTTP service's policy (``service.Policy``) and limits."""
-    c = ml_collections.ConfigDict()
-    c.answer = "label"  # "label", "topk" or "probs"
-    c.top_k = 3
-    c.decimals = -1  # probabilities rounded to this many decimals; -1: unrounded
-    c.budget = 0  # queries per client (0: unlimited); a client's own budget replaces it
-    c.misrecognition = 0.0  # p of an intentionally wrong answer
-    c.wrong = "uniform"
-    c.keyed = "query"  # the coin per "query" or per hash "fingerprint"
-    c.fingerprint_bits = 16
-    c.detector = "none"  # near-duplicate detection: "none", "hash" or "embedding"
-    c.scope = "client"
-    c.radius = 4
-    c.cosine = 0.98
-    c.chunks = 2
-    c.buckets = (8, 64, 256)  # batch sizes the recognizer is compiled for
-    # Dynamic batching: a request waits at most max_wait_ms for others, max_batch images a pass.
-    c.max_batch = 256
-    c.max_wait_ms = 5.0
-    c.max_images = 1024  # per request
-    c.max_body_mb = 64.0
-    # Connections: at most max_connections open (more get a 503); a request's head must arrive
-    # within header_timeout_s of its connection opening (or its last answer), its body within
-    # body_timeout_s (else 408); an idle connection closes after keep_alive_s. SIGTERM waits
-    # at most shutdown_s for the requests in flight. Bodies decode on decode_threads threads.
-    c.max_connections = 512
-    c.keep_alive_s = 5.0
-    c.header_timeout_s = 10.0
-    c.body_timeout_s = 30.0
-    c.shutdown_s = 10.0
-    c.decode_threads = 2
+    """``jaxmia serve``: the HTTP service's policy (``policy.Policy``) and limits
+    (``server.Limits``; its body limit in MiB here)."""
+    from jaxmia.service import policy, server
+
+    c = section(policy.Policy())
+    limits = server.Limits()
+    c.update(section(limits, leave_out=("max_body_bytes",)))
+    c.max_body_mb = limits.max_body_bytes / (1 << 20)
     # The coins' key: -1 a secret drawn at the first start (workdir/secret.key); >= 0 this seed.
     c.seed = -1
     c.durable = False  # fsync every request (survives power loss, not only a killed server)
@@ -381,20 +352,14 @@ def _serve_defaults() -> ml_collections.ConfigDict:
 
 
 def _prior_defaults() -> ml_collections.ConfigDict:
-    """``jaxmia prior``: the VAE of the generator prior (see jaxmia/attacks/generator.py), trained
-    on the auxiliary pool the inversion's seeds come from (inversion.seed_source)."""
-    c = ml_collections.ConfigDict()
-    c.latent_dim = 64
-    # Encoder channels per halving of the image (the decoder mirrors them): 4 halvings take
-    # 64x64 to 4x4; the image size must divide by 2**len(widths).
-    c.widths = (16, 32, 64, 128)
-    # Weight of the KL term against the pixels' reconstruction: lower gives sharper
-    # reconstructions but random codes that look less like faces.
-    c.beta = 1.0
-    c.epochs = 100
-    c.batch_size = 32
-    c.learning_rate = 1e-3  # Adam, constant
-    c.flip = True  # random horizontal flips: twice the faces for a small pool
+    """``jaxmia prior``: the VAE of the generator prior (see jaxmia/attacks/generator.py),
+    trained on the auxiliary pool the inversion's seeds come from (inversion.seed_source): the
+    fields of ``generator.GeneratorConfig`` but the faces' shape, and of
+    ``generator.TrainConfig``."""
+    from jaxmia.attacks import generator
+
+    c = section(generator.GeneratorConfig(), leave_out=("image_size", "channels"))
+    c.update(section(generator.TrainConfig()))
     c.seed = 0  # initialisation, batches, flips and codes
     c.checkpoint_every = 10  # epochs
     c.keep_checkpoints = 2
@@ -402,9 +367,19 @@ def _prior_defaults() -> ml_collections.ConfigDict:
 
 
 def _inversion_defaults() -> ml_collections.ConfigDict:
-    """``jaxmia invert``: the paper's gray-box inversion (see jaxmia/attacks/inversion.py,
-    seeds.py)."""
-    c = ml_collections.ConfigDict()
+    """``jaxmia invert``: the paper's gray-box inversion (jaxmia/attacks/inversion.py, seeds.py).
+
+    The optimisation's fields are ``inversion.InversionConfig``'s: the loss, the optimizer, the
+    regularisers and denoiser, the transform-robust objective (views of the clone shifted by
+    jitter, flipped, zoomed, blurred and noised), the clone's variables (prior: "pixels", the
+    paper's free pixels; "linear", coefficients of the auxiliary pool's first prior_components
+    principal components; "generator", the latent code of the VAE `jaxmia prior` trained into
+    prior_checkpoint), DeepInversion's feature_weight, the early stops and the host loop.
+    """
+    from jaxmia.attacks import inversion
+
+    c = section(inversion.InversionConfig(), leave_out=("steps_per_call",))
+    c.steps_per_call = ml_collections.config_dict.placeholder(int)  # None: by backend
     c.clones = 100  # per identity (the paper's)
     c.steps = 600  # most updates per clone
     c.rng_seed = 0  # per-clone keys: fold_in(key(rng_seed), identity label, clone index)
@@ -418,55 +393,7 @@ def _inversion_defaults() -> ml_collections.ConfigDict:
     c.seed_noise = 0.1  # std of the Gaussian noise of "mean_noise"
     c.seed_grey = 0.5
     c.seed_files = ""  # comma-separated image paths for "files", cycled over the clones
-    # The optimisation (jaxmia.attacks.inversion.InversionConfig).
-    c.loss = "least_squares"  # "least_squares", "cross_entropy", "max_margin", "poincare"
-    c.optimizer = "sgd"  # "sgd" (the paper's x <- x - lr * grad), "momentum", "adam"
-    c.learning_rate = 0.1
-    c.momentum = 0.9
-    c.margin = 5.0  # max_margin's flat point
-    c.tv_weight = 0.0
-    c.l2_weight = 0.0
-    # "none", "median" (the paper's suggested denoising between steps) or "gaussian" (a blur,
-    # which on AT&T makes clones that R_E recognises far more often: benchmarks/attack_levers.md)
-    c.denoise = "none"
-    c.denoise_every = 10
-    c.denoise_size = 3  # median: odd window width
-    c.denoise_sigma = 1.0  # gaussian: standard deviation in pixels
-    c.jitter = 0  # random shift (pixels) per step: robust rather than adversarial clones
-    c.flip = False
-    # A transform-robust objective: each step's data loss averaged over `views` random views of
-    # the clone, each shifted (jitter) and flipped (flip) as above, zoomed by 1 +- zoom, blurred
-    # by a sigma up to `blur` pixels and noised with std `noise`.
-    c.views = 1
-    c.zoom = 0.0
-    c.blur = 0.0
-    c.noise = 0.0
-    # What each clone's variables are (jaxmia/attacks/priors.py): "pixels" (the paper's free
-    # pixels), "linear": coefficients of the auxiliary pool's first prior_components principal
-    # components (the seed pool's faces, public: never R_T's or R_E's photos), starting at the
-    # seed's projection, or "generator": the latent code of the VAE that `jaxmia prior` trained
-    # on that pool into the folder prior_checkpoint, starting at the encoder's code of the seed.
-    # With prior_residual a pixel residual is added (it is what a denoiser filters).
-    # residual_weight and coef_weight penalise the mean squared residual and coefficient (the
-    # coefficients have unit variance over the pool's own faces; the codes a unit Gaussian prior).
-    c.prior = "pixels"
-    c.prior_components = 64
-    c.prior_checkpoint = ""
-    c.prior_residual = False
-    c.residual_weight = 0.0
-    c.coef_weight = 0.0
-    # DeepInversion's feature-statistics prior for an R_T with batch norm (model.arch=resnet):
-    # x the distance of each clone's per-layer feature mean and variance from R_T's running ones.
-    c.feature_weight = 0.0
-    c.stop_confidence = 0.0  # stop a clone at this target confidence; 0: off
-    c.patience = 0  # stop a clone whose best loss has not improved for this many steps; 0: off
-    c.min_delta = 0.0
-    c.steps_per_call = ml_collections.config_dict.placeholder(int)  # None: by backend (1 on CPU)
-    c.check_every = 50
     c.max_batch = 256  # clones per compiled chunk (fewer if memory says so)
-    # Split each chunk's clones over every device JAX sees (jaxmia/sharding.py); on CPU,
-    # `jaxmia invert` first splits the host into one JAX device per core.
-    c.shard = True
     return c
 
 
@@ -481,10 +408,21 @@ def load(path: str | None) -> ml_collections.ConfigDict:
         )
     spec = importlib.util.spec_from_file_location(f"jaxmia_config_{p.stem}", p)
     module = importlib.util.module_from_spec(spec)
+    # The file runs as it would as a script in its folder: a module beside it imports by name
+    # (configs/*.py: ``from common import ...``, configs/common.py).
+    folder = str(p.resolve().parent)
+    before = set(sys.modules)
+    sys.path.insert(0, folder)
     try:
         spec.loader.exec_module(module)
     except Exception as e:  # noqa: BLE001 - any failure of the user's file is bad input
         raise JaxmiaError(f"config file {path}: failed to load: {type(e).__name__}: {e}") from e
+    finally:
+        sys.path.remove(folder)
+        # Forget the modules found beside it, so another folder's common.py is its own.
+        for name in set(sys.modules) - before:
+            if str(Path(getattr(sys.modules[name], "__file__", "") or "").parent) == folder:
+                del sys.modules[name]
     if not hasattr(module, "get_config"):
         raise JaxmiaError(f"config file {path}: expected a function get_config()")
     return module.get_config()

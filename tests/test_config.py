@@ -1,3 +1,6 @@
+import dataclasses
+import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -76,15 +79,31 @@ def test_load_bad_file(tmp_path, text, message):
         config.load(str(p))
 
 
-def test_repo_configs_load():
-    from pathlib import Path
+# Every config file; configs/common.py holds the helpers they share.
+CONFIGS = sorted(
+    p
+    for p in (Path(__file__).resolve().parents[1] / "configs").glob("*.py")
+    if p.name != "common.py"
+)
 
-    for path in sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.py")):
+
+def _common():
+    """configs/common.py as a module (a config file imports it by name)."""
+    spec = importlib.util.spec_from_file_location("configs_common", CONFIGS[0].parent / "common.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_repo_configs_load_and_each_differs_from_the_defaults():
+    """A config is what differs from the defaults: one that equals them is redundant."""
+    defaults = config.default_config().to_dict()
+    path_before = list(sys.path)
+    for path in CONFIGS:
         c = config.load(str(path))
+        assert sys.path == path_before  # the config's folder is on it only while it loads
         assert "data" in c and "train" in c, path
-
-
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.py"))
+        assert c.to_dict() != defaults, f"{path.name} equals the defaults"
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
@@ -141,7 +160,8 @@ def test_resnet_target_configs_swap_r_t_and_the_second_judge(name):
     swapped = config.load(str(CONFIGS[0].parent / f"{name}_resnet.py"))
     settings = experiment.stage_settings
     assert settings(swapped)["split"] == settings(base)["split"]
-    assert swapped.to_dict() == experiment.resnet_target(base).to_dict()
+    resnet_target = _common().resnet_target
+    assert swapped.to_dict() == resnet_target(base).to_dict()
     judge = experiment.other_config(base)
     assert swapped.model.to_dict() == judge.model.to_dict() and swapped.model.arch == "resnet"
     assert swapped.train.to_dict() == judge.train.to_dict()
@@ -150,4 +170,107 @@ def test_resnet_target_configs_swap_r_t_and_the_second_judge(name):
     assert second.train.to_dict() == base.train.to_dict()
     assert swapped.inversion.to_dict() == base.inversion.to_dict()
     with pytest.raises(JaxmiaError, match="expected a paper-CNN config"):
-        experiment.resnet_target(swapped)
+        resnet_target(swapped)
+
+
+def _section_cases():
+    """(config section, the dataclass it is built from, its fields the section leaves out)."""
+    from jaxmia.attacks import cloning, generator, inversion, query
+    from jaxmia.judges import pgd, transformed
+    from jaxmia.recognizers import defences, models, train
+    from jaxmia.service import policy, server
+
+    return [
+        ("train.defence", defences.Defence(), ()),
+        ("train", train.Augment(), ("max_shift",)),
+        ("judges.transforms", transformed.TransformSettings(), ()),
+        ("judges.pgd", pgd.PGDSettings(), ()),
+        ("inversion", inversion.InversionConfig(), ()),
+        ("prior", generator.GeneratorConfig(), ("image_size", "channels")),
+        ("prior", generator.TrainConfig(), ()),
+        ("serve", policy.Policy(), ()),
+        ("serve", server.Limits(), ("max_body_bytes",)),
+        ("blackbox.query", query.Settings(), ("attack",)),
+        ("cloning.perturb", cloning.Perturbation(), ()),
+        # Presets: what the section sets apart from the dataclass's defaults, stated here once.
+        (
+            "cloning",
+            policy.Policy(detector="hash", cosine=0.99),
+            tuple(
+                f.name
+                for f in dataclasses.fields(policy.Policy)
+                if f.name not in config.POLICY_FIELDS
+            ),
+        ),
+        (
+            "cloning.outside_perturb",
+            cloning.Perturbation(shift=1, crop=0.05, noise=0.01, jpeg=0.0),
+            (),
+        ),
+        # The model section is not built from ModelConfig (whose dropout, 0, is the architecture's
+        # for imported networks too); R_T's recipe trains with dropout 0.5.
+        (
+            "model",
+            models.ModelConfig(num_classes=1, dropout=0.5),
+            ("num_classes", "image_size", "channels", "bottleneck", "mean", "std"),
+        ),
+    ]
+
+
+def test_every_section_agrees_with_its_dataclass():
+    """One definition of each default: every field a section shares with its dataclass has the
+    dataclass's value and type, and the section holds every field it does not leave out."""
+    c = config.default_config()
+    for path, settings, leave_out in _section_cases():
+        node = c
+        for name in path.split("."):
+            node = node[name]
+        for f in dataclasses.fields(settings):
+            if f.name in leave_out:
+                assert f.name not in node, f"{path}.{f.name} is left out but set"
+                continue
+            want = getattr(settings, f.name)
+            assert f.name in node, f"{path}.{f.name}: missing (dataclass {type(settings)})"
+            got = node[f.name]
+            assert got == want and type(got) is type(want), f"{path}.{f.name}: {got!r} != {want!r}"
+    from jaxmia.service import server
+
+    assert c.serve.max_body_mb * (1 << 20) == server.Limits().max_body_bytes
+    assert c.inversion.steps_per_call is None  # InversionConfig's "by backend"
+
+
+def test_the_section_check_sees_a_change_on_one_side(monkeypatch):
+    """A default changed in config.py alone is a disagreement the check above reports."""
+    built = config.default_config
+
+    def changed():
+        c = built()
+        c.judges.transforms.samples = 8
+        return c
+
+    monkeypatch.setattr(config, "default_config", changed)
+    with pytest.raises(AssertionError, match="judges.transforms.samples: 8 != 4"):
+        test_every_section_agrees_with_its_dataclass()
+
+
+def test_section_dataclasses_hold_the_defaults_runs_used():
+    """The three that disagreed before took config.py's values (what every CLI run used)."""
+    from jaxmia.judges import pgd, transformed
+    from jaxmia.service import policy
+
+    assert pgd.PGDSettings() == pgd.PGDSettings(16 / 255, 2 / 255, 30)
+    assert transformed.TransformSettings().samples == 4
+    assert policy.Policy().cosine == 0.98 and config.default_config().cloning.cosine == 0.99
+
+
+def test_each_config_folder_gets_its_own_common_module(tmp_path):
+    for tag in ("a", "b"):
+        folder = tmp_path / tag
+        folder.mkdir()
+        (folder / "common.py").write_text(f"TAG = {tag!r}\n")
+        (folder / "cfg.py").write_text(
+            "import ml_collections\nfrom common import TAG\n\n\n"
+            "def get_config():\n    return ml_collections.ConfigDict({'tag': TAG})\n"
+        )
+    assert config.load(str(tmp_path / "a" / "cfg.py")).tag == "a"
+    assert config.load(str(tmp_path / "b" / "cfg.py")).tag == "b"

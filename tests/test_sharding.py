@@ -80,6 +80,7 @@ def four_devices() -> dict:
     return _run(SHARDED_VS_ONE, {"XLA_FLAGS": flags})
 
 
+@pytest.mark.slow
 def test_clones_split_over_four_devices_and_padded(four_devices):
     assert four_devices["devices"] == 4
     assert four_devices["shard_rows"] == [2, 2, 2, 2]  # 6 clones padded to 8
@@ -88,6 +89,7 @@ def test_clones_split_over_four_devices_and_padded(four_devices):
 
 
 @pytest.mark.parametrize("setting", ["sgd", "adam_transforms_stopping"])
+@pytest.mark.slow
 def test_sharded_equals_one_device(four_devices, setting):
     r = four_devices[setting]
     assert r["shape"] == [6, 16, 16, 3]  # the padding is dropped
@@ -161,6 +163,7 @@ json.dump({"devices": len(jax.devices()), "clones": r.clones.tolist()}, sys.stdo
 """
 
 
+@pytest.mark.slow
 def test_two_processes_as_two_hosts_equal_one_device(tmp_path):
     import socket
 

@@ -88,7 +88,9 @@ class TrainConfig:
     epochs: int = 100
     batch_size: int = 32
     learning_rate: float = 1e-3
-    beta: float = 1.0  # weight of the KL term against the reconstruction (a beta-VAE)
+    # Weight of the KL term against the reconstruction (a beta-VAE): lower gives sharper
+    # reconstructions but random codes that look less like faces.
+    beta: float = 1.0
     flip: bool = True  # random horizontal flips of the pool's faces
 
     def __post_init__(self):

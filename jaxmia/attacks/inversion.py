@@ -138,7 +138,10 @@ class InversionConfig:
     margin: float = 5.0  # max_margin: the logit margin beyond which the loss is flat
     tv_weight: float = 0.0  # total variation (mean absolute neighbour difference)
     l2_weight: float = 0.0  # mean squared pixel value
-    denoise: str = "none"  # one of DENOISERS
+    # One of DENOISERS: "none", "median" (the paper's suggested denoising between steps) or
+    # "gaussian" (a blur, which on AT&T makes clones that R_E recognises far more often:
+    # benchmarks/attack_levers.md).
+    denoise: str = "none"
     # Denoise after the first step and every k-th after it: the first Adam step moves every
     # pixel by +-lr, and removing that pattern at once mattered (benchmarks/attack_levers.md).
     denoise_every: int = 10
@@ -165,7 +168,8 @@ class InversionConfig:
     # check_every on GPU/TPU; see resolved_steps_per_call).
     steps_per_call: int | None = None
     check_every: int = 50  # steps between host checks whether every clone has stopped
-    # Split the clones over every device JAX sees when there are several (jaxmia.sharding).
+    # Split the clones over every device JAX sees when there are several (jaxmia.sharding); on
+    # CPU, `jaxmia invert` first splits the host into one JAX device per core.
     shard: bool = True
     # The clone's parametrisation (jaxmia.attacks.priors): "pixels" (the paper's), "linear" (the
     # auxiliary pool's first prior_components eigenfaces) or "generator" (the latent code of the

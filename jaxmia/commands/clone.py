@@ -1,6 +1,6 @@
 """``jaxmia clone``: the cloning attack vs intentional misrecognition and near-duplicate detection.
 
-jaxmia clone --config configs/cloning.py --workdir OUT
+jaxmia clone --workdir OUT
 jaxmia clone --workdir OUT --config.data.source=synthetic
 """
 

@@ -130,8 +130,8 @@ class Settings:
     pgd: pgd_lib.PGDSettings
     pgd_per_identity: int
     seed: int
-    seeds_per_identity: int = 0  # 0: every clone's seed
-    face: tuple[str, ...] = ()  # keys of FACE_MODELS: the face judges to run
+    seeds_per_identity: int  # 0: every clone's seed
+    face: tuple[str, ...]  # keys of FACE_MODELS: the face judges to run
 
     @classmethod
     def from_config(cls, judges_config: ml_collections.ConfigDict) -> Settings:

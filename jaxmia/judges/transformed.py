@@ -48,14 +48,18 @@ class TransformSettings:
       blur_sigma: Gaussian blur of a sigma uniform in [0, blur_sigma] pixels, edges replicated.
       noise_std: standard deviation of additive Gaussian noise (then clipped to [0, 1]).
       samples: transforms per image, >= 1.
+
+    The defaults are the ``judges.transforms`` config section's. 4 samples: the judges' largest
+    cost is the recognizers' passes over the draws (AT&T: 8 draws made the judges 14% of an
+    experiment's time, over the 10% they may cost).
     """
 
-    max_shift: int = 4
+    max_shift: int = 4  # pixels
     flip: bool = True
-    scale: float = 0.1
-    blur_sigma: float = 1.0
+    scale: float = 0.1  # zoom factor in 1 +- scale
+    blur_sigma: float = 1.0  # pixels, uniform in [0, blur_sigma]
     noise_std: float = 0.02
-    samples: int = 8
+    samples: int = 4
 
     def __post_init__(self):
         for name in ("max_shift", "samples"):

@@ -30,18 +30,33 @@ from jaxmia.errors import JaxmiaError
 
 @dataclasses.dataclass(frozen=True)
 class Defence:
-    """The training-time defences of one recognizer (hashable: a static argument of the step)."""
+    """The training-time defences of one recognizer (hashable: a static argument of the step).
 
+    The defaults (all off) are the ``train.defence`` config section's (``jaxmia.config``).
+    """
+
+    # Label smoothing in (-1, 1): > 0 the usual smoothing (known to *raise* leakage), < 0
+    # negative smoothing (Struppek et al. 2024: the strongest simple defence), reached linearly
+    # from 0 over the first smoothing_ramp_epochs (negative smoothing from the start does not
+    # train). Other than 0, it replaces train.label_smoothing (the recipe's) for R_T.
     label_smoothing: float = 0.0
     smoothing_ramp_epochs: int = 0
+    # DP-SGD (Abadi et al. 2016): each example's gradient clipped to L2 norm dp_clip, Gaussian
+    # noise of std dp_noise * dp_clip added to their sum; epsilon at dp_delta by an RDP
+    # accountant, recorded with the checkpoint. Paper CNN only (batch norm mixes examples).
     dp: bool = False
     dp_clip: float = 1.0
     dp_noise: float = 1.0
     dp_delta: float = 1e-5
+    # MID (Wang et al. 2021): a variational bottleneck of this width before the classifier
+    # (0: none), its KL divergence weighted by bottleneck_weight in the loss.
     bottleneck: int = 0
     bottleneck_weight: float = 0.0
+    # For comparison, the plain regularisers as R_T's own: >= 0 replaces train.weight_decay
+    # (decoupled, under adam as adamw) / model.dropout for R_T only; -1: R_T's are R_E's.
     weight_decay: float = -1.0
     dropout: float = -1.0
+    # >= 1: R_T's epochs (DP-SGD's are costlier, and usually fewer); -1: train.epochs.
     epochs: int = -1
 
     @classmethod

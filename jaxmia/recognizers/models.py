@@ -517,7 +517,11 @@ def build(config: ModelConfig, rngs: nnx.Rngs) -> nnx.Module:
 
 
 def abstract(config: ModelConfig) -> tuple[nnx.GraphDef, nnx.State]:
-    """(graphdef, the state's shapes and dtypes) of ``config``, allocating and computing nothing."""
+    """(graphdef, the state's shapes and dtypes) of ``config``, allocating and computing nothing.
+
+    A pretrained backbone's structure is read from its fetched files (its loader builds it
+    from them), so restoring such a checkpoint needs ``jaxmia models fetch`` of its backbone.
+    """
     return nnx.split(nnx.eval_shape(lambda: build(config, nnx.Rngs(params=0))))
 
 

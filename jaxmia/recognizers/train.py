@@ -294,7 +294,12 @@ def accuracy(
 
 
 def features(
-    graphdef: nnx.GraphDef, params, images: np.ndarray, batch_size: int = 64
+    graphdef: nnx.GraphDef,
+    params,
+    images: np.ndarray,
+    batch_size: int = 64,
+    *,
+    progress: bool = False,
 ) -> np.ndarray:
     """Each image's penultimate features (inference), in fixed-size batches. # [n, h, w, c] ->
     [n, d]"""
@@ -302,6 +307,8 @@ def features(
         lambda x: _features(graphdef, params, x),
         images,
         sizes=batching.sizes_for(len(images), batch_size),
+        progress=progress,
+        desc="backbone features",
     )
 
 
@@ -441,9 +448,9 @@ def fit(
     train_in, test_in = images, test
     if on_features:
         state = models.join(graphdef, params, rest)
-        train_in = features(graphdef, state, images)  # [n, d]
+        train_in = features(graphdef, state, images, progress=progress)  # [n, d]
         if test is not None and not isinstance(test, stream.Source):
-            test_in = (features(graphdef, state, test[0]), test[1])
+            test_in = (features(graphdef, state, test[0], progress=progress), test[1])
 
     if mesh is not None:
         # Weights, statistics and optimizer state whole on every device; batches split.

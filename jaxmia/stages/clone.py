@@ -1,6 +1,6 @@
 """The ``jaxmia clone`` stage: the cloning attack vs misrecognition and near-duplicate detection.
 
-    cloning_study.run(config, "OUT")   # jaxmia clone --config configs/cloning.py --workdir OUT
+    cloning_study.run(config, "OUT")   # jaxmia clone --workdir OUT
 
 Checks every setting, claims OUT for them (``OUT/cloning.json``, ``jaxmia.workdir``: only the
 grid of cells, ``cloning.budgets/rates/scenarios/adaptive``, may change on a rerun), then trains

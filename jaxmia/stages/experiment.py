@@ -711,21 +711,6 @@ WHAT = {
 }
 
 
-def resnet_target(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-    """``config`` with R_T and R_E the ResNet of its second judge (``judges.other_*``), and its
-    paper CNN, with its own recipe, as the second judge: an R_T with batch norm."""
-    if config.model.arch != "paper" or config.judges.other_arch not in ("auto", "resnet"):
-        raise JaxmiaError(
-            f"model.arch={config.model.arch!r}, judges.other_arch={config.judges.other_arch!r}: "
-            "expected a paper-CNN config with a ResNet second judge"
-        )
-    out = other_config(config)
-    out.judges.other_arch = "paper"
-    out.judges.other_model = ml_collections.ConfigDict(config.model.to_dict())
-    out.judges.other_train = ml_collections.ConfigDict(config.train.to_dict())
-    return out
-
-
 def check_config(config: ml_collections.ConfigDict) -> None:
     """Bad settings fail before any work."""
     e = config.experiment

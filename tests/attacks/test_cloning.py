@@ -337,6 +337,7 @@ TINY = [
 ]
 
 
+@pytest.mark.slow
 def test_clone_command_writes_the_table_and_resumes(tmp_path, monkeypatch, capsys):
     from jaxmia import cli
 
@@ -376,6 +377,7 @@ def test_clone_command_writes_the_table_and_resumes(tmp_path, monkeypatch, capsy
     assert len(list((tmp_path / "cells").iterdir())) == 3
 
 
+@pytest.mark.slow
 def test_a_refused_clone_rerun_leaves_the_split_record(tmp_path, monkeypatch, capsys):
     """The settings check comes before any write: split.json stays the first run's."""
     from jaxmia import cli

@@ -49,6 +49,7 @@ def trained(faces):
     return params, history, states
 
 
+@pytest.mark.slow
 def test_fit_lowers_the_loss_and_makes_images_in_range(faces, trained):
     params, history, _ = trained
     assert [h["epoch"] for h in history] == list(range(1, 7))
@@ -64,6 +65,7 @@ def test_fit_lowers_the_loss_and_makes_images_in_range(faces, trained):
     assert generator.encode_mean(CFG, params, faces[0]).shape == (CFG.latent_dim,)
 
 
+@pytest.mark.slow
 def test_same_key_same_weights_other_key_other_weights(faces, trained):
     few = generator.TrainConfig(epochs=2, batch_size=8, learning_rate=3e-3)
     a, _ = generator.fit(CFG, few, faces, key=jax.random.key(0))
@@ -75,6 +77,7 @@ def test_same_key_same_weights_other_key_other_weights(faces, trained):
     jax.tree.map(np.testing.assert_array_equal, a, trained[2][2][0])
 
 
+@pytest.mark.slow
 def test_resumed_fit_ends_with_the_uninterrupted_weights(faces, trained):
     params, history, states = trained
     resume = (3, *states[3])
@@ -92,6 +95,7 @@ def test_bad_settings_are_one_line_errors(faces):
         generator.fit(CFG, TRAIN, faces[:, :8], key=jax.random.key(0))
 
 
+@pytest.mark.slow
 def test_checkpoint_round_trip_and_a_recognizer_is_not_a_generator(tmp_path, trained):
     params = trained[0]
     checkpoint.save_generator(checkpoint.manager(tmp_path / "g"), 6, params, CFG, {"x": 1})
@@ -146,6 +150,7 @@ def prior_dir(recognizer):
     return recognizer / "prior"
 
 
+@pytest.mark.slow
 def test_jaxmia_prior_writes_a_generator_of_the_auxiliary_faces(prior_dir):
     summary = json.loads((prior_dir / "prior.json").read_text())
     assert summary["faces"] == 10 and summary["pool"] == "synthetic (2 identities, 10 faces)"
@@ -156,6 +161,7 @@ def test_jaxmia_prior_writes_a_generator_of_the_auxiliary_faces(prior_dir):
     assert loaded.meta["history"] == summary["history"]
 
 
+@pytest.mark.slow
 def test_a_rerun_only_reports_and_other_settings_are_refused(recognizer, prior_dir, capsys):
     before = (prior_dir / "prior.json").read_text()
     capsys.readouterr()
@@ -166,6 +172,7 @@ def test_a_rerun_only_reports_and_other_settings_are_refused(recognizer, prior_d
     _one_line_error(capsys, "prior.beta: 1.0 -> 0.5")
 
 
+@pytest.mark.slow
 def test_an_interrupted_prior_resumes_to_the_same_weights(recognizer, prior_dir, tmp_path):
     work = tmp_path / "cut"
     shutil.copytree(prior_dir, work)
@@ -201,6 +208,7 @@ def test_bad_input_is_one_line_and_claims_nothing(recognizer, tmp_path, capsys, 
     assert not (tmp_path / "w").exists()
 
 
+@pytest.mark.slow
 def test_jaxmia_invert_with_the_generator_prior(recognizer, prior_dir, tmp_path, capsys):
     out = tmp_path / "inv"
     argv = ["invert", "--checkpoint", str(recognizer / "rt"), "--workdir", str(out)]

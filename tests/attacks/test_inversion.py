@@ -205,6 +205,7 @@ def test_bad_view_settings(kwargs, words):
         f"{c.loss}-{c.optimizer}{'-levers' if c.jitter else ''}{'-views' if c.views > 1 else ''}"
     ),
 )
+@pytest.mark.slow
 def test_vmapped_program_equals_reference_loop(tiny, cfg):
     apply_fn, params = tiny
     x, labels, keys = _batch(3)
@@ -239,6 +240,7 @@ TINY_RESNET = models.ModelConfig(
 
 
 @pytest.mark.parametrize("feature_weight", [0.0, 0.1], ids=["logits", "feature-statistics"])
+@pytest.mark.slow
 def test_vmapped_resnet_inversion_equals_reference_loop(feature_weight):
     cfg = inv.InversionConfig(
         loss="max_margin",
@@ -345,6 +347,7 @@ def test_stopping_rules_by_hand():
     )
 
 
+@pytest.mark.slow
 def test_jit_equals_eager_step():
     cfg = inv.InversionConfig(
         loss="cross_entropy", optimizer="adam", learning_rate=0.05, jitter=1, patience=2
@@ -451,6 +454,7 @@ def test_bad_settings_are_jaxmia_errors(tiny):
 # --- the attack works ------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_attack_raises_target_confidence_on_synthetic_faces():
     from jaxmia.recognizers import train
 

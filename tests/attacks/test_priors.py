@@ -94,6 +94,7 @@ def reference(cfg, apply_fn, params, prior, seed, key, label, steps):
     ],
     ids=["coefficients", "residual-levers"],
 )  # fmt: skip
+@pytest.mark.slow
 def test_vmapped_linear_prior_equals_reference_loop(tiny, pool, cfg):
     apply_fn, params = tiny
     prior = priors.Prior(priors.LINEAR, priors.fit_linear(pool, 8))
@@ -136,6 +137,7 @@ GEN_LEVERS = inv.InversionConfig(
 )
 
 
+@pytest.mark.slow
 def test_vmapped_generator_prior_equals_reference_loop(tiny, pool):
     """An (untrained) VAE's decoder as the prior, with a residual, blur and jitter: clones
     vmapped as one by one (the codes' penalty takes the linear prior's tested path)."""
@@ -152,6 +154,7 @@ def test_vmapped_generator_prior_equals_reference_loop(tiny, pool):
         assert float(jnp.abs(want - start).max()) > 1e-3  # the clone moved from its start
 
 
+@pytest.mark.slow
 def test_one_generator_architecture_compiles_one_program(tiny, pool):
     """Equal generator configs give the same decoder; other weights compile nothing new."""
     apply_fn, params = tiny
@@ -178,6 +181,7 @@ def _outside_span(fitted: priors.LinearParams, images: np.ndarray) -> np.ndarray
     return (rest**2).sum(1) / (d**2).sum(1)
 
 
+@pytest.mark.slow
 def test_linear_clones_lie_in_the_pool_span_and_pixel_clones_do_not(tiny, pool):
     apply_fn, params = tiny
     fitted = priors.fit_linear(pool, 8)

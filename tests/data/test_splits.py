@@ -345,6 +345,7 @@ def test_experiment_scales_down_on_the_kept_identities():
         experiment.make_split(cfg, faces_with([10] * 3))
 
 
+@pytest.mark.slow
 def test_train_prints_the_note(tmp_path, capsys):
     root = tmp_path / "faces"
     rng = np.random.default_rng(0)

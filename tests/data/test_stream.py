@@ -105,12 +105,14 @@ def straight(faces, tmp_path_factory):
     )
 
 
+@pytest.mark.slow
 def test_streamed_fit_learns(straight):
     history = straight[2]
     assert history[-1]["train_accuracy"] > max(0.4, history[0]["train_accuracy"] + 0.15)  # 1/6
     assert history[-1]["loss"] < history[0]["loss"]
 
 
+@pytest.mark.slow
 def test_streamed_fit_resumes_to_identical_params(faces, straight, tmp_path, monkeypatch):
     straight = straight[1]
     calls = {"n": 0}
@@ -133,6 +135,7 @@ def test_streamed_fit_resumes_to_identical_params(faces, straight, tmp_path, mon
     assert [m["epoch"] for m in history] == [1, 2, 3, 4, 5]
 
 
+@pytest.mark.slow
 def test_streamed_run_reads_the_cache(tmp_path):
     """``jaxmia train`` with train.stream: synthetic faces written to the cache and streamed."""
     cfg = config_lib.default_config()
@@ -208,6 +211,7 @@ json.dump(out, sys.stdout)
 """
 
 
+@pytest.mark.slow
 def test_data_parallel_on_two_devices_equals_one():
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     env["JAX_PLATFORMS"] = "cpu"

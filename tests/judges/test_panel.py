@@ -80,6 +80,7 @@ def att(tmp_path_factory):
     return panel, summary, per_clone, split, seeds
 
 
+@pytest.mark.slow
 def test_held_out_real_photos_are_recognised_by_every_judge(att):
     _, summary, _, _, _ = att
     real = summary["top"]["real"]
@@ -92,6 +93,7 @@ def test_held_out_real_photos_are_recognised_by_every_judge(att):
         assert real[judge]["top1"] >= floor, (judge, real[judge])
 
 
+@pytest.mark.slow
 def test_seeds_are_near_chance_for_every_judge(att):
     _, summary, _, _, _ = att
     for judge, cell in summary["top"]["seeds"].items():
@@ -99,6 +101,7 @@ def test_seeds_are_near_chance_for_every_judge(att):
         assert cell["top1"] <= 0.15, (judge, cell)
 
 
+@pytest.mark.slow
 def test_pgd_controls_fool_r_t_not_the_robust_judges(att):
     _, summary, _, _, _ = att
     pgd = summary["top"]["pgd"]
@@ -109,6 +112,7 @@ def test_pgd_controls_fool_r_t_not_the_robust_judges(att):
     assert pgd["R_E_transformed"]["top1"] <= pgd["R_T"]["top1"] - 0.5
 
 
+@pytest.mark.slow
 def test_realism_of_the_groups(att):
     _, summary, _, _, _ = att
     r = summary["realism"]
@@ -122,6 +126,7 @@ def test_realism_of_the_groups(att):
     assert r["real"]["residual_energy_mean"] < r["seeds"]["residual_energy_mean"]
 
 
+@pytest.mark.slow
 def test_inflation_is_r_e_minus_the_most_generous_robust_judge(att):
     _, summary, per_clone, _, _ = att
     clones = summary["top"]["clones"]
@@ -136,6 +141,7 @@ def test_inflation_is_r_e_minus_the_most_generous_robust_judge(att):
     assert "R_E" not in per_clone  # the caller has R_E's ranks
 
 
+@pytest.mark.slow
 def test_pgd_controls_stay_in_the_ball(att):
     panel, _, _, split, _ = att
     seeds = np.full((2, 3, *SIZE, 1), 0.5, np.float32)
@@ -147,6 +153,7 @@ def test_pgd_controls_stay_in_the_ball(att):
     assert np.abs(images - 0.5).max() <= panel.settings.pgd.epsilon + 1e-6
 
 
+@pytest.mark.slow
 def test_groups_judged_together_equal_each_group_alone(att):
     panel, _, _, split, seeds = att
     # The other R_E: R_E with its classes in another order, so each judge needs its own labels.
@@ -174,6 +181,7 @@ def test_groups_judged_together_equal_each_group_alone(att):
     np.testing.assert_array_equal(together["real"]["R_E_other"], together["real"]["R_E"])
 
 
+@pytest.mark.slow
 def test_the_floor_judges_the_first_seeds_of_each_identity(att):
     panel, summary, _, split, seeds = att
     ids = len(split.attacked)
@@ -190,6 +198,7 @@ def test_the_floor_judges_the_first_seeds_of_each_identity(att):
             assert cell["top1"] == pytest.approx(np.mean(got[judge] <= 1))
 
 
+@pytest.mark.slow
 def test_too_few_photos_for_the_components_is_a_note(att):
     panel, _, _, _, _ = att
     few = panel.fitted.gallery.images[:6]
@@ -204,6 +213,7 @@ def test_too_few_photos_for_the_components_is_a_note(att):
         panel_lib.make_panel(panel.evaluator, few[:1], names[:1], few[:0], [], panel.settings)
 
 
+@pytest.mark.slow
 def test_bad_input(att):
     panel, _, _, _, _ = att
     wrong = np.zeros((3, 16, 16, 1), np.float32)
@@ -298,6 +308,7 @@ def faces10(tmp_path_factory):
     return faces, panel, summary, per_clone, gallery, index[:, 6]
 
 
+@pytest.mark.slow
 def test_face_judges_recognise_held_out_real_photos(faces10):
     _, panel, summary, _, _, _ = faces10
     assert [f.name for f in panel.face] == ["dlib", "faceres"]
@@ -319,6 +330,7 @@ def test_face_judges_recognise_held_out_real_photos(faces10):
     assert any("grey: the face judges see them as RGB" in n for n in panel.notes)
 
 
+@pytest.mark.slow
 def test_face_judges_come_first(faces10):
     _, _, summary, per_clone, _, _ = faces10
     first = list(panel_lib.FACE_JUDGES)
@@ -345,6 +357,7 @@ def test_face_judges_come_first(faces10):
     )
 
 
+@pytest.mark.slow
 def test_face_ranks_are_the_nearest_gallery_photo_by_name(faces10):
     """Against ranks computed here: chips, the judge's own embedder, the nearest photo of each
     identity, all in the face set's label order (R_E's is reversed)."""
@@ -383,6 +396,7 @@ def _without(monkeypatch, unavailable):
         monkeypatch.setattr(face_lib, "_dlib_models", face_lib._dlib_models.__wrapped__)
 
 
+@pytest.mark.slow
 def test_an_unavailable_face_model_is_a_note(faces10, monkeypatch):
     faces, panel, _, _, gallery, _ = faces10
     images = panel.fitted.gallery.images
@@ -401,6 +415,7 @@ def test_an_unavailable_face_model_is_a_note(faces10, monkeypatch):
     assert "face_detected" not in per_clone and "inflation" in summary
 
 
+@pytest.mark.slow
 def test_an_identity_without_a_photo_is_a_note(faces10):
     faces, panel, _, _, gallery, _ = faces10
     images = panel.fitted.gallery.images

@@ -65,6 +65,7 @@ def test_conv_transpose_is_torch_semantics():
     np.testing.assert_allclose(np.asarray(conv(x))[0], out, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_vmap_features_and_latent_gradients(net):
     model, generate, jitted = net
     graphdef, state = nnx.split(model)

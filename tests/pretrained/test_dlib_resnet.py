@@ -107,6 +107,7 @@ def test_a_truncated_or_missing_file_is_a_clear_error(tmp_path):
 # The embedder.
 
 
+@pytest.mark.slow
 def test_equals_dlib_on_att_faces(model, att_chips):
     ours = dlib_resnet.embed_chips(model, att_chips, batch_size=12)  # a padded last batch
     ref = dlib_descriptors(att_chips.images)
@@ -116,6 +117,7 @@ def test_equals_dlib_on_att_faces(model, att_chips):
 
 
 @pytest.mark.skipif(not CELEBA.is_dir(), reason="../shared/datasets/celeba128 is absent")
+@pytest.mark.slow
 def test_equals_dlib_on_celeba_faces(model):
     model_file("dlib_landmarks5")
     people = sorted(p for p in CELEBA.iterdir() if p.is_dir())[:8]
@@ -135,6 +137,7 @@ def test_grey_is_rgb_and_sizes_are_checked(model, att_chips):
         model(jnp.zeros((1, 64, 64, 3)))
 
 
+@pytest.mark.slow
 def test_jit_vmap_and_finite_input_gradients(model, att_chips):
     x = jnp.asarray(att_chips.images[:3])
     batched = model(x)

@@ -83,6 +83,7 @@ def test_grey_images_are_repeated_to_rgb(net):
     )
 
 
+@pytest.mark.slow
 def test_vmap_and_input_gradients(net):
     model, both, jitted = net
     graphdef, state = nnx.split(model)

@@ -72,6 +72,7 @@ def test_near_humans_own_resize(model, ref):
         assert cosine.min() > 0.98, cosine
 
 
+@pytest.mark.slow
 def test_jit_vmap_gradient_backbone(model, ref):
     x = jnp.asarray(ref["images64"].astype(np.float32) / 255)  # [3, 64, 64, 3]
     one_each = jax.jit(jax.vmap(lambda xi: model(xi[None])[0]))(x)

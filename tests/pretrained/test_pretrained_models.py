@@ -17,6 +17,7 @@ from jaxmia import checkpoint, config
 from jaxmia.errors import JaxmiaError
 from jaxmia.pretrained import fetch
 from jaxmia.recognizers import models, train
+from jaxmia.stages import experiment
 
 CELEBA = Path(__file__).resolve().parents[3] / "shared" / "datasets" / "celeba128"
 CFG = models.ModelConfig(num_classes=5, image_size=(32, 32), channels=3, arch="faceres")
@@ -41,6 +42,7 @@ def _images(n: int, channels: int = 3, seed: int = 1) -> jax.Array:
     return jax.random.uniform(jax.random.key(seed), (n, 32, 32, channels))
 
 
+@pytest.mark.slow
 def test_init_puts_the_fetched_weights_in_the_backbone_and_a_fresh_head(faceres):
     net, (graphdef, state) = faceres
     state = nnx.to_pure_dict(state)
@@ -91,6 +93,7 @@ def _steps(graphdef, state, x, y, steps=2):
     return params, rest
 
 
+@pytest.mark.slow
 def test_a_frozen_backbone_is_bit_identical_after_training_and_finetuning_moves_it(faceres):
     _, (graphdef, state) = faceres
     before = nnx.to_pure_dict(state)
@@ -149,6 +152,8 @@ def test_an_rt_on_a_face_judge_backbone_is_refused():
     assert "dlib" in c.judges.face
     with pytest.raises(JaxmiaError, match=r"model.arch='dlib_resnet': the face judge 'dlib'"):
         train.check_target(c)
+    with pytest.raises(JaxmiaError, match="the face judge 'dlib'"):
+        experiment.check_config(c)  # before any work
     c.judges.face = ("faceres",)
     train.check_target(c)  # dlib is no judge here: allowed
     c.model.arch = "faceres"
@@ -176,6 +181,7 @@ def _celeba_people(n_people: int, per_person: int) -> tuple[np.ndarray, np.ndarr
 
 
 @pytest.mark.skipif(not CELEBA.is_dir(), reason="../shared/datasets/celeba128 is absent")
+@pytest.mark.slow
 def test_a_linear_head_learns_real_faces(faceres):
     x, y = _celeba_people(5, 12)
     test = np.arange(len(y)) % 12 >= 9  # 3 held-out photos a person

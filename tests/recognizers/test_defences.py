@@ -70,6 +70,7 @@ def test_smoothing_ramps_linearly_to_its_value():
 
 
 @pytest.mark.parametrize("clip", [0.05, 1e3])
+@pytest.mark.slow
 def test_private_gradients_clip_each_example_like_a_loop(clip):
     graphdef, params, rest = _tiny()
     x = jax.random.uniform(jax.random.key(1), (6, 16, 16, 1))
@@ -103,6 +104,7 @@ def test_private_gradients_clip_each_example_like_a_loop(clip):
     assert (min(norms) > clip) if clip < 1 else (max(norms) < clip)
 
 
+@pytest.mark.slow
 def test_private_gradients_add_noise_of_the_stated_std():
     graphdef, params, rest = _tiny()
     x = jax.random.uniform(jax.random.key(1), (4, 16, 16, 1))
@@ -149,6 +151,7 @@ def test_epsilon_is_the_accountants_and_above_the_exact_full_batch_value():
     assert defences.epsilon(0.0, 32, 1000, 10, 1e-5) == math.inf
 
 
+@pytest.mark.slow
 def test_dp_training_records_the_accountants_epsilon(tmp_path, capsys):
     args = [
         "train", "--workdir", str(tmp_path), "--recognizer", "target", *SMALL,
@@ -184,6 +187,7 @@ def test_bottleneck_kl_and_mean_code():
     assert np.std(samples[:, 1]) == pytest.approx(2.0, rel=0.15)
 
 
+@pytest.mark.slow
 def test_mid_recognizer_infers_on_the_mean_and_is_r_t_only(tmp_path):
     args = [
         "train", "--workdir", str(tmp_path), "--recognizer", "both", *SMALL,
@@ -254,6 +258,7 @@ SWEEP = [
 ]
 
 
+@pytest.mark.slow
 def test_defend_writes_the_table_shares_r_e_and_resumes(tmp_path, capsys):
     out = tmp_path / "sweep"
     assert cli.main(["defend", "--workdir", str(out), *SWEEP]) == 0

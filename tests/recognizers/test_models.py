@@ -131,6 +131,7 @@ def test_resnet_shapes_and_flops_match_xla(kw, feature_size):
     assert 0.9 < counted / cfg.flops_per_image() < 1.1
 
 
+@pytest.mark.slow
 def test_resnet_batch_norm_trains_on_batch_statistics_and_infers_on_running_ones():
     cfg = models.ModelConfig(num_classes=4, image_size=(16, 16), channels=1, **RESNET)
     graphdef, state = models.init(cfg, jax.random.key(0))

@@ -37,6 +37,7 @@ def _config(epochs=6, **kw):
 MODEL = models.ModelConfig(num_classes=4, image_size=(32, 32), dense_features=(64, 64), dropout=0.2)
 
 
+@pytest.mark.slow
 def test_fit_learns():
     x, y = _blobs()
     graphdef, params, history = train.fit(
@@ -55,6 +56,7 @@ def test_same_seed_same_params():
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
+@pytest.mark.slow
 def test_interrupted_training_resumes_to_identical_params(tmp_path, monkeypatch):
     x, y = _blobs()
     _, straight, _ = train.fit(
@@ -304,6 +306,7 @@ RESNET = models.ModelConfig(
 )
 
 
+@pytest.mark.slow
 def test_resnet_trains_checkpoints_and_resumes_to_identical_state(tmp_path, monkeypatch):
     x, y = _squares(size=16)
     cfg = _config(

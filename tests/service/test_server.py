@@ -306,6 +306,7 @@ def _start(recognizer, workdir, port):
     return proc
 
 
+@pytest.mark.slow
 def test_killed_server_loses_no_answered_query_and_still_detects_old_duplicates(
     tmp_path, recognizer, monkeypatch
 ):

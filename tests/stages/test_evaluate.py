@@ -70,6 +70,7 @@ def test_evaluate_with_recorded_confidence(setup, capsys):
     np.testing.assert_allclose([float(r["seed_score_T"]) for r in rows], seed_recorded)
 
 
+@pytest.mark.slow
 def test_evaluate_a_real_invert_run(setup, capsys, monkeypatch, tmp_path):
     """The format jaxmia invert writes is the one jaxmia evaluate reads; R_T is found from
     another working directory though the run was given a relative checkpoint path."""
@@ -181,6 +182,7 @@ def test_real_faces_are_the_evaluators_training_images(monkeypatch, train_files,
     assert evaluate_lib.real_faces_for(rec, ("cy",), "none")[0] is None
 
 
+@pytest.mark.slow
 def test_evaluate_rejudges_an_old_run_with_the_face_judges_first(setup, capsys, monkeypatch):
     """An inversion run judged again: the face judges (on their fetched weights) come first in
     the summary, the printed lines and the clones' CSV."""

@@ -119,6 +119,7 @@ def _epochs(work):
     return [m["epoch"] for m in files.read_jsonl(work / "evaluation" / "metrics.jsonl")]
 
 
+@pytest.mark.slow
 def test_interrupted_stages_resume(finished):
     work, (first, second, third) = finished
     rc, records, epochs = first
@@ -134,6 +135,7 @@ def test_interrupted_stages_resume(finished):
     assert summary["timing"]["chunks"] == 4 and summary["timing"]["chunks_resumed"] == 1
 
 
+@pytest.mark.slow
 def test_outputs_and_report_numbers_equal_json(finished):
     w = finished[0]
     for name in ("split.json", "config.json", "stages.json", "experiment.json"):
@@ -204,6 +206,7 @@ def test_outputs_and_report_numbers_equal_json(finished):
     assert {"face_detected", "face_knn_distance_dlib", "face_knn_distance_faceres"} <= set(header)
 
 
+@pytest.mark.slow
 def test_selection_keeps_the_best_by_r_t(finished):
     finished = finished[0]
     sel = finished / "inversions" / "selected" / "inversions.npz"
@@ -231,6 +234,7 @@ def test_selection_keeps_the_best_by_r_t(finished):
             )
 
 
+@pytest.mark.slow
 def test_logit_margins_by_hand(finished):
     rec_t = checkpoint.load_recognizer(finished[0] / "target")
     x = np.random.default_rng(0).uniform(size=(300, 32, 32, 1)).astype(np.float32)  # 2 batches
@@ -247,6 +251,7 @@ def test_logit_margins_by_hand(finished):
     np.testing.assert_allclose(robust, want[:3], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_rerun_skips_every_stage(finished, capsys, monkeypatch):
     finished = finished[0]
 
@@ -267,6 +272,7 @@ def test_rerun_skips_every_stage(finished, capsys, monkeypatch):
     assert out.index("face judge face_dlib") < out.index("judges beside R_E")
 
 
+@pytest.mark.slow
 def test_changed_setting_is_an_error_then_redo(finished, tmp_path, capsys, monkeypatch):
     work = tmp_path / "copy"
     shutil.copytree(finished[0], work)
@@ -292,6 +298,7 @@ def test_changed_setting_is_an_error_then_redo(finished, tmp_path, capsys, monke
         assert (z["steps"] == 5).all()
 
 
+@pytest.mark.slow
 def test_a_stage_that_failed_on_bad_input_holds_nothing(tmp_path, capsys):
     """A split asking for more identities than the data has fails; the corrected rerun runs."""
     work = tmp_path / "w"
@@ -305,6 +312,7 @@ def test_a_stage_that_failed_on_bad_input_holds_nothing(tmp_path, capsys):
     assert records["split"]["status"] == "done" and (work / "split.json").is_file()
 
 
+@pytest.mark.slow
 def test_an_interrupted_stage_with_outputs_holds_its_settings(finished, tmp_path, capsys):
     """Interrupted after writing: other settings are refused (--redo restarts it)."""
     work = tmp_path / "copy"
@@ -427,6 +435,7 @@ GENERATOR = [
 ]
 
 
+@pytest.mark.slow
 def test_a_prior_experiment_trains_its_generator_and_judges_the_pixel_attack_beside_it(
     finished, tmp_path, capsys
 ):
@@ -516,6 +525,7 @@ def test_gaussian_denoise_settings():
 BLACKBOX = cli.COMMANDS["blackbox"]  # before the autouse fixture leaves only the experiment
 
 
+@pytest.mark.slow
 def test_blackbox_clones_the_served_r_t_inverts_the_clone_and_resumes(
     finished, tmp_path, capsys, monkeypatch
 ):

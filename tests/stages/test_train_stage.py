@@ -70,6 +70,7 @@ def test_bad_input_one_line_exit_2(tmp_path, capsys, args, message):
     assert not (workdir / "checkpoints").exists()
 
 
+@pytest.mark.slow
 def test_killed_training_resumes(tmp_path, capsys):
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     argv = ["train", "--workdir", str(tmp_path), *SMALL, "--config.train.epochs=16"]
