@@ -12,7 +12,8 @@ twins; the second R_E (judges.other_*) is configs/celeba.py's paper CNN with its
 The face judge is dlib's alone: faceres, R_T's own backbone, cannot judge clones made through
 it (jaxmia.recognizers.train.check_target refuses an R_T on a judge's backbone). The head's
 recipe: no augmentation, so each photo's backbone features are computed once
-(jaxmia.recognizers.train.fit), then AdamW 1e-3, weight decay 0.05, dropout 0.5 on the features, label smoothing 0.1, 100 epochs.
+(jaxmia.recognizers.train.fit), then AdamW 1e-3, weight decay 0.05, dropout 0.5 on the
+features, label smoothing 0.1, 100 epochs.
 
 Chosen on split.seed 2 (R_T's 107 people, 1,937 training and 311 test photos), measured on the
 shared 2-core CPU (2026-12-07, load 6-8 from other runs) with
