@@ -1,7 +1,23 @@
-"""The inversions file: the clones a ``jaxmia invert`` folder holds, read back and checked.
+"""The inversions file: the clones a ``jaxmia invert`` folder holds, written, read back, checked.
 
-The stages write ``inversions.npz`` and ``summary.json``; the judges and the selection of clones
-read them through ``load_inversions``.
+Every stage that makes clones (``jaxmia invert``, the experiment's selection, ``jaxmia blackbox``)
+writes ``inversions.npz`` through ``save_inversions``; the judges read it through
+``load_inversions``, the selection of clones through ``load_arrays``. Its arrays (``FIELDS``, in
+that order in the file):
+
+- ``clones`` [ids, clones, h, w, c] float32 in [0, 1];
+- per clone [ids, clones]: ``steps``, ``loss``, ``confidence`` (R_T's softmax of the target for
+  the clone), ``seed_confidence`` (the same of its seed), ``reason`` (int index into
+  ``stop_reasons``);
+- ``seeds`` [ids, clones, h, w, c], or [1, 1, h, w, c] when every clone starts from the same image
+  (broadcast it);
+- ``identities`` (names, str) [ids]; ``labels`` (R_T label indices) [ids]; ``diverged`` (bool)
+  [ids, clones]; ``stop_reasons`` (str);
+- after a selection of the best clones: ``selected`` (indices into the run's clones) and
+  ``select_score`` [ids, clones].
+
+Required: ``clones``, ``seeds``, ``identities``, ``labels``, ``diverged``; the others as the
+stage that wrote the file knows them. ``summary.json`` beside it holds the run's summary.
 """
 
 from __future__ import annotations
@@ -13,10 +29,17 @@ from typing import Any
 
 import numpy as np
 
+from jaxmia import files
 from jaxmia.errors import JaxmiaError
 
 INVERSIONS_FILE = "inversions.npz"
 SUMMARY_FILE = "summary.json"
+FIELDS = (
+    "clones", "steps", "loss", "confidence", "seed_confidence", "reason",
+    "seeds", "identities", "labels", "diverged", "stop_reasons", "selected", "select_score",
+)  # fmt: skip
+_WRITTEN = ("clones", "seeds", "identities", "labels", "diverged")
+# Older files (and hand-made ones) may lack labels and diverged; readers fill those in.
 _REQUIRED = ("clones", "seeds", "identities")
 
 
@@ -33,6 +56,32 @@ class Inversions:
     steps: np.ndarray | None  # [ids, clones]
     summary: dict[str, Any]
     source: str  # where it was read from, for messages
+
+
+def save_inversions(folder: str | Path, **arrays: np.ndarray) -> Path:
+    """Writes ``folder/inversions.npz`` (atomically) with ``arrays``, named as in ``FIELDS``.
+
+    Returns:
+      The file's path.
+
+    Raises:
+      ValueError: a required array is missing or a name is not one of ``FIELDS`` (a bug of the
+        calling stage, not of the user's input).
+    """
+    missing = [k for k in _WRITTEN if k not in arrays]
+    unknown = [k for k in arrays if k not in FIELDS]
+    if missing or unknown:
+        raise ValueError(f"inversions file: missing {missing}, unknown {unknown}")
+    path = Path(folder) / INVERSIONS_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    files.savez(path, **{k: arrays[k] for k in FIELDS if k in arrays})
+    return path
+
+
+def load_arrays(folder: str | Path) -> dict[str, np.ndarray]:
+    """Every array of ``folder/inversions.npz`` as written, unchecked (see ``load_inversions``)."""
+    with np.load(Path(folder) / INVERSIONS_FILE, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
 
 
 def load_inversions(folder: str | Path) -> Inversions:

@@ -28,7 +28,8 @@ import numpy as np
 
 from jaxmia import batching, checkpoint, files
 from jaxmia.attacks import inversion as inv
-from jaxmia.attacks.inversions_file import INVERSIONS_FILE, SUMMARY_FILE
+from jaxmia.attacks import inversions_file
+from jaxmia.attacks.inversions_file import SUMMARY_FILE
 from jaxmia.recognizers import models
 
 SELECT = ("confidence", "margin", "robust")
@@ -111,8 +112,7 @@ def select_clones(
     is never preferred to a finite one.
     """
     keep, exp = config.inversion.clones, config.experiment
-    with np.load(run_dir / INVERSIONS_FILE) as z:
-        arrays = {k: z[k] for k in z.files}
+    arrays = inversions_file.load_arrays(run_dir)
     clones = arrays["clones"]  # [ids, n, h, w, c]
     ids, n = clones.shape[:2]
     flat = clones.reshape(ids * n, *clones.shape[2:])
@@ -139,7 +139,7 @@ def select_clones(
             out[k] = np.take_along_axis(v, order.reshape(ids, keep, *[1] * (v.ndim - 2)), axis=1)
     out["selected"] = order.astype(np.int32)
     out["select_score"] = np.take_along_axis(score, order, axis=1)
-    files.savez(out_dir / INVERSIONS_FILE, **out)
+    inversions_file.save_inversions(out_dir, **out)
     summary = json.loads((run_dir / SUMMARY_FILE).read_text())
     summary["clones"] = keep
     summary["selection"] = {

@@ -19,9 +19,6 @@ refused. Writes OUT/blackbox.{json,csv,md,png}.
 
 from __future__ import annotations
 
-import csv
-import io
-import json
 import time
 from pathlib import Path
 from typing import Any
@@ -37,6 +34,7 @@ from jaxmia.attacks import query as query_lib
 from jaxmia.errors import JaxmiaError
 from jaxmia.judges import panel as panel_lib
 from jaxmia.recognizers import train
+from jaxmia.report import study
 from jaxmia.service import policy as policy_lib
 from jaxmia.stages import evaluate, experiment, invert
 
@@ -179,7 +177,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, plots: bool =
         name = f"{scenario}_b{budget}"
         path = workdir / "cells" / f"{name}.json"
         print(f"=== cell {i}/{len(cells)}: {scenario}, {budget} queries")
-        if _done_before(path, rows):
+        if (row := _done_before(path)) is not None:
+            rows.append(row)
             continue
         cell_dir = workdir / "cells" / name
         tc = time.perf_counter()
@@ -242,7 +241,8 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, plots: bool =
             name = f"{attack}_{output.replace(':', '')}"
             path = workdir / "cells" / f"{name}.json"
             print(f"=== query attack {attack}, the service answering {output}")
-            if _done_before(path, rows):
+            if (row := _done_before(path)) is not None:
+                rows.append(row)
                 continue
             row = _query_cell(
                 config, attack, output, workdir / "cells" / name, rec_t, rec_e, panel, faces,
@@ -266,13 +266,12 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, plots: bool =
     return out
 
 
-def _done_before(path: Path, rows: list[dict]) -> bool:
-    """A finished cell's row, read instead of run again."""
-    if not path.exists():
-        return False
-    rows.append(json.loads(path.read_text()))
-    print("  done before")
-    return True
+def _done_before(path: Path) -> dict[str, Any] | None:
+    """A finished cell's row, read instead of run again (None: run it)."""
+    row = study.finished_row(path)
+    if row is not None:
+        print("  done before")
+    return row
 
 
 def _query_cell(config, attack, output, cell_dir, rec_t, rec_e, panel, faces, split, key):
@@ -301,12 +300,15 @@ def _query_cell(config, attack, output, cell_dir, rec_t, rec_e, panel, faces, sp
     ids, n = len(attacked), int(q.clones)
     keep = got["found"].reshape(ids, n).all(1)
     inv_dir = cell_dir / "inversions"
-    inv_dir.mkdir(parents=True, exist_ok=True)
-    files.savez(
-        inv_dir / inversions_file.INVERSIONS_FILE,
+    inversions_file.save_inversions(
+        inv_dir,
         clones=got["clones"].reshape(ids, n, *shape)[keep],
+        steps=np.full((int(keep.sum()), n), q.steps, np.int32),
         seeds=got["starts"].reshape(ids, n, *shape)[keep],
         identities=np.asarray(attacked)[keep],
+        labels=np.asarray([index[a] for a in attacked], np.int32)[keep],
+        # decoded from finite codes: a query attack has nothing to diverge
+        diverged=np.zeros((int(keep.sum()), n), bool),
     )
     row = {
         "scenario": f"{attack} ({output})",
@@ -374,50 +376,39 @@ def _grey_box_row(source: Path) -> dict[str, Any]:
     return {"scenario": "gray-box (R_T's weights)", "budget": 0, "queries": 0, **_judged(h)}
 
 
-def _pct(v) -> str:
-    return "" if v is None else f"{100 * v:.1f}"
-
-
 def table(rows: list[dict]) -> str:
     judges = [j for j in JUDGES if any(j in r["top1"] for r in rows)]
     head = ["attack", "queries", "identities", "clone acc.", "fidelity", *judges, "robust mean",
             "seed R_E"]  # fmt: skip
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [
+    pct = study.pct
+    return study.markdown(head, (
+        [
             r["scenario"], str(r["queries"]),
             str(r.get("identities_found", r.get("identities", ""))),
-            _pct(r.get("clone_accuracy")),
-            _pct(r.get("fidelity")), *(_pct(r["top1"].get(j)) for j in judges),
-            _pct(r["robust_mean_top1"]), _pct(r["seed_top1"]),
-        ]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+            pct(r.get("clone_accuracy")),
+            pct(r.get("fidelity")), *(pct(r["top1"].get(j)) for j in judges),
+            pct(r["robust_mean_top1"]), pct(r["seed_top1"]),
+        ]
+        for r in rows
+    ))  # fmt: skip
 
 
 def _csv(rows: list[dict]) -> str:
     judges = [j for j in JUDGES if any(j in r["top1"] for r in rows)]
-    out = io.StringIO()
-    w = csv.writer(out)
-    w.writerow(["scenario", "budget", "queries", "clone_accuracy", "fidelity",
-                *(f"top1_{j}" for j in judges), "robust_mean_top1", "seed_top1"])  # fmt: skip
-    for r in rows:
-        w.writerow([r["scenario"], r["budget"], r["queries"], r.get("clone_accuracy"),
-                    r.get("fidelity"), *(r["top1"].get(j) for j in judges),
-                    r["robust_mean_top1"], r["seed_top1"]])  # fmt: skip
-    return out.getvalue()
+    head = ["scenario", "budget", "queries", "clone_accuracy", "fidelity",
+            *(f"top1_{j}" for j in judges), "robust_mean_top1", "seed_top1"]  # fmt: skip
+    return study.csv_text(head, (
+        [r["scenario"], r["budget"], r["queries"], r.get("clone_accuracy"), r.get("fidelity"),
+         *(r["top1"].get(j) for j in judges), r["robust_mean_top1"], r["seed_top1"]]
+        for r in rows
+    ))  # fmt: skip
 
 
 def write_plot(path: Path, rows: list[dict]) -> None:
     """Top-1 by R_T, R_E and the robust judges' mean against queries, per scenario; the
     gray-box attack and the seed as lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     grey, cells = rows[0], rows[1:]
-    fig, axes = plt.subplots(1, 3, figsize=(14, 4.2), sharey=True)
+    fig, axes = study.figure(1, 3, figsize=(14, 4.2), sharey=True)
     panels = (("R_T", "by R_T (the service)"), ("R_E", "by R_E"), ("robust", "robust mean"))
     for ax, (what, title) in zip(axes, panels, strict=True):
 
@@ -438,6 +429,4 @@ def write_plot(path: Path, rows: list[dict]) -> None:
     axes[0].set_ylabel("top-1 (%)")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    with files.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    study.save_png(fig, path)

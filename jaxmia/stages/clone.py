@@ -13,8 +13,6 @@ roc.png.
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import os
 from pathlib import Path
@@ -31,6 +29,7 @@ from jaxmia.attacks import cloning
 from jaxmia.data import faces as faces_lib
 from jaxmia.errors import JaxmiaError
 from jaxmia.recognizers import train
+from jaxmia.report import study
 from jaxmia.service import policy as policy_lib
 
 COLUMNS = (
@@ -228,8 +227,8 @@ def run(
     for cell in bar:
         path = _cell_path(workdir, cell)
         bar.set_postfix_str(f"{cell[0]} b={cell[1]} p={cell[2]:g}")
-        if path.exists():
-            rows.append(json.loads(path.read_text()))
+        if (row := study.finished_row(path)) is not None:
+            rows.append(row)
             continue
         row = cloning.run_scenario(
             *cell,
@@ -316,8 +315,8 @@ def _run_remote(config, workdir, faces, split, pool, test, model_config, size, k
     for (name, budget), scenario in bar:
         path = workdir / "cells" / f"served_{name}_b{budget}.json"
         bar.set_postfix_str(f"{name} b={budget}")
-        if path.exists():
-            rows.append(json.loads(path.read_text()))
+        if (row := study.finished_row(path)) is not None:
+            rows.append(row)
             continue
         row = cloning.run_remote(
             scenario, budget, cfg=cfg, url=cfg.service, admin_key=admin, pool=pool, test=test,
@@ -407,12 +406,12 @@ def _no_nan(obj: Any) -> Any:
 
 
 def _csv(rows: list[dict]) -> str:
-    out = io.StringIO()
-    writer = csv.DictWriter(out, fieldnames=COLUMNS, extrasaction="ignore", lineterminator="\n")
-    writer.writeheader()
-    for r in rows:
-        writer.writerow({k: (f"{v:.4f}" if isinstance(v, float) else v) for k, v in r.items()})
-    return out.getvalue()
+    def cell(v: Any) -> Any:
+        return f"{v:.4f}" if isinstance(v, float) else v
+
+    return study.csv_text(
+        COLUMNS, ([cell(r.get(k, "")) for k in COLUMNS] for r in rows), lineterminator="\n"
+    )
 
 
 def _text_table(rows: list[dict]) -> str:
@@ -435,14 +434,9 @@ def write_plots(
     workdir: Path, rows: list[dict], roc: dict | None, cfg: ml_collections.ConfigDict
 ) -> None:
     """accuracy.png (clone accuracy vs queries), estimation.png (precision/recall), roc.png."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     rates = sorted({r["p"] for r in rows if r["p"] > 0}) or [0.0]
     most = max(r["queries"] for r in rows)
-    fig, axes = plt.subplots(
+    fig, axes = study.figure(
         1, len(rates), figsize=(8 * len(rates), 4.8), squeeze=False, layout="constrained"
     )
     for ax, p in zip(axes[0], rates, strict=True):
@@ -477,10 +471,10 @@ def write_plots(
         )
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
-    _save(fig, workdir / "accuracy.png")
+    study.save_png(fig, workdir / "accuracy.png")
 
     est = [r for r in rows if r["attack"] != "plain" and r["p"] > 0]
-    fig, ax = plt.subplots(figsize=(max(6, 0.45 * len(est) + 2), 4.5), layout="constrained")
+    fig, ax = study.figure(figsize=(max(6, 0.45 * len(est) + 2), 4.5), layout="constrained")
     x = np.arange(len(est))
     ax.bar(x - 0.2, [r["precision"] for r in est], 0.4, label="precision")
     ax.bar(x + 0.2, [r["recall"] for r in est], 0.4, label="recall")
@@ -498,11 +492,11 @@ def write_plots(
     )
     ax.legend()
     ax.grid(axis="y", alpha=0.3)
-    _save(fig, workdir / "estimation.png")
+    study.save_png(fig, workdir / "estimation.png")
 
     if roc is None:  # a served service's study: its detector is not measured here
         return
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), layout="constrained")
+    fig, axes = study.figure(1, 2, figsize=(11, 4.5), layout="constrained")
     h, e = roc["hash"], roc["embedding"]
     axes[0].plot(h["fpr"], h["tpr"], marker=".")
     axes[0].scatter(
@@ -531,12 +525,4 @@ def write_plots(
         ax.plot([0, 1], [0, 1], color="grey", lw=0.5)
         ax.legend()
         ax.grid(alpha=0.3)
-    _save(fig, workdir / "roc.png")
-
-
-def _save(fig, path: Path) -> None:
-    import matplotlib.pyplot as plt
-
-    with files.atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110)
-    plt.close(fig)
+    study.save_png(fig, workdir / "roc.png")

@@ -25,8 +25,6 @@ hold the table and the plot (R_T's test accuracy against top-1 by R_E and by the
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import re
 import time
@@ -43,6 +41,7 @@ from jaxmia.attacks import inversions_file
 from jaxmia.errors import JaxmiaError
 from jaxmia.judges import panel
 from jaxmia.judges import transformed as transformed_lib
+from jaxmia.report import study
 from jaxmia.stages import experiment, invert
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
@@ -269,47 +268,35 @@ def _describe(choice: dict[str, Any]) -> str:
     return f"R_T's transformed top-1 of the pilots: {trials}; chosen: {chosen}"
 
 
-def _pct(v: float | None) -> str:
-    return "" if v is None else f"{100 * v:.1f}"
-
-
 def table(rows: list[dict]) -> str:
     """The rows as a Markdown table (percentages)."""
     judges = [j for j in JUDGE_COLUMNS if any(j in r["top1"] for r in rows)]
     head = ["cell", "defence", "attack", "R_T test acc.", "epsilon", *judges, "robust mean"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        eps = "" if r["epsilon"] is None else f"{r['epsilon']:.3g}"
-        cells = [
-            r["cell"], r["defence"], r["attack"], _pct(r["R_T_test_accuracy"]), eps,
-            *(_pct(r["top1"].get(j)) for j in judges), _pct(r["robust_mean_top1"]),
-        ]  # fmt: skip
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    pct = study.pct
+    return study.markdown(head, (
+        [
+            r["cell"], r["defence"], r["attack"], pct(r["R_T_test_accuracy"]),
+            "" if r["epsilon"] is None else f"{r['epsilon']:.3g}",
+            *(pct(r["top1"].get(j)) for j in judges), pct(r["robust_mean_top1"]),
+        ]
+        for r in rows
+    ))  # fmt: skip
 
 
 def _csv(rows: list[dict]) -> str:
     judges = [j for j in JUDGE_COLUMNS if any(j in r["top1"] for r in rows)]
-    out = io.StringIO()
-    w = csv.writer(out)
-    w.writerow(["cell", "defence", "attack", "R_T_test_accuracy", "epsilon",
-                *(f"top1_{j}" for j in judges), "robust_mean_top1", "seed_top1",
-                "clones"])  # fmt: skip
-    for r in rows:
-        w.writerow([r["cell"], r["defence"], r["attack"], r["R_T_test_accuracy"], r["epsilon"],
-                    *(r["top1"].get(j) for j in judges), r["robust_mean_top1"], r["seed_top1"],
-                    r["clones"]])  # fmt: skip
-    return out.getvalue()
+    head = ["cell", "defence", "attack", "R_T_test_accuracy", "epsilon",
+            *(f"top1_{j}" for j in judges), "robust_mean_top1", "seed_top1", "clones"]  # fmt: skip
+    return study.csv_text(head, (
+        [r["cell"], r["defence"], r["attack"], r["R_T_test_accuracy"], r["epsilon"],
+         *(r["top1"].get(j) for j in judges), r["robust_mean_top1"], r["seed_top1"], r["clones"]]
+        for r in rows
+    ))  # fmt: skip
 
 
 def write_plot(path: Path, rows: list[dict]) -> None:
     """Utility (R_T's test accuracy) against leak (top-1 by R_E; the robust judges' mean)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.5), sharex=True)
+    fig, axes = study.figure(1, 2, figsize=(11, 4.5), sharex=True)
     for ax, (what, title) in zip(
         axes,
         (("R_E", "top-1 by R_E (R_T's twin)"), ("robust", "mean top-1 of the robust judges")),
@@ -340,6 +327,4 @@ def write_plot(path: Path, rows: list[dict]) -> None:
     axes[0].scatter([], [], marker="^", color="tab:red", label="adaptive attacker")
     axes[0].legend(fontsize=8)
     fig.tight_layout()
-    with files.atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+    study.save_png(fig, path)

@@ -6,11 +6,8 @@ Makes ``clones`` clone faces per identity (by label index or name; default: the 
 identities if the checkpoint records a split, else all) with the settings of the config's
 ``inversion`` section, in chunks of equal shape (one compilation). Writes to OUT:
 
-- ``inversions.npz``: ``clones`` [ids, clones, h, w, c] float32; ``seeds`` [ids, clones, h, w, c],
-  or [1, 1, h, w, c] when every clone starts from the same image (broadcast it); ``identities``
-  (names, str) [ids]; ``labels`` (R_T label indices) [ids]; per clone [ids, clones]: ``steps``,
-  ``loss``, ``confidence`` (R_T's softmax of the target for the clone), ``seed_confidence``,
-  ``diverged`` (bool), ``reason`` (int index into ``stop_reasons``, a str array).
+- ``inversions.npz``: the clones, their seeds, and per clone the steps, loss, R_T's confidence
+  before and after, divergence and stop reason (the format: ``attacks.inversions_file``).
 - ``summary.json``: the checkpoint, settings, per-identity confidence before (seed) and after,
   steps, divergence, stop reasons; timings with compile time apart from run time.
 - ``grid_<name>.png`` per identity: the seed, then the clones titled with their confidence.
@@ -49,7 +46,7 @@ import tqdm
 from jaxmia import checkpoint, files, sharding
 from jaxmia import workdir as workdir_lib
 from jaxmia.attacks import inversion as inv
-from jaxmia.attacks import priors, seeds
+from jaxmia.attacks import inversions_file, priors, seeds
 from jaxmia.errors import JaxmiaError
 from jaxmia.recognizers import models
 from jaxmia.report import grids
@@ -411,8 +408,8 @@ def run(
         if shared_seed
         else np.asarray(start).reshape(ids, clones, *shape)
     )
-    files.savez(
-        workdir / "inversions.npz",
+    inversions_file.save_inversions(
+        workdir,
         **per_id,
         seeds=seed_arr,
         identities=np.array(names, dtype=str),
