@@ -264,11 +264,13 @@ def write_all(
     real_face: dict[str, np.ndarray],
     steps: np.ndarray | None = None,
     order_key: str | None = None,
+    with_html: bool = True,
 ) -> dict[str, Any]:
     """Writes (atomically) ``evaluation.json``, ``clones.csv``, ``identities.csv``, the pictures
     and ``report.html`` into out_dir; returns the summary as written (with its ``files``).
 
-    Args: as ``write_pictures``, and ``steps``, the inversion's steps per clone if recorded.
+    Args: as ``write_pictures``, and ``steps``, the inversion's steps per clone if recorded;
+    ``with_html``: write ``report.html`` (False where the caller writes it with more in it).
     """
     out = Path(out_dir)
     pictures = write_pictures(out, summary, per_clone, clones, seeds, real_face, order_key)
@@ -279,7 +281,8 @@ def write_all(
     files.write_json(out / "evaluation.json", summary)
     files.write_text(out / "clones.csv", clones_csv(summary, per_clone, steps))
     files.write_text(out / "identities.csv", identities_csv(summary))
-    write_html(out / "report.html", summary)
+    if with_html:
+        write_html(out / "report.html", summary)
     return summary
 
 

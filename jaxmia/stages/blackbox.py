@@ -40,10 +40,7 @@ from jaxmia.stages import evaluate, experiment, invert
 
 RECORD = "settings.json"  # the settings claimed; blackbox.json is the table
 GRID = ("scenarios", "budgets", "query.attacks", "query.outputs")  # cells: a rerun may add
-JUDGES = (
-    *panel_lib.FACE_JUDGES, "R_T", "R_E", "R_E_other",
-    *(j for j in panel_lib.ROBUST if j not in panel_lib.FACE_JUDGES),
-)  # fmt: skip
+JUDGES = panel_lib.TABLE_JUDGES
 
 
 def _check(config: ml_collections.ConfigDict) -> Path:
@@ -360,10 +357,9 @@ def _panel(config, src, split, rec_e, rec_o, rec_t) -> panel_lib.Panel:
 def _judged(h: dict[str, Any]) -> dict[str, Any]:
     clones = h.get("judges_top1", {}).get("clones", {})
     top1 = {"R_E": h["top1"], **{j: clones[j] for j in JUDGES if j in clones and j != "R_E"}}
-    robust = [clones[j] for j in panel_lib.ROBUST if j in clones]
     return {
         "top1": top1,
-        "robust_mean_top1": float(np.mean(robust)) if robust else None,
+        "robust_mean_top1": panel_lib.mean_top1(clones),
         "seed_top1": h["seed_top1"],
         "chance_top1": h["chance_top1"],
         "clones": h["clones"],

@@ -45,12 +45,8 @@ from jaxmia.report import study
 from jaxmia.stages import experiment, invert
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
-# The table's columns of judges, in order: the face judges first (a person's standard), then
-# R_E, then those adversarial patterns fool less.
-JUDGE_COLUMNS = (
-    *panel.FACE_JUDGES, "R_E", "R_E_other",
-    *(j for j in panel.ROBUST if j not in panel.FACE_JUDGES),
-)  # fmt: skip
+# The table's columns of judges: the panel's order, without R_T (the defended model).
+JUDGE_COLUMNS = tuple(j for j in panel.TABLE_JUDGES if j != "R_T")
 JUDGE_STAGES = ("evaluation", "evaluation_other")  # never defended: shared by every cell
 
 
@@ -154,7 +150,6 @@ def _row(name, overrides, attack, records) -> dict[str, Any]:
     h = records["report"]["result"]["headline"]
     clones = h.get("judges_top1", {}).get("clones", {})
     top1 = {"R_E": h["top1"], **{j: clones[j] for j in JUDGE_COLUMNS if j in clones}}
-    robust_top1 = [clones[j] for j in panel.ROBUST if j in clones]
     privacy = target.get("defence", {}).get("privacy", {})
     return {
         "cell": name,
@@ -163,7 +158,7 @@ def _row(name, overrides, attack, records) -> dict[str, Any]:
         "R_T_test_accuracy": target["test_accuracy"],
         "epsilon": privacy.get("epsilon"),
         "top1": top1,
-        "robust_mean_top1": float(np.mean(robust_top1)) if robust_top1 else None,
+        "robust_mean_top1": panel.mean_top1(clones),
         "seed_top1": h["seed_top1"],
         "chance_top1": h["chance_top1"],
         "clones": h["clones"],

@@ -9,8 +9,8 @@ curve (rank-k identification rate, k = 1..R_E's classes) and the best clone by R
 The recognizers run on the device in JAX (fixed-size batches, one compile per shape); the
 statistics of attack success are NumPy on the host. ``evaluate`` scores arrays in memory;
 ``evaluate_run`` does it for a folder written by ``jaxmia invert`` and writes the report
-(``jaxmia.report.html``); ``run`` is the ``jaxmia evaluate`` stage, which also loads the recognizers
-and the real faces.
+(``jaxmia.report.html``), ``judge_run`` the same, returning the per-clone arrays too; ``run`` is
+the ``jaxmia evaluate`` stage, which also loads the recognizers and the real faces.
 
 Identities are matched by name: R_T's and R_E's label orders differ.
 """
@@ -329,9 +329,10 @@ def evaluate(
     if panel is not None:
         from jaxmia.judges import panel as panel_lib  # the judges score images with this module
 
+        # R_E's ranks of the clones and seeds are those above: the panel does not score them again
         judged, ranks = panel_lib.run(
             panel, inv.clones, inv.seeds, inv.identities, batch_size=batch_size,
-            progress=progress,
+            progress=progress, rank_e=(per["rank_E"], per["seed_rank_E"]),
         )  # fmt: skip
         summary["judges"] = judged
         per |= {(f"rank_{j}" if j in panel_lib.JUDGE_TITLES else j): r for j, r in ranks.items()}
@@ -355,6 +356,7 @@ def evaluate_run(
 
     Writes (atomically) into out_dir: ``evaluation.json``, ``clones.csv``, ``identities.csv``,
     ``grid_<name>.png`` per identity, ``cmc.png``, ``scores_hist.png`` and ``report.html``.
+    ``judge_run`` does the same and also returns the per-clone arrays.
 
     Args:
       inversions: the folder holding ``inversions.npz``, or what ``load_inversions`` read of it.
@@ -374,6 +376,36 @@ def evaluate_run(
 
     Raises:
       JaxmiaError: ``sort_by`` names no judge of this evaluation.
+    """
+    return judge_run(
+        inversions, evaluator, out_dir, real_faces=real_faces, target=target,
+        real_faces_note=real_faces_note, panel=panel, sort_by=sort_by, batch_size=batch_size,
+        progress=progress,
+    ).summary  # fmt: skip
+
+
+def judge_run(
+    inversions: str | Path | Inversions,
+    evaluator: LoadedRecognizer,
+    out_dir: str | Path,
+    *,
+    real_faces: Mapping[str, np.ndarray] | None = None,
+    target: LoadedRecognizer | None = None,
+    real_faces_note: str | None = None,
+    panel: panel_lib.Panel | None = None,
+    sort_by: str = "",
+    batch_size: int = 256,
+    progress: bool = True,
+    with_html: bool = True,
+) -> Evaluation:
+    """``evaluate_run``, returning the per-clone arrays beside the summary.
+
+    Args: as ``evaluate_run``, and ``with_html``: write ``report.html`` (False where the caller
+    writes it once with more in it, as the experiment's comparison).
+
+    Returns:
+      The summary as written to ``evaluation.json``, the per-clone arrays (as in ``clones.csv``)
+      and one real face per identity.
     """
     # matplotlib is slow to import; only the full job needs it
     from jaxmia.report import html as html_lib
@@ -397,10 +429,11 @@ def evaluate_run(
     summary = dict(ev.summary, real_faces_note=real_faces_note, grid_order=sort_by or "clone")
     if inv.summary:
         summary["inversion_summary"] = inv.summary
-    return html_lib.write_all(
+    summary = html_lib.write_all(
         out_dir, summary, ev.clones, inv.clones, inv.seeds, ev.real_face, inv.steps,
-        order_key=key,
+        order_key=key, with_html=with_html,
     )  # fmt: skip
+    return dataclasses.replace(ev, summary=summary)
 
 
 # ---------------------------------------------------------------------------------------------

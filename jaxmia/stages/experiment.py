@@ -42,12 +42,11 @@ because a changed field may be a typo, and the training stages of the paper's si
 stage that failed before writing anything (bad input) holds nothing against the corrected rerun.
 
 Every stage runs through the library function its own command calls (``train.run_job``,
-``invert.run``, ``evaluate_lib.evaluate_run``); ``run`` is the ``jaxmia experiment`` stage.
+``invert.run``, ``evaluate_lib.judge_run``); ``run`` is the ``jaxmia experiment`` stage.
 """
 
 from __future__ import annotations
 
-import csv
 import dataclasses
 import functools
 import json
@@ -507,7 +506,7 @@ def _stage_report(run: _Run) -> dict[str, Any]:
         target=rec_t,
     )
     judge = functools.partial(
-        evaluate_lib.evaluate_run,
+        evaluate_lib.judge_run,
         evaluator=rec_e,
         real_faces=real,
         target=rec_t,
@@ -516,37 +515,34 @@ def _stage_report(run: _Run) -> dict[str, Any]:
         sort_by=run.config.judges.sort_by,
         progress=run.progress,
     )
-    summary = judge(inversions, out_dir=run.workdir / "report")
-    out = {"headline": headline(summary)}
-    if baseline_config(run.config) is not None:
+    compared = baseline_config(run.config) is not None
+    # with a baseline, report.html is written once, by compare, with the comparison in it
+    prior = judge(inversions, out_dir=run.workdir / "report", with_html=not compared)
+    out = {"headline": headline(prior.summary)}
+    if compared:
         baseline = inversions_file.load_inversions(run.inversions_dir("baseline"))
         pixels = judge(baseline, out_dir=run.workdir / "report" / "pixels")
-        out["baseline"] = headline(pixels)
+        out["baseline"] = headline(pixels.summary)
         out["comparison"] = compare(
-            run.workdir / "report", {"pixels": (pixels, baseline), "prior": (summary, inversions)},
+            run.workdir / "report", {"pixels": (pixels, baseline), "prior": (prior, inversions)},
             real,
         )  # fmt: skip
     return out
 
 
-# The judges that a setting is chosen by (benchmarks/prior_levers.md): every one beside R_E
-# and R_T, as R_E alone rewards patterns that fool R_T's twin; the face judges first.
-BESIDE_R_E = (
-    *panel_lib.FACE_JUDGES, "R_E_transformed", "R_E_other", "R_E_other_transformed",
-    *(j for j in panel_lib.ROBUST if j not in panel_lib.FACE_JUDGES and j != "R_E_transformed"),
-)  # fmt: skip
-
-
 def compare(
-    report_dir: Path, attacks: dict[str, tuple[dict, inversions_file.Inversions]], real: dict | None
+    report_dir: Path,
+    attacks: dict[str, tuple[evaluate_lib.Evaluation, inversions_file.Inversions]],
+    real: dict | None,
 ) -> dict[str, Any]:
     """A prior's clones against the pixel attack's: every judge's top-1 and the Fréchet distance
-    side by side (``comparison.json``, ``comparison.csv``) and the clones of the same identities
-    and seeds in one picture (``prior_vs_pixels.png``).
+    side by side (``comparison.json``, ``comparison.csv``), the clones of the same identities
+    and seeds in one picture (``prior_vs_pixels.png``), and the prior's ``report.html`` with the
+    comparison in it.
 
     Args:
-      report_dir: where the prior's report is; the pixel attack's is ``report_dir/pixels``.
-      attacks: "pixels" and "prior" -> (evaluation summary, the inversions it judged).
+      report_dir: where the prior's report goes; the pixel attack's is ``report_dir/pixels``.
+      attacks: "pixels" and "prior" -> (what ``judge_run`` returned, the inversions it judged).
       real: identity -> real faces, for the picture.
     """
     from jaxmia.report import html as html_lib  # matplotlib is slow to import
@@ -561,27 +557,25 @@ def compare(
         face = {j: v for j, v in others.items() if j in panel_lib.FACE_JUDGES}
         return face | {"R_E": r_e} | others
 
-    (pixels, pixel_inv), (prior, prior_inv) = attacks["pixels"], attacks["prior"]
+    (pixels_ev, pixel_inv), (prior_ev, prior_inv) = attacks["pixels"], attacks["prior"]
+    pixels, prior = pixels_ev.summary, prior_ev.summary
     t_prior, t_pixels, t_seeds = top1(prior), top1(pixels), top1(prior, "seeds")
     judges = [j for j in t_prior if j in t_pixels]
-    beside = [j for j in BESIDE_R_E if j in judges]
+    beside = [j for j in panel_lib.BESIDE_R_E if j in judges]
     robust = [j for j in panel_lib.ROBUST if j in judges]
 
-    def mean(t: dict[str, float], which: list[str]) -> float | None:
-        return float(np.mean([t[j] for j in which])) if which else None
+    def row(t: dict[str, float], s: dict[str, Any], group: str = "clones") -> dict[str, Any]:
+        frechet = s.get("judges", {}).get("realism", {}).get(group, {}).get("frechet_eigenface")
+        return {
+            "top1": t,
+            "robust_mean": panel_lib.mean_top1(t, robust),
+            "mean_beside_R_E": panel_lib.mean_top1(t, beside),
+            "frechet": frechet,
+        }
 
-    def frechet(s: dict[str, Any], group: str = "clones") -> float | None:
-        return s.get("judges", {}).get("realism", {}).get(group, {}).get("frechet_eigenface")
-
-    rows = {
-        "pixels": {"top1": t_pixels, "robust_mean": mean(t_pixels, robust),
-                   "mean_beside_R_E": mean(t_pixels, beside), "frechet": frechet(pixels)},
-        "prior": {"top1": t_prior, "robust_mean": mean(t_prior, robust),
-                  "mean_beside_R_E": mean(t_prior, beside), "frechet": frechet(prior)},
-        # both attacks start from these
-        "seeds": {"top1": t_seeds, "robust_mean": mean(t_seeds, robust),
-                  "mean_beside_R_E": mean(t_seeds, beside), "frechet": frechet(prior, "seeds")},
-    }  # fmt: skip
+    # both attacks start from the seeds
+    rows = {"pixels": row(t_pixels, pixels), "prior": row(t_prior, prior),
+            "seeds": row(t_seeds, prior, "seeds")}  # fmt: skip
     result = {"judges": judges, "robust": robust, "beside_R_E": beside, "attacks": rows}
     files.write_json(report_dir / "comparison.json", result)
     header = ("attack", *judges, "robust_mean", "mean_beside_R_E", "frechet")
@@ -594,13 +588,11 @@ def compare(
     files.write_text(report_dir / "comparison.csv", "\n".join(lines) + "\n")
 
     sides = {}
-    for name, folder, inv in (
-        ("pixels", report_dir / "pixels", pixel_inv),
-        ("prior", report_dir, prior_inv),
-    ):
-        ranks, votes = _clone_ranks(folder / "clones.csv", inv.identities, inv.clones.shape[1],
-                                    beside)  # fmt: skip
-        sides[name] = (inv.clones, ranks, votes)
+    for name, ev, inv in (("pixels", pixels_ev, pixel_inv), ("prior", prior_ev, prior_inv)):
+        # how many of the judges beside R_E rank the target first, per clone # [ids, clones]
+        votes = sum((ev.clones[f"rank_{j}"] == 1 for j in beside if f"rank_{j}" in ev.clones),
+                    np.zeros(inv.clones.shape[:2], int))  # fmt: skip
+        sides[name] = (inv.clones, ev.clones["rank_E"], votes)
     ids = len(inv.identities)
     shown = np.unique(np.linspace(0, ids - 1, min(ids, 12)).round().astype(int))
     names = [inv.identities[i] for i in shown]
@@ -614,22 +606,6 @@ def compare(
     )
     html_lib.write_html(report_dir / "report.html", prior | {"comparison": result})
     return result
-
-
-def _clone_ranks(
-    path: Path, identities: tuple[str, ...], n: int, judges: list[str]
-) -> tuple[np.ndarray, np.ndarray]:
-    """From a report's clones.csv: R_E's rank of the target and how many of ``judges`` rank it
-    first, per clone. # [ids, n] each"""
-    ranks = np.zeros((len(identities), n), int)
-    votes = np.zeros((len(identities), n), int)
-    where = {name: i for i, name in enumerate(identities)}
-    with open(path, newline="") as f:
-        for row in csv.DictReader(f):
-            i, j = where[row["identity"]], int(row["clone"])
-            ranks[i, j] = int(row["rank_E"])
-            votes[i, j] = sum(int(row[f"rank_{k}"]) == 1 for k in judges if row.get(f"rank_{k}"))
-    return ranks, votes
 
 
 def headline(summary: dict[str, Any]) -> dict[str, Any]:

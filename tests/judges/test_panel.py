@@ -179,6 +179,22 @@ def test_groups_judged_together_equal_each_group_alone(att):
         assert together[g]["frechet"] == pytest.approx(alone["frechet"])
     # Ranks are per name, not per label: the permuted copy ranks like R_E itself.
     np.testing.assert_array_equal(together["real"]["R_E_other"], together["real"]["R_E"])
+    # R_E's ranks the caller has (the evaluation's) pass through, not scored again; the rest is
+    # as before.
+    given = np.full(len(names), 7, np.int32)
+    known = panel_lib.judge_groups(panel, groups, known_r_e={"seeds": given})
+    np.testing.assert_array_equal(known["seeds"]["R_E"], given)
+    for g in groups:
+        for j, v in together[g].items():
+            if (g, j) != ("seeds", "R_E"):
+                np.testing.assert_array_equal(known[g][j], v, err_msg=f"{g} {j}")
+
+
+def test_the_judges_mean_averages_the_named_judges_present():
+    top1 = {"R_E": 0.9, "pixel_nn": 0.2, "eigenface_nn": 0.5}
+    assert panel_lib.mean_top1(top1) == pytest.approx(0.35)  # R_E is no robust judge
+    assert panel_lib.mean_top1(top1, ["R_E", "face_dlib"]) == pytest.approx(0.9)
+    assert panel_lib.mean_top1({"R_E": 0.9}) is None
 
 
 @pytest.mark.slow
