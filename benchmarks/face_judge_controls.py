@@ -13,7 +13,7 @@ photos where dlib's detector found a face (the rest were aligned in the fixed ce
 the median distance to the person's nearest gallery photo (the field's KNN distance).
 
 Sets: AT&T (40 people, 10 photos each, grey; 2 held out a person) at its own 112x92 and at
-64x64 (jaxmia's size); the first 50 CelebA people (``/work/shared/datasets/celeba128``) with at
+64x64 (jaxmia's size); the first 50 CelebA people (``../shared/datasets/celeba128``) with at
 least 10 photos, their first 10 photos (3 held out a person) at 128x128 and 64x64. As a negative
 control, 100 uniform-noise images: the rate at which a face is detected in them.
 
@@ -34,7 +34,7 @@ from jaxmia.data import faces as faces_lib
 from jaxmia.judges import face as fj
 
 OUT = Path(__file__).resolve().parent / "results"
-CELEBA = Path("/work/shared/datasets/celeba128")
+CELEBA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "celeba128"
 
 
 def control(embed: fj.Embedder, images: np.ndarray, labels: np.ndarray, held: int) -> dict:

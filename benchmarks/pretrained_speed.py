@@ -62,7 +62,7 @@ from jaxmia.pretrained import dlib_resnet, faceres, fetch
 from jaxmia.recognizers import models
 
 OUT = Path(__file__).resolve().parent / "results"
-CELEBA = Path("/work/shared/datasets/celeba128")
+CELEBA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "celeba128"
 CLASSES = 50
 ATTACK = {"optimizer": "adam", "learning_rate": 0.05, "margin": 20.0}  # configs/att.py's
 

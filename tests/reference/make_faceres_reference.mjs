@@ -1,25 +1,26 @@
 // faceres's outputs computed by TensorFlow.js itself, for tests/test_faceres.py.
 //
 // Made with node v20.20.2 and @tensorflow/tfjs 4.22.0 (its pure-JS "cpu" backend), installed
-// outside the repository:  mkdir /tmp/tfjs && cd /tmp/tfjs && npm install @tensorflow/tfjs@4.22.0
+// in a scratch folder outside the repository (TFJS):  cd "$TFJS" && npm install @tensorflow/tfjs@4.22.0
 //
+// Run from the repository's root; ref/ is a scratch folder (delete it afterwards).
 // 1. The inputs: the first photo of 6 CelebA people (celeba128 folders 0, 45, ..., 225 in sorted
 //    order), 3 kept at 128x128 and 3 shrunk to 64x64 with PIL's bilinear filter, as uint8:
 //      python -c "import numpy as np; from pathlib import Path; from PIL import Image;
-//        ps = sorted(p for p in Path('/work/shared/datasets/celeba128').iterdir() if p.is_dir());
+//        ps = sorted(p for p in Path('../shared/datasets/celeba128').iterdir() if p.is_dir());
 //        im = [Image.open(sorted(ps[i].iterdir())[0]).convert('RGB') for i in range(0, 270, 45)];
-//        np.save('/tmp/ref/images128.npy', np.stack([np.asarray(i) for i in im[:3]]));
-//        np.save('/tmp/ref/images64.npy', np.stack([np.asarray(i.resize((64, 64),
+//        np.save('ref/images128.npy', np.stack([np.asarray(i) for i in im[:3]]));
+//        np.save('ref/images64.npy', np.stack([np.asarray(i.resize((64, 64),
 //          Image.BILINEAR)) for i in im[3:]]))"
-// 2. NODE_PATH=/tmp/tfjs/node_modules node tests/reference/make_faceres_reference.mjs \
-//      ~/.cache/jaxmia/models/faceres /tmp/ref
+// 2. NODE_PATH="$TFJS"/node_modules node tests/reference/make_faceres_reference.mjs \
+//      ~/.cache/jaxmia/models/faceres ref
 //    For each imagesS.npy it writes, as float32 .npy: descriptorS (global_pooling/Mean), ageS
 //    (age_pred/Softmax), maleS (gender_pred/Sigmoid) with the image resized to 224 by
 //    resizeBilinear with half-pixel centres (the resize jax.image.resize does when enlarging),
 //    and humanS, the descriptor with human's own resize (src/face/faceres.ts: no half-pixel
 //    centres), to measure how far the two resizes are apart.
 // 3. Packed: np.savez_compressed('tests/reference/faceres_reference.npz', **{f.stem: np.load(f)
-//      for f in Path('/tmp/ref').glob('*.npy')})
+//      for f in Path('ref').glob('*.npy')})
 import { createRequire } from 'module';
 import fs from 'fs';
 import path from 'path';
