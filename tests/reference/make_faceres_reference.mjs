@@ -1,4 +1,4 @@
-// faceres's outputs computed by TensorFlow.js itself, for tests/test_faceres.py.
+// faceres's outputs computed by TensorFlow.js itself, for tests/pretrained/test_faceres.py.
 //
 // Made with node v20.20.2 and @tensorflow/tfjs 4.22.0 (its pure-JS "cpu" backend), installed
 // in a scratch folder outside the repository (TFJS):  cd "$TFJS" && npm install @tensorflow/tfjs@4.22.0
