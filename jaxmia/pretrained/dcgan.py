@@ -113,18 +113,10 @@ def from_state_dict(
         e.g. a generator of another latent size.
     """
     model = nnx.eval_shape(DCGANGenerator)  # shapes only: every value is set below
-    used = set()
+    tensors = torch_format.StateDictReader(state_dict, f"DCGAN generator {source}")
 
     def take(name: str, shape: tuple[int, ...]) -> jax.Array:
-        if name not in state_dict:
-            raise JaxmiaError(f"DCGAN generator {source}: missing {name!r} (shape {shape})")
-        a = np.asarray(state_dict[name], np.float32)
-        if a.shape != shape:
-            raise JaxmiaError(
-                f"DCGAN generator {source}: {name!r} has shape {a.shape}, expected {shape}"
-            )
-        used.add(name)
-        return jnp.asarray(a)
+        return jnp.asarray(tensors.take(name, shape))
 
     for i, (conv, (cin, cout, _, _)) in enumerate(zip(model.convs, LAYERS, strict=True)):
         conv.kernel.set_value(take(f"main.{3 * i}.weight", (cin, cout, KERNEL, KERNEL)))
@@ -134,13 +126,8 @@ def from_state_dict(
             norm.bias.set_value(take(prefix + "bias", (cout,)))
             norm.mean.set_value(take(prefix + "running_mean", (cout,)))
             norm.var.set_value(take(prefix + "running_var", (cout,)))
-            used.add(prefix + "num_batches_tracked")
-    left = sorted(set(state_dict) - used)
-    if left:
-        more = f" and {len(left) - 1} more" if len(left) > 1 else ""
-        raise JaxmiaError(
-            f"DCGAN generator {source}: unexpected {left[0]!r}{more} (not this generator)"
-        )
+            tensors.skip(prefix + "num_batches_tracked")
+    tensors.finish("not this generator")
     return model
 
 

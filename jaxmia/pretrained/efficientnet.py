@@ -190,18 +190,8 @@ def from_state_dict(
       JaxmiaError: a tensor is missing, left over or of another shape (the message names it).
     """
     model = nnx.eval_shape(EfficientNetLite0)  # shapes only: every value is set below
-    used = set()
-
-    def take(name: str, shape: tuple[int, ...]) -> np.ndarray:
-        if name not in state_dict:
-            raise JaxmiaError(f"EfficientNet-Lite0 {source}: missing {name!r} (shape {shape})")
-        a = np.asarray(state_dict[name], np.float32)
-        if a.shape != shape:
-            raise JaxmiaError(
-                f"EfficientNet-Lite0 {source}: {name!r} has shape {a.shape}, expected {shape}"
-            )
-        used.add(name)
-        return a
+    tensors = torch_format.StateDictReader(state_dict, f"EfficientNet-Lite0 {source}")
+    take = tensors.take
 
     for path, prefix in _torch_names():
         m = _module(model, path)
@@ -215,17 +205,12 @@ def from_state_dict(
             m.bias.set_value(jnp.asarray(take(prefix + ".bias", n)))
             m.mean.set_value(jnp.asarray(take(prefix + ".running_mean", n)))
             m.var.set_value(jnp.asarray(take(prefix + ".running_var", n)))
-            used.add(prefix + ".num_batches_tracked")
+            tensors.skip(prefix + ".num_batches_tracked")
         else:
             cin, cout = m.kernel.shape
             m.kernel.set_value(jnp.asarray(take(prefix + ".weight", (cout, cin)).T))
             m.bias.set_value(jnp.asarray(take(prefix + ".bias", (cout,))))
-    left = sorted(set(state_dict) - used)
-    if left:
-        more = f" and {len(left) - 1} more" if len(left) > 1 else ""
-        raise JaxmiaError(
-            f"EfficientNet-Lite0 {source}: unexpected {left[0]!r}{more} (not Lite0's layout)"
-        )
+    tensors.finish("not Lite0's layout")
     return model
 
 

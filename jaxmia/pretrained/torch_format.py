@@ -347,3 +347,38 @@ def load_state_dict(path: str | Path, key: str | None = None) -> dict[str, np.nd
         f"torch checkpoint {path}: expected a dict of tensors (model.state_dict()) or a checkpoint "
         f"holding one; it holds {', '.join(map(repr, obj))}"
     )
+
+
+class StateDictReader:
+    """Takes a ``state_dict``'s tensors by name and shape, then refuses any left over.
+
+    A module's loader asks for each tensor it needs (``take``), marks the ones it knows and does
+    not need (``skip``), and ends with ``finish``, so a file of another network is an error
+    naming the first tensor at fault, never a silently half-loaded model.
+    """
+
+    def __init__(self, state_dict: Mapping[str, np.ndarray], what: str):
+        self.state_dict = state_dict
+        self.what = what  # e.g. "DCGAN generator weights.tar"
+        self.used: set[str] = set()
+
+    def take(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+        """The tensor ``name`` as float32, checked to have ``shape``."""
+        if name not in self.state_dict:
+            raise JaxmiaError(f"{self.what}: missing {name!r} (shape {shape})")
+        a = np.asarray(self.state_dict[name], np.float32)
+        if a.shape != shape:
+            raise JaxmiaError(f"{self.what}: {name!r} has shape {a.shape}, expected {shape}")
+        self.used.add(name)
+        return a
+
+    def skip(self, name: str) -> None:
+        """A tensor the module does not need (batch norm's step count)."""
+        self.used.add(name)
+
+    def finish(self, hint: str) -> None:
+        """Raises a JaxmiaError naming the first tensor no ``take`` or ``skip`` asked for."""
+        left = sorted(set(self.state_dict) - self.used)
+        if left:
+            more = f" and {len(left) - 1} more" if len(left) > 1 else ""
+            raise JaxmiaError(f"{self.what}: unexpected {left[0]!r}{more} ({hint})")
