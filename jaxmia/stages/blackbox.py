@@ -212,10 +212,10 @@ def run(config: ml_collections.ConfigDict, workdir: str | Path, *, plots: bool =
             real, note = evaluate.real_faces_from(
                 faces, inversions.identities, rec_e.meta.get("train_files")
             )
-        summary = evaluate.evaluate_run(
+        summary = evaluate.judge_run(
             inversions, rec_e, cell_dir / "report", real_faces=real, target=rec_t,
             real_faces_note=note, panel=panel, sort_by=config.judges.sort_by, progress=True,
-        )  # fmt: skip
+        ).summary  # fmt: skip
         h = experiment.headline(summary)
         row = {
             "scenario": scenario,
@@ -328,10 +328,10 @@ def _query_cell(config, attack, output, cell_dir, rec_t, rec_e, panel, faces, sp
     real, note = evaluate.real_faces_from(
         faces, inversions.identities, rec_e.meta.get("train_files")
     )
-    summary = evaluate.evaluate_run(
+    summary = evaluate.judge_run(
         inversions, rec_e, cell_dir / "report", real_faces=real, target=rec_t,
         real_faces_note=note, panel=panel, sort_by=config.judges.sort_by, progress=True,
-    )  # fmt: skip
+    ).summary  # fmt: skip
     return row | _judged(experiment.headline(summary)) | {"seconds": time.perf_counter() - tc}
 
 

@@ -8,8 +8,8 @@ curve (rank-k identification rate, k = 1..R_E's classes) and the best clone by R
 
 The recognizers run on the device in JAX (fixed-size batches, one compile per shape); the
 statistics of attack success are NumPy on the host. ``evaluate`` scores arrays in memory;
-``evaluate_run`` does it for a folder written by ``jaxmia invert`` and writes the report
-(``jaxmia.report.html``), ``judge_run`` the same, returning the per-clone arrays too; ``run`` is
+``judge_run`` does it for a folder written by ``jaxmia invert``, writes the report
+(``jaxmia.report.html``) and returns the per-clone arrays too; ``run`` is
 the ``jaxmia evaluate`` stage, which also loads the recognizers and the real faces.
 
 Identities are matched by name: R_T's and R_E's label orders differ.
@@ -339,51 +339,6 @@ def evaluate(
     return Evaluation(summary=summary, clones=per, real_face=real_face)
 
 
-def evaluate_run(
-    inversions: str | Path | Inversions,
-    evaluator: LoadedRecognizer,
-    out_dir: str | Path,
-    *,
-    real_faces: Mapping[str, np.ndarray] | None = None,
-    target: LoadedRecognizer | None = None,
-    real_faces_note: str | None = None,
-    panel: panel_lib.Panel | None = None,
-    sort_by: str = "",
-    batch_size: int = 256,
-    progress: bool = True,
-) -> dict[str, Any]:
-    """Evaluates a ``jaxmia invert`` folder and writes the JSON, CSVs, pictures and HTML report.
-
-    Writes (atomically) into out_dir: ``evaluation.json``, ``clones.csv``, ``identities.csv``,
-    ``grid_<name>.png`` per identity, ``cmc.png``, ``scores_hist.png`` and ``report.html``.
-    ``judge_run`` does the same and also returns the per-clone arrays.
-
-    Args:
-      inversions: the folder holding ``inversions.npz``, or what ``load_inversions`` read of it.
-      evaluator: R_E.
-      out_dir: where the outputs go.
-      real_faces: identity name -> R_E's real training images of it [m, h, w, c].
-      target: R_T to recompute its scores (else the run's recorded confidences).
-      real_faces_note: where the real faces came from, shown in the report.
-      panel: the judges beside R_E, or None.
-      sort_by: order each identity's grid by this judge's rank of the target ("": clone order;
-        "R_E" or a judge of the panel).
-      batch_size: images per compiled call.
-      progress: show progress bars.
-
-    Returns:
-      The summary written to ``evaluation.json``.
-
-    Raises:
-      JaxmiaError: ``sort_by`` names no judge of this evaluation.
-    """
-    return judge_run(
-        inversions, evaluator, out_dir, real_faces=real_faces, target=target,
-        real_faces_note=real_faces_note, panel=panel, sort_by=sort_by, batch_size=batch_size,
-        progress=progress,
-    ).summary  # fmt: skip
-
-
 def judge_run(
     inversions: str | Path | Inversions,
     evaluator: LoadedRecognizer,
@@ -398,14 +353,32 @@ def judge_run(
     progress: bool = True,
     with_html: bool = True,
 ) -> Evaluation:
-    """``evaluate_run``, returning the per-clone arrays beside the summary.
+    """Evaluates a ``jaxmia invert`` folder and writes the JSON, CSVs, pictures and HTML report.
 
-    Args: as ``evaluate_run``, and ``with_html``: write ``report.html`` (False where the caller
-    writes it once with more in it, as the experiment's comparison).
+    Writes (atomically) into out_dir: ``evaluation.json``, ``clones.csv``, ``identities.csv``,
+    ``grid_<name>.png`` per identity, ``cmc.png``, ``scores_hist.png`` and ``report.html``.
+
+    Args:
+      inversions: the folder holding ``inversions.npz``, or what ``load_inversions`` read of it.
+      evaluator: R_E.
+      out_dir: where the outputs go.
+      real_faces: identity name -> R_E's real training images of it [m, h, w, c].
+      target: R_T to recompute its scores (else the run's recorded confidences).
+      real_faces_note: where the real faces came from, shown in the report.
+      panel: the judges beside R_E, or None.
+      sort_by: order each identity's grid by this judge's rank of the target ("": clone order;
+        "R_E" or a judge of the panel).
+      batch_size: images per compiled call.
+      progress: show progress bars.
+      with_html: write ``report.html`` (False where the caller writes it once with more in it,
+        as the experiment's comparison).
 
     Returns:
       The summary as written to ``evaluation.json``, the per-clone arrays (as in ``clones.csv``)
       and one real face per identity.
+
+    Raises:
+      JaxmiaError: ``sort_by`` names no judge of this evaluation.
     """
     # matplotlib is slow to import; only the full job needs it
     from jaxmia.report import html as html_lib
@@ -585,7 +558,7 @@ def run(
         panel = panel_lib.panel_from_faces(
             rec_e, face_set, inv.identities, settings, other=rec_o, target=rec_t
         )
-    return evaluate_run(
+    return judge_run(
         inv,
         rec_e,
         workdir,
@@ -596,4 +569,4 @@ def run(
         sort_by=config.judges.sort_by,
         batch_size=batch_size,
         progress=progress,
-    )
+    ).summary

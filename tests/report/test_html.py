@@ -51,7 +51,7 @@ def evaluated(tmp_path_factory):
     rec = tiny_recognizer(names=("ann", "b/d", "cy", "dee"))
     reals = {"cy": inv.clones[0, :2], "ann": inv.clones[1, :1]}  # none for "b/d"
     out = tmp / "out"
-    summary = evaluate.evaluate_run(run, rec, out, real_faces=reals, progress=False)
+    summary = evaluate.judge_run(run, rec, out, real_faces=reals, progress=False).summary
     return out, summary
 
 
