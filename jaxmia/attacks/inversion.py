@@ -172,11 +172,15 @@ class InversionConfig:
     # CPU, `jaxmia invert` first splits the host into one JAX device per core.
     shard: bool = True
     # The clone's parametrisation (jaxmia.attacks.priors): "pixels" (the paper's), "linear" (the
-    # auxiliary pool's first prior_components eigenfaces) or "generator" (the latent code of the
-    # VAE in the prior_checkpoint folder, written by `jaxmia prior`).
+    # auxiliary pool's first prior_components eigenfaces), "generator" (the latent code of the
+    # VAE in the prior_checkpoint folder, written by `jaxmia prior`) or "gan" (the latent of
+    # the pretrained face generator: the fetched one, or the weights file prior_checkpoint).
     prior: str = "pixels"
     prior_components: int = 64
     prior_checkpoint: str = ""
+    # "gan": draw this many starting latents per clone and keep the one R_T scores best under
+    # random shifts and flips (PPA's initial selection; jaxmia.stages.invert); 1: no selection.
+    init_candidates: int = 1
     prior_residual: bool = False  # add a pixel residual to the prior's image
     residual_weight: float = 0.0  # x mean squared residual
     coef_weight: float = 0.0  # x mean squared coefficient (a unit Gaussian prior on them)
@@ -218,6 +222,15 @@ class InversionConfig:
         for name in ("blur", "noise", "residual_weight", "coef_weight", "feature_weight"):
             if not 0 <= getattr(self, name) < math.inf:
                 raise JaxmiaError(f"inversion.{name}={getattr(self, name)}: expected finite >= 0")
+        if not isinstance(self.init_candidates, int) or self.init_candidates < 1:
+            raise JaxmiaError(
+                f"inversion.init_candidates={self.init_candidates!r}: expected an integer >= 1"
+            )
+        if self.init_candidates > 1 and self.prior != "gan":
+            raise JaxmiaError(
+                f"inversion.init_candidates={self.init_candidates}: only the 'gan' prior draws "
+                f"its start, not inversion.prior={self.prior!r}; expected 1"
+            )
         if self.prior_components < 1:
             raise JaxmiaError(f"inversion.prior_components={self.prior_components}: expected >= 1")
         if self.prior == "generator" and not self.prior_checkpoint:
@@ -907,6 +920,8 @@ def bytes_per_clone(model_config: models.ModelConfig, cfg: InversionConfig) -> i
                 h, w = -(-h // 2), -(-w // 2)
             convs = 2 if model_config.block == "basic" else 3
             act += 2 * n * (convs + 1) * h * w * width * model_config.expansion
+    if cfg.prior == "gan":  # the generator's activations: 4x4x512 ... 32x32x64, then 64x64x3
+        act += sum(s * s * c for s, c in ((4, 512), (8, 256), (16, 128), (32, 64), (64, 3)))
     moments = {"sgd": 0, "momentum": 1, "adam": 2}[cfg.optimizer]
     return 4 * (image * (4 + moments) + 4 * act)
 

@@ -13,6 +13,15 @@ A prior decides what the inversion optimises for each clone and how that becomes
   ``inversion.coef_weight`` penalises them as the linear prior's coefficients. The start is the
   encoder's posterior mean of the seed image: the clone starts from the same seed as a pixel
   attack, as the decoder sees it.
+- ``gan``: the latent ``z`` [100] of a pretrained face generator (``jaxmia.pretrained.dcgan``:
+  the DCGAN of ``gan-face-generate``, trained on DigiFace-1M's synthetic faces, so no real
+  person of any data set; ``inversion.prior_checkpoint`` a weights file of the same network,
+  else the fetched one): ``image = resize(G(z))``, the generator's 64x64 RGB converted to the
+  recognizer's channels (ITU-R 601 luma, as PIL's "L" that made the grey photos) and resized to
+  its input inside the program. A GAN has no encoder: each clone starts from the latent its key
+  draws (``gan_latent``), and its seed is G of that latent; ``jaxmia.stages.invert`` may first
+  keep, of ``inversion.init_candidates`` keys per clone, the one whose image R_T scores best
+  (PPA's initial selection). ``inversion.coef_weight`` is the unit Gaussian prior on ``z``.
 
 With ``inversion.prior_residual`` a pixel residual is added to the decoded image (starting at
 zero, penalised by ``inversion.residual_weight``): the part of the clone outside the prior.
@@ -34,11 +43,15 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 from jaxmia.attacks import generator
 from jaxmia.errors import JaxmiaError
 
-PRIORS = ("pixels", "linear", "generator")
+PRIORS = ("pixels", "linear", "generator", "gan")
+# ITU-R 601-2 luma, PIL's "L" conversion: the grey photos the recognizer was trained on.
+LUMA = (0.299, 0.587, 0.114)
+_LATENT_STREAM = 0x6A4E  # folded into a clone's key to draw its GAN latent
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,6 +141,72 @@ def _generator_encode(
 def generator_prior(config: generator.GeneratorConfig, params: dict) -> Prior:
     """A trained generator as a prior: its decoder (static) and its parameters (traced)."""
     return Prior(generator_decoder(config), params)
+
+
+# --- the pretrained face generator ----------------------------------------------------------
+
+
+def gan_latent(key: jax.Array) -> jax.Array:
+    """The starting latent a clone's key draws for the ``gan`` prior (unit Gaussian). # [100]"""
+    from jaxmia.pretrained import dcgan  # noqa: PLC0415 - the generator's module is heavy
+
+    return jax.random.normal(jax.random.fold_in(key, _LATENT_STREAM), (dcgan.LATENT,))
+
+
+def to_recognizer(images: jax.Array, shape: tuple[int, int, int]) -> jax.Array:
+    """Generator images in the recognizer's input: channels converted, then resized.
+
+    Args:
+      images: RGB in [0, 1]. # [..., gh, gw, 3]
+      shape: the recognizer's (height, width, channels), channels 1 or 3.
+
+    Returns:
+      # [..., h, w, c] in [0, 1]
+    """
+    h, w, c = shape
+    if c == 1:
+        images = jnp.tensordot(images, jnp.asarray(LUMA, images.dtype), axes=1)[..., None]
+    if images.shape[-3:-1] != (h, w):
+        lead = images.shape[:-3]
+        images = jax.image.resize(images, (*lead, h, w, c), "linear", antialias=True)
+    return images
+
+
+@functools.lru_cache(maxsize=16)
+def gan_decoder(shape: tuple[int, int, int]) -> Decoder:
+    """The ``gan`` prior's decoder for a recognizer of input ``shape`` (h, w, c); its params
+    are the generator's ``nnx.State`` (``gan_prior``)."""
+    from jaxmia.pretrained import dcgan  # noqa: PLC0415
+
+    graphdef = nnx.graphdef(nnx.eval_shape(dcgan.DCGANGenerator))
+    return Decoder(
+        "gan",
+        functools.partial(_gan_decode, graphdef, shape),
+        _gan_encode,
+    )
+
+
+def _gan_decode(graphdef: nnx.GraphDef, shape, params: nnx.State, z: jax.Array) -> jax.Array:
+    return to_recognizer(nnx.merge(graphdef, params)(z[None])[0], shape)
+
+
+def _gan_encode(params: Any, seed: jax.Array, key: jax.Array) -> jax.Array:
+    del params, seed  # a GAN has no encoder: the start is the latent the key draws
+    return gan_latent(key)
+
+
+def gan_prior(model: Any, shape: tuple[int, int, int]) -> Prior:
+    """A loaded generator (``dcgan.load_dcgan``) as the prior of a recognizer of input ``shape``.
+
+    Raises:
+      JaxmiaError: the recognizer's channels are neither 1 nor 3.
+    """
+    if shape[2] not in (1, 3):
+        raise JaxmiaError(
+            f"inversion.prior='gan': the generator makes RGB faces; expected a recognizer of 1 "
+            f"or 3 channels, got {shape[2]}"
+        )
+    return Prior(gan_decoder(tuple(shape)), nnx.state(model))
 
 
 def image(decoder: Decoder | None, params: Any, variables: Any) -> jax.Array:

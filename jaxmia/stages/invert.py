@@ -43,10 +43,10 @@ import ml_collections
 import numpy as np
 import tqdm
 
-from jaxmia import checkpoint, files, sharding
+from jaxmia import batching, checkpoint, files, sharding
 from jaxmia import workdir as workdir_lib
 from jaxmia.attacks import inversion as inv
-from jaxmia.attacks import inversions_file, priors, seeds
+from jaxmia.attacks import inversions_file, priors, seeds, selection
 from jaxmia.errors import JaxmiaError
 from jaxmia.recognizers import models
 from jaxmia.report import grids
@@ -151,16 +151,7 @@ def make_start(
     from, and the auxiliary pool where one was read. # [n, h, w, c], [n], str, [m, h, w, c]"""
     cfg = config.inversion
     shape = (*rec.config.image_size, rec.config.channels)
-    root = jax.random.key(cfg.rng_seed)
-
-    def keys(stream: int) -> jax.Array:  # [n]: fold_in(root, stream, label, clone)
-        base = jax.random.fold_in(root, stream)
-        per_id = [jax.random.fold_in(base, label) for label in labels]
-        return jnp.concatenate(
-            [jax.vmap(lambda j, k=k: jax.random.fold_in(k, j))(jnp.arange(clones)) for k in per_id]
-        )
-
-    seed_keys = keys(0)
+    seed_keys = clone_keys(cfg.rng_seed, 0, labels, clones)
     pool, images, where = None, None, cfg.seed
     if cfg.seed in seeds.POOL_KINDS:
         pool, where = seed_pool(rec, config)
@@ -179,7 +170,19 @@ def make_start(
         grey=cfg.seed_grey,
         images=images,
     )
-    return start, keys(1), where, pool
+    return start, clone_keys(cfg.rng_seed, 1, labels, clones), where, pool
+
+
+def clone_keys(rng_seed: int, stream: int, labels: list[int], clones: int) -> jax.Array:
+    """One key per clone, identity-major: ``fold_in(key(rng_seed), stream, label, clone)``.
+
+    Stream 0 draws the seeds, stream 1 is the inversion's. # [len(labels) * clones]
+    """
+    base = jax.random.fold_in(jax.random.key(rng_seed), stream)
+    per_id = [jax.random.fold_in(base, label) for label in labels]
+    return jnp.concatenate(
+        [jax.vmap(lambda j, k=k: jax.random.fold_in(k, j))(jnp.arange(clones)) for k in per_id]
+    )
 
 
 def make_prior(
@@ -192,6 +195,11 @@ def make_prior(
     cfg = config.inversion
     if cfg.prior == "pixels":
         return None
+    if cfg.prior == "gan":
+        from jaxmia.pretrained import dcgan  # noqa: PLC0415 - only the gan prior needs it
+
+        model = dcgan.load_dcgan(cfg.prior_checkpoint or None)
+        return priors.gan_prior(model, (*rec.config.image_size, rec.config.channels))
     if cfg.prior == "generator":
         gen = checkpoint.load_generator(cfg.prior_checkpoint)
         want = (tuple(rec.config.image_size), rec.config.channels)
@@ -205,6 +213,77 @@ def make_prior(
     if pool is None:
         pool, _ = seed_pool(rec, config)
     return priors.Prior(priors.LINEAR, priors.fit_linear(pool, cfg.prior_components))
+
+
+def gan_note(rec: checkpoint.LoadedRecognizer) -> str:
+    """What the ``gan`` prior does to the generator's 64x64 RGB faces for this recognizer."""
+    h, w = rec.config.image_size
+    grey = rec.config.channels == 1
+    if (h, w) == (64, 64) and not grey:
+        return "the generator's 64x64 RGB faces as they are"
+    steps = (["converted to grey (ITU-R 601 luma)"] if grey else []) + (
+        [f"resized to {h}x{w}"] if (h, w) != (64, 64) else []
+    )
+    return f"the generator's 64x64 RGB faces {' and '.join(steps)} inside the program"
+
+
+@jax.jit
+def _decode_keys(params: Any, key_data: jax.Array, shape_probe: jax.Array) -> jax.Array:
+    decoder = priors.gan_decoder(shape_probe.shape)
+    keys = jax.random.wrap_key_data(key_data)
+    return jax.vmap(lambda k: decoder.decode(params, priors.gan_latent(k)))(keys)
+
+
+def gan_images(prior: priors.Prior, keys: jax.Array, batch_size: int = 256) -> np.ndarray:
+    """G of the starting latent of each key, as the recognizer sees it. # [n, h, w, c]"""
+    shape = jnp.zeros(prior.decoder.decode.args[1])  # the recognizer's (h, w, c)
+    return batching.map_batches(
+        lambda k: _decode_keys(prior.params, k, shape),
+        np.asarray(jax.random.key_data(keys)),
+        sizes=batching.sizes_for(len(keys), batch_size),
+    )
+
+
+def gan_start(
+    rec: checkpoint.LoadedRecognizer,
+    config: ml_collections.ConfigDict,
+    prior: priors.Prior,
+    keys: jax.Array,
+    targets: np.ndarray,
+) -> tuple[np.ndarray, jax.Array, str]:
+    """The ``gan`` prior's start: each clone's key, after PPA's initial selection, and its seed.
+
+    With ``inversion.init_candidates`` = k > 1, each clone draws k keys (``fold_in(key, j)``),
+    and keeps the one whose image G(z) has the highest logit margin for the target by R_T,
+    averaged over the random shifts and flips of ``experiment.select_*``: the attacker's own
+    model, never a judge. The engine then draws the same latent from the kept key.
+
+    Args:
+      rec: R_T.
+      config: the config (``inversion.init_candidates``, ``experiment.select_*``).
+      prior: the ``gan`` prior.
+      keys: each clone's inversion key. # [n]
+      targets: each clone's target label. # [n]
+
+    Returns:
+      The seeds G(z0) as R_T sees them [n, h, w, c], the kept keys [n], where the seeds came from.
+    """
+    k, exp = config.inversion.init_candidates, config.experiment
+    where = "G(z) of a unit Gaussian latent per clone"
+    if k > 1:
+        n = len(keys)
+        cand = jax.vmap(lambda key: jax.vmap(lambda j: jax.random.fold_in(key, j))(jnp.arange(k)))(
+            keys
+        ).reshape(n * k)
+        score = selection.robust_margins(
+            rec, gan_images(prior, cand), np.repeat(np.asarray(targets), k),
+            jitter=exp.select_jitter, flip=exp.select_flip, samples=exp.select_samples,
+            key=jax.random.fold_in(jax.random.key(config.inversion.rng_seed), 3),
+        ).reshape(n, k)  # fmt: skip
+        best = np.argmax(np.where(np.isfinite(score), score, -np.inf), axis=1)
+        keys = cand.reshape(n, k)[np.arange(n), best]
+        where += f", the best of {k} by R_T's margin under random shifts and flips"
+    return gan_images(prior, keys), keys, where
 
 
 # --- the run ------------------------------------------------------------------------------
@@ -379,8 +458,15 @@ def run(
         )
     labels = parse_identities(identities, rec.names, rec.meta)
     names = [rec.names[i] for i in labels]
-    start, keys, seed_from, pool = make_start(rec, config, labels, clones)
-    prior = make_prior(rec, config, pool)
+    targets = jnp.repeat(jnp.asarray(labels, jnp.int32), clones)
+    if cfg.prior == "gan":  # no seed images: the start is a latent (PPA's initial selection)
+        prior = make_prior(rec, config, None)
+        keys = clone_keys(config.inversion.rng_seed, 1, labels, clones)
+        start, keys, seed_from = gan_start(rec, config, prior, keys, np.asarray(targets))
+        print(f"jaxmia invert: {gan_note(rec)}")
+    else:
+        start, keys, seed_from, pool = make_start(rec, config, labels, clones)
+        prior = make_prior(rec, config, pool)
     size = inv.chunk_size(
         len(labels) * clones, config.inversion.max_batch, inv.bytes_per_clone(rec.config, cfg)
     )
@@ -392,7 +478,6 @@ def run(
         size = int(record["chunk_size"])
     size = int(sharding.agree(np.int32(size)))
 
-    targets = jnp.repeat(jnp.asarray(labels, jnp.int32), clones)
     r, timing, resumed = _invert_chunks(
         rec, config, start, keys, targets, steps, workdir, size, prior
     )
@@ -402,7 +487,7 @@ def run(
     ids = len(labels)
     shape = start.shape[1:]
     per_id = {k: r[k].reshape(ids, clones, *r[k].shape[1:]) for k in ("clones", *PER_CLONE)}
-    shared_seed = config.inversion.seed in ("mean", "grey")
+    shared_seed = config.inversion.seed in ("mean", "grey") and cfg.prior != "gan"
     seed_arr = (
         np.asarray(start[:1]).reshape(1, 1, *shape)
         if shared_seed
