@@ -34,6 +34,10 @@ coefficient space (FID's formula, not its Inception features, which cannot be do
 the KNN ratio (eigenface distance to the target's nearest photo over that to anyone else's: < 1
 is "closer to the target than to anyone else") and the energy outside the span of the eigenfaces.
 
+What each judge is (its name, title, kind, whether robust) is ``jaxmia.judges.registry``'s;
+``make_panel`` fits them, each with one method ``rank(images, targets)``, and ``judge_groups``
+runs them alike.
+
 The recognizers run in JAX on the device; the statistics are NumPy on the host.
 """
 
@@ -55,6 +59,19 @@ from jaxmia.judges import classical, scores
 from jaxmia.judges import face as face_lib
 from jaxmia.judges import pgd as pgd_lib
 from jaxmia.judges import transformed as transformed_lib
+
+# The registry's lists (those unused here: for the stages and tests that read them here).
+from jaxmia.judges.registry import (
+    BESIDE_R_E,  # noqa: F401
+    EMBED_BATCH,
+    FACE_JUDGES,  # noqa: F401
+    FACE_MODELS,
+    JUDGE_TITLES,
+    ROBUST,
+    TABLE_JUDGES,  # noqa: F401
+    Judge,
+    face_judge_names,
+)
 from jaxmia.pretrained import fetch
 
 if TYPE_CHECKING:
@@ -69,67 +86,10 @@ GROUP_TITLES = {
 }
 
 
-@dataclasses.dataclass(frozen=True)
-class FaceModel:
-    """A pretrained face recognizer the panel can judge with (a value of ``judges.face``)."""
-
-    title: str
-    # Loads the model (fetching its weights once): a function of aligned chips
-    # [n, 150, 150, 3] in [0, 1] to embeddings [n, d].
-    load: Callable[[], Callable[[np.ndarray], np.ndarray]]
-    metric: str  # face_lib.METRICS
-
-
-def _load_dlib() -> Callable[[np.ndarray], np.ndarray]:
-    return face_lib.dlib_embedder(batch_size=_EMBED_BATCH)
-
-
-def _load_faceres() -> Callable[[np.ndarray], np.ndarray]:
-    from jaxmia.pretrained import faceres  # noqa: PLC0415 - only where the judge runs
-
-    return functools.partial(faceres.embed, faceres.load_faceres(), batch_size=_EMBED_BATCH)
-
-
-FACE_MODELS = {
-    "dlib": FaceModel("dlib's ResNet-29 (about 3 million faces)", _load_dlib, "euclidean"),
-    "faceres": FaceModel("faceres MobileNet-v1 (VGGFace2)", _load_faceres, "cosine"),
-}
-# Each face model judges twice: by the nearest real photo and by the nearest identity centroid.
-FACE_JUDGES = tuple(j for m in FACE_MODELS for j in (f"face_{m}", f"face_{m}_centroid"))
-ROBUST = (*FACE_JUDGES, "R_E_transformed", "eigenface_nn", "eigenface_mean", "pixel_nn")
-# The tables' columns of judges, in order: the face judges first (a person's standard), then R_T
-# (the attacked model, where a table shows it) and R_E, then those adversarial patterns fool less.
-TABLE_JUDGES = (
-    *FACE_JUDGES, "R_T", "R_E", "R_E_other", *(j for j in ROBUST if j not in FACE_JUDGES)
-)  # fmt: skip
-# The judges that a setting is chosen by (benchmarks/prior_levers.md): every one beside R_E
-# and R_T, as R_E alone rewards patterns that fool R_T's twin; the face judges first.
-BESIDE_R_E = (
-    *FACE_JUDGES, "R_E_transformed", "R_E_other", "R_E_other_transformed",
-    *(j for j in ROBUST if j not in FACE_JUDGES and j != "R_E_transformed"),
-)  # fmt: skip
-JUDGE_TITLES = {
-    **{
-        j: f"face judge, {m.title}: nearest {'identity centroid' if c else 'real photo'}"
-        for name, m in FACE_MODELS.items()
-        for j, c in ((f"face_{name}", False), (f"face_{name}_centroid", True))
-    },
-    "R_T": "R_T (the attacked model; not a judge)",
-    "R_E": "R_E (R_T's architecture: the paper's judge)",
-    "R_E_transformed": "R_E under random transforms",
-    "R_E_other": "R_E of another architecture",
-    "R_E_other_transformed": "R_E of another architecture under transforms",
-    "eigenface_nn": "nearest real photo, eigenface space",
-    "eigenface_mean": "nearest class mean, eigenface space",
-    "pixel_nn": "nearest real photo, pixels",
-}
 # The per-image measures of the face judges beside their ranks.
 FACE_DETECTED = "face_detected"  # dlib's detector found a face (else a fixed box was aligned)
 FACE_DISTANCE = "face_knn_distance_"  # + model: embedding distance to the target's nearest photo
 _CHIP_BATCH = 256  # images aligned, then embedded by every face model, at a time
-# Chips go to the embedders padded to a multiple of this: one compiled shape, whatever the count
-# (small: a small gallery or test pads little; on the CPU a larger batch is no faster).
-_EMBED_BATCH = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -206,24 +166,140 @@ class Settings:
 class Panel:
     """The judges of one evaluation, fitted, and the held-out real photos they are checked on."""
 
-    evaluator: LoadedRecognizer  # R_E
-    other: LoadedRecognizer | None  # R_E of another architecture
-    target: LoadedRecognizer | None  # R_T, for the PGD controls and its own ranks
-    fitted: classical.Judges  # on R_E's real training photos, R_E's label order
+    evaluator: LoadedRecognizer  # R_E: its label order is every judge's
+    target: LoadedRecognizer | None  # R_T, for the PGD controls (its ranks are a judge's)
+    fitted: classical.Judges  # on R_E's real training photos, for the Fréchet distance
     real: np.ndarray  # held-out real photos of the attacked identities # [m, h, w, c]
     real_names: tuple[str, ...]  # [m] their identities
     settings: Settings
     notes: tuple[str, ...]
-    face: tuple[FaceJudge, ...] = ()  # the face judges, in the order of settings.face
+    judges: tuple[Judge, ...]  # fitted, in the order they run
+
+
+# The fitted judges (``registry.Judge``).
 
 
 @dataclasses.dataclass(frozen=True)
-class FaceJudge:
+class RecognizerJudge:
+    """A recognizer ranking the target by its softmax: R_T (beside the judges), R_E, R_E_other."""
+
+    names: tuple[str]  # (its name in the registry,)
+    recognizer: LoadedRecognizer
+    labels: np.ndarray  # [k_E] its label of each of R_E's identities; -1: one it does not know
+    identities: tuple[str, ...]  # [k_E] R_E's identities, to name the unknown ones
+
+    def own_labels(self, targets: np.ndarray) -> np.ndarray:
+        """Its labels of R_E's. # [n] -> [n]
+
+        Raises:
+          JaxmiaError: a target it does not know.
+        """
+        own = self.labels[targets]
+        if (own < 0).any():
+            unknown = sorted({self.identities[t] for t in targets[own < 0]})
+            raise JaxmiaError(
+                f"judges: the images include identities that "
+                f"{getattr(self.recognizer, 'path', 'a judge')} does not know: "
+                f"{', '.join(unknown[:5])}"
+            )
+        return own
+
+    def rank(
+        self, images: np.ndarray, targets: np.ndarray, *, batch_size: int = 256,
+        progress: bool = False,
+    ) -> dict[str, np.ndarray]:  # fmt: skip
+        """``registry.Judge.rank``."""
+        got = scores.score_images(
+            self.recognizer, images, self.own_labels(targets), batch_size=batch_size,
+            progress=progress, desc=self.names[0],
+        )  # fmt: skip
+        return {self.names[0]: got.rank}
+
+
+def _recognizer_judge(name: str, recognizer: LoadedRecognizer, evaluator: LoadedRecognizer):
+    index = {n: i for i, n in enumerate(recognizer.names)}
+    labels = np.array([index.get(n, -1) for n in evaluator.names], np.int32)
+    return RecognizerJudge((name,), recognizer, labels, tuple(evaluator.names))
+
+
+@dataclasses.dataclass(frozen=True)
+class TransformedJudge:
+    """Recognizers' softmax averaged over random transforms (``jaxmia.judges.transformed``).
+
+    The transforms are drawn and applied once for all its recognizers (R_E and R_E_other): they
+    see the same transformed images.
+    """
+
+    recognizers: tuple[RecognizerJudge, ...]
+    settings: transformed_lib.TransformSettings
+    seed: int  # image i of a call is transformed with keys from fold_in(key(seed), i)
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(f"{r.names[0]}_transformed" for r in self.recognizers)
+
+    def rank(
+        self, images: np.ndarray, targets: np.ndarray, *, batch_size: int = 256,
+        progress: bool = False,
+    ) -> dict[str, np.ndarray]:  # fmt: skip
+        """``registry.Judge.rank``."""
+        got = transformed_lib.robust_scores_each(
+            [r.recognizer for r in self.recognizers], images,
+            [r.own_labels(targets) for r in self.recognizers], self.settings,
+            jax.random.key(self.seed), batch_size=batch_size, progress=progress,
+            desc="transformed",
+        )  # fmt: skip
+        return {name: g.rank for name, g in zip(self.names, got, strict=True)}
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassicalJudge:
+    """The judges that are not CNNs (``jaxmia.judges.classical``), with the KNN ratio and the
+    residual energy as their measures."""
+
+    fitted: classical.Judges
+    names: tuple[str, ...] = classical.JUDGES
+
+    def rank(
+        self, images: np.ndarray, targets: np.ndarray, *, batch_size: int = 256,
+        progress: bool = False,
+    ) -> dict[str, np.ndarray]:  # fmt: skip
+        """``registry.Judge.rank``: also "knn_ratio" and "residual_energy" [n]."""
+        return classical.judge(self.fitted, images, targets)
+
+
+@dataclasses.dataclass(frozen=True)
+class FittedFaceModel:
     """A pretrained face recognizer with its gallery: R_E's real training photos, embedded."""
 
     name: str  # a key of FACE_MODELS
     embed: Callable[[np.ndarray], np.ndarray]  # aligned chips [n, 150, 150, 3] -> [n, d]
     gallery: face_lib.Gallery
+
+
+@dataclasses.dataclass(frozen=True)
+class FaceJudges:
+    """The face judges of every face model, on chips aligned once for all of them."""
+
+    models: tuple[FittedFaceModel, ...]  # in the order of settings.face
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(j for m in self.models for j in face_judge_names(m.name))
+
+    def rank(
+        self, images: np.ndarray, targets: np.ndarray, *, batch_size: int = 256,
+        progress: bool = False,
+    ) -> dict[str, np.ndarray]:  # fmt: skip
+        """``registry.Judge.rank``: also ``FACE_DETECTED`` and ``FACE_DISTANCE`` + model [n]."""
+        measured = face_measures(images, {m.name: m.embed for m in self.models}, progress=progress)
+        out = {FACE_DETECTED: measured[FACE_DETECTED]}
+        for m in self.models:
+            got = face_lib.rank(m.gallery, measured[m.name], targets)
+            nn, centroid = face_judge_names(m.name)
+            out[nn], out[centroid] = got["nn"], got["centroid"]
+            out[FACE_DISTANCE + m.name] = got["knn_dist"]
+        return out
 
 
 @functools.cache
@@ -251,7 +327,7 @@ def face_measures(
         chips = face_lib.face_chips(images[lo : lo + _CHIP_BATCH])
         detected.append(chips.detected)
         n = len(chips.detected)
-        padded = np.pad(chips.images, ((0, -n % _EMBED_BATCH), (0, 0), (0, 0), (0, 0)))
+        padded = np.pad(chips.images, ((0, -n % EMBED_BATCH), (0, 0), (0, 0), (0, 0)))
         for name, embed in embedders.items():
             embedded[name].append(np.asarray(embed(padded), np.float64)[:n])
     return {FACE_DETECTED: np.concatenate(detected)} | {
@@ -261,8 +337,9 @@ def face_measures(
 
 def _fit_face_judges(
     settings: Settings, gallery: np.ndarray, labels: np.ndarray, recognizer: LoadedRecognizer
-) -> tuple[tuple[FaceJudge, ...], list[str]]:
-    """The face judges of ``settings.face`` fitted on R_E's real training photos, and notes.
+) -> tuple[FaceJudges | None, list[str]]:
+    """The face judges of ``settings.face`` fitted on R_E's real training photos (None: none),
+    and notes.
 
     A model that cannot be had (not fetched, and no registry reachable) is left out with a note,
     so a machine without the weights still judges with the rest.
@@ -275,7 +352,7 @@ def _fit_face_judges(
         except fetch.FetchError as e:
             notes.append(f"face judge {name} not run: {e}")
     if not embedders:
-        return (), notes
+        return None, notes
     k = recognizer.config.num_classes
     missing = np.flatnonzero(np.bincount(labels, minlength=k) == 0)
     if len(missing):
@@ -283,15 +360,19 @@ def _fit_face_judges(
             f"face judges not run: R_E's real photos hold no photo of {len(missing)} of its {k} "
             f"identities (first: {recognizer.names[missing[0]]}); they rank among all of them"
         )
-        return (), notes
+        return None, notes
     try:
         measured = face_measures(gallery, embedders)
     except fetch.FetchError as e:  # the shape predictor that aligns the chips
         notes.append(f"face judges not run: no face alignment: {e}")
-        return (), notes
-    fitted = tuple(
-        FaceJudge(name, embed, face_lib.fit(measured[name], labels, k, FACE_MODELS[name].metric))
-        for name, embed in embedders.items()
+        return None, notes
+    fitted = FaceJudges(
+        tuple(
+            FittedFaceModel(
+                name, embed, face_lib.fit(measured[name], labels, k, FACE_MODELS[name].metric)
+            )
+            for name, embed in embedders.items()
+        )
     )
     detected = measured[FACE_DETECTED]
     notes.append(
@@ -317,7 +398,7 @@ def make_panel(
     other: LoadedRecognizer | None = None,
     target: LoadedRecognizer | None = None,
 ) -> Panel:
-    """Fits the non-CNN judges and the face judges on R_E's real training photos.
+    """Fits every judge: the non-CNN judges and the face judges on R_E's real training photos.
 
     Args:
       evaluator: R_E; its label order is the judges' gallery order.
@@ -376,16 +457,29 @@ def make_panel(
         notes.append("no held-out real photos of the attacked identities: no ceiling control")
     if target is None:
         notes.append("no R_T: no PGD controls")
+    # R_T's ranks first, then R_E's, as the judges ran before the registry: the order of the
+    # measures in the outputs follows it.
+    cnns = tuple(
+        _recognizer_judge(name, rec, evaluator)
+        for name, rec in (("R_E", evaluator), ("R_E_other", other))
+        if rec is not None
+    )
+    judges = (
+        *(() if target is None else (_recognizer_judge("R_T", target, evaluator),)),
+        *cnns,
+        TransformedJudge(cnns, settings.transforms, settings.seed),
+        ClassicalJudge(fitted),
+        *(() if face is None else (face,)),
+    )
     return Panel(
         evaluator=evaluator,
-        other=other,
         target=target,
         fitted=fitted,
         real=np.asarray(real, np.float32),
         real_names=tuple(real_names),
         settings=settings,
         notes=tuple(notes),
-        face=face,
+        judges=judges,
     )
 
 
@@ -500,55 +594,31 @@ def judge_groups(
     )  # [n, h, w, c]
     names = [name for _, group_names in groups.values() for name in group_names]
     bounds = np.cumsum([0, *(len(group_names) for _, group_names in groups.values())])
+    spans = list(zip(groups, bounds[:-1], bounds[1:], strict=True))
+    targets = _labels(names, panel.evaluator, "the images")  # [n] R_E's label of each
+    given = {"R_E": known_r_e or {}}  # judge -> group -> its ranks the caller has
     found: dict[str, np.ndarray] = {}
-    if panel.target is not None:
-        found["R_T"] = scores.score_images(
-            panel.target, images, _labels(names, panel.target, "the images"),
-            batch_size=batch_size, progress=progress, desc="R_T",
-        ).rank  # fmt: skip
-    cnns = {"R_E": panel.evaluator}
-    if panel.other is not None:
-        cnns["R_E_other"] = panel.other
-    targets = {j: _labels(names, rec, "the images") for j, rec in cnns.items()}
-    known_r_e = known_r_e or {}
-    for j, rec in cnns.items():
-        todo = np.ones(len(images), bool)  # [n] the images this judge still has to score
-        if j == "R_E":
-            for g, lo, hi in zip(groups, bounds[:-1], bounds[1:], strict=True):
-                todo[lo:hi] = g not in known_r_e
-        ranks = np.zeros(len(images), np.int32)  # [n]
+    for judge in panel.judges:
+        # a judge of one name does not score the groups whose ranks the caller has
+        known = given.get(judge.names[0], {}) if len(judge.names) == 1 else {}
+        todo = np.repeat([g not in known for g in groups], np.diff(bounds)).astype(bool)  # [n]
+        got = {}
         if todo.any():
-            ranks[todo] = scores.score_images(
-                rec, images[todo], targets[j][todo], batch_size=batch_size, progress=progress,
-                desc=j,
-            ).rank  # fmt: skip
-        if j == "R_E":
-            for g, lo, hi in zip(groups, bounds[:-1], bounds[1:], strict=True):
-                if g in known_r_e:
-                    ranks[lo:hi] = np.asarray(known_r_e[g]).reshape(-1)
-        found[j] = ranks
-    transformed = transformed_lib.robust_scores_each(
-        list(cnns.values()), images, list(targets.values()), panel.settings.transforms,
-        jax.random.key(panel.settings.seed), batch_size=batch_size, progress=progress,
-        desc="transformed",
-    )  # fmt: skip
-    for j, got in zip(cnns, transformed, strict=True):
-        found[f"{j}_transformed"] = got.rank
-    found |= classical.judge(panel.fitted, images, targets["R_E"])
-    if panel.face and len(images):
-        measured = face_measures(images, {f.name: f.embed for f in panel.face}, progress=progress)
-        found[FACE_DETECTED] = measured[FACE_DETECTED]
-        for f in panel.face:
-            got = face_lib.rank(f.gallery, measured[f.name], targets["R_E"])
-            found[f"face_{f.name}"] = got["nn"]
-            found[f"face_{f.name}_centroid"] = got["centroid"]
-            found[FACE_DISTANCE + f.name] = got["knn_dist"]
+            got = judge.rank(images[todo], targets[todo], batch_size=batch_size, progress=progress)
+        for key in dict.fromkeys((*judge.names, *got)):
+            full = np.zeros(len(images), got[key].dtype if key in got else np.int32)  # [n]
+            if key in got:
+                full[todo] = got[key]
+            for g, lo, hi in spans:
+                if g in known:
+                    full[lo:hi] = np.asarray(known[g]).reshape(-1)
+            found[key] = full
     # the face judges first, as in every table
     found = {j: found[j] for j in JUDGE_TITLES if j in found} | {
         k: v for k, v in found.items() if k not in JUDGE_TITLES
     }
     out = {}
-    for g, lo, hi in zip(groups, bounds[:-1], bounds[1:], strict=True):
+    for g, lo, hi in spans:
         out[g] = {j: v[lo:hi] for j, v in found.items()}
         out[g]["frechet"] = np.asarray(_frechet(panel, images[lo:hi]))
     return out

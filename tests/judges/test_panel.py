@@ -165,7 +165,11 @@ def test_groups_judged_together_equal_each_group_alone(att):
         "bias": params["head"]["bias"][perm],
     }
     other = dataclasses.replace(rec, params=params, names=tuple(np.asarray(rec.names)[perm]))
-    panel = dataclasses.replace(panel, other=other)
+    fitted = panel.fitted.gallery
+    panel = panel_lib.make_panel(
+        rec, fitted.images, [rec.names[i] for i in fitted.labels], panel.real, panel.real_names,
+        panel.settings, other=other, target=panel.target,
+    )  # fmt: skip
     names = tuple(np.repeat(np.asarray(split.attacked, object), 2))
     groups = {
         "seeds": (seeds.reshape(-1, *SIZE, 1), names),
@@ -285,6 +289,12 @@ def test_settings_from_config_reach_the_modules():
 FACE_SIZE = (64, 64)  # the AT&T experiment's size
 
 
+def face_models(panel):
+    """The panel's fitted face models (none without face judges)."""
+    face = [j for j in panel.judges if isinstance(j, panel_lib.FaceJudges)]
+    return face[0].models if face else ()
+
+
 def face_models_or_skip():
     for name in ("dlib_resnet", "dlib_landmarks5", "faceres"):
         try:
@@ -327,7 +337,7 @@ def faces10(tmp_path_factory):
 @pytest.mark.slow
 def test_face_judges_recognise_held_out_real_photos(faces10):
     _, panel, summary, _, _, _ = faces10
-    assert [f.name for f in panel.face] == ["dlib", "faceres"]
+    assert [f.name for f in face_models(panel)] == ["dlib", "faceres"]
     real = summary["top"]["real"]
     assert real["face_dlib"]["count"] == 20 and summary["chance_top1"] == pytest.approx(0.1)
     # The issue's control: held-out real photos >= 90% top-1 by the face judge.
@@ -378,7 +388,7 @@ def test_face_ranks_are_the_nearest_gallery_photo_by_name(faces10):
     """Against ranks computed here: chips, the judge's own embedder, the nearest photo of each
     identity, all in the face set's label order (R_E's is reversed)."""
     faces, panel, summary, per_clone, gallery, photo6 = faces10
-    dlib = panel.face[0]
+    dlib = face_models(panel)[0]
     embed = lambda x: np.asarray(dlib.embed(face_lib.face_chips(x).images), np.float64)  # noqa: E731
     g, q = embed(faces.images[gallery]), embed(faces.images[photo6])
     d = np.linalg.norm(q[:, None] - g[None], axis=-1)  # [10, 60]
@@ -420,11 +430,11 @@ def test_an_unavailable_face_model_is_a_note(faces10, monkeypatch):
     with monkeypatch.context() as mp:
         _without(mp, {"faceres"})
         one = panel_lib.make_panel(panel.evaluator, images, names, images[:0], [], panel.settings)
-    assert [f.name for f in one.face] == ["dlib"]
+    assert [f.name for f in face_models(one)] == ["dlib"]
     assert any(n.startswith("face judge faceres not run: models: faceres") for n in one.notes)
     _without(monkeypatch, {"dlib_landmarks5"})  # no alignment: no face judge at all
     none = panel_lib.make_panel(panel.evaluator, images, names, images[:0], [], panel.settings)
-    assert none.face == () and any("face judges not run" in n for n in none.notes)
+    assert face_models(none) == () and any("face judges not run" in n for n in none.notes)
     seeds = np.broadcast_to(images[:1], (2, 1, *images.shape[1:]))
     summary, per_clone = panel_lib.run(none, seeds, seeds, tuple(none.evaluator.names[:2]))
     assert not set(panel_lib.FACE_JUDGES) & set(summary["judges"])
@@ -440,7 +450,7 @@ def test_an_identity_without_a_photo_is_a_note(faces10):
     small = panel_lib.make_panel(
         panel.evaluator, images[keep], list(names[keep]), images[:0], [], panel.settings
     )
-    assert small.face == ()
+    assert face_models(small) == ()
     assert any(f"no photo of 1 of its 10 identities (first: {names[0]})" in n for n in small.notes)
     # the other judges go on: the eigenface judges rank among all identities
     assert isinstance(small.fitted, classical.Judges)
