@@ -167,7 +167,7 @@ class Panel:
     """The judges of one evaluation, fitted, and the held-out real photos they are checked on."""
 
     evaluator: LoadedRecognizer  # R_E: its label order is every judge's
-    target: LoadedRecognizer | None  # R_T, for the PGD controls (its ranks are a judge's)
+    target: LoadedRecognizer | None  # R_T, for the PGD controls (its ranks: ``judges``' R_T)
     fitted: classical.Judges  # on R_E's real training photos, for the Fréchet distance
     real: np.ndarray  # held-out real photos of the attacked identities # [m, h, w, c]
     real_names: tuple[str, ...]  # [m] their identities
@@ -457,8 +457,8 @@ def make_panel(
         notes.append("no held-out real photos of the attacked identities: no ceiling control")
     if target is None:
         notes.append("no R_T: no PGD controls")
-    # R_T's ranks first, then R_E's, as the judges ran before the registry: the order of the
-    # measures in the outputs follows it.
+    # The measures come out in the order the judges run: the KNN ratio and residual energy
+    # before the face judges' measures, as evaluation.json's realism has them.
     cnns = tuple(
         _recognizer_judge(name, rec, evaluator)
         for name, rec in (("R_E", evaluator), ("R_E_other", other))
