@@ -457,8 +457,8 @@ def make_panel(
         notes.append("no held-out real photos of the attacked identities: no ceiling control")
     if target is None:
         notes.append("no R_T: no PGD controls")
-    # The measures come out in the order the judges run: the KNN ratio and residual energy
-    # before the face judges' measures, as evaluation.json's realism has them.
+    # The order they run in: judge_groups gives their measures in it (the ranks in the
+    # registry's order).
     cnns = tuple(
         _recognizer_judge(name, rec, evaluator)
         for name, rec in (("R_E", evaluator), ("R_E_other", other))
