@@ -35,3 +35,14 @@ def resnet_target(config: ml_collections.ConfigDict) -> ml_collections.ConfigDic
     out.judges.other_model = ml_collections.ConfigDict(config.model.to_dict())
     out.judges.other_train = ml_collections.ConfigDict(config.train.to_dict())
     return out
+
+
+def pixel_overrides(config: ml_collections.ConfigDict, pixels: ml_collections.ConfigDict) -> str:
+    """``experiment.baseline_overrides`` that give the baseline ``pixels``'s attack back: the
+    ``inversion`` fields where ``config`` differs from it, besides the prior's own (which the
+    baseline resets itself)."""
+    own = {"prior", "prior_checkpoint", "prior_residual", "residual_weight", "coef_weight",
+           "init_candidates", "feature_weight"}  # fmt: skip
+    a, b = config.inversion, pixels.inversion
+    text = lambda v: v if isinstance(v, str) else repr(v)  # noqa: E731 - strings go in raw
+    return "; ".join(f"inversion.{k}={text(b[k])}" for k in b if k not in own and a[k] != b[k])

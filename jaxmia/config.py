@@ -99,8 +99,11 @@ def default_config() -> ml_collections.ConfigDict:
     # one of judges.face is refused.
     c.model.arch = "paper"
     # A pretrained backbone: "linear" trains the head alone (the backbone frozen; without
-    # augmentation its features are computed once), "finetune" the backbone too.
+    # augmentation its features are computed once), "top" (faceres) the backbone's last
+    # tune_blocks blocks too (the lower ones frozen; without augmentation their output is
+    # computed once; an R_E of another arch stays linear), "finetune" the whole backbone too.
     c.model.tune = "linear"
+    c.model.tune_blocks = 0  # tune="top" only: 1 to 13 (faceres)
     # R_E's architecture ("": R_T's), its other model fields R_T's: a judge that is not R_T's
     # twin (e.g. efficientnet_lite0 beside a faceres R_T).
     c.model.evaluation_arch = ""
@@ -248,6 +251,9 @@ def _experiment_defaults() -> ml_collections.ConfigDict:
     # also run the same attack on free pixels (stage "baseline") and judge both: the report
     # shows them side by side for the same identities, from the same seeds.
     c.baseline = True
+    # The baseline's own settings where the pixel attack differs from the prior's, as
+    # "field=value; ..." (e.g. "inversion.denoise=gaussian" for a GAN attack, which cannot blur).
+    c.baseline_overrides = ""
     return c
 
 
@@ -442,6 +448,11 @@ def _parse_value(text: str, current):
     if isinstance(current, float) and isinstance(value, int) and not isinstance(value, bool):
         value = float(value)
     return value
+
+
+def overrides_from(text: str) -> list[str]:
+    """``"a.b=1; c=2"``, a config field's overrides, as ``["config.a.b=1", "config.c=2"]``."""
+    return [f"config.{o.strip()}" for o in str(text).split(";") if o.strip()]
 
 
 def apply_overrides(config: ml_collections.ConfigDict, overrides: Sequence[str]) -> None:

@@ -46,6 +46,7 @@ LATER_DEFAULTS = {
     # pretrained backbones (jaxmia/recognizers/models.py): every record before them was of the
     # paper CNN or a ResNet, and of R_E of R_T's architecture
     "model.tune": "linear",
+    "model.tune_blocks": 0,
     "model.evaluation_arch": "",
     # every seed was judged before judges.seeds_per_identity existed
     "judges.seeds_per_identity": 0,
@@ -71,8 +72,10 @@ LATER_DEFAULTS = {
     "inversion.residual_weight": 0.0,
     "inversion.coef_weight": 0.0,
     "inversion.feature_weight": 0.0,
+    "inversion.init_candidates": 1,
     # Only an attack with a prior has a baseline; every record before it was of free pixels.
     "experiment.baseline": True,
+    "experiment.baseline_overrides": "",
 }
 
 

@@ -274,3 +274,14 @@ def test_each_config_folder_gets_its_own_common_module(tmp_path):
         )
     assert config.load(str(tmp_path / "a" / "cfg.py")).tag == "a"
     assert config.load(str(tmp_path / "b" / "cfg.py")).tag == "b"
+
+
+def test_the_gan_configs_baseline_is_the_pixel_attack_of_its_base():
+    """configs/att_gan.py's baseline stage runs configs/att.py's attack field for field."""
+    from jaxmia.stages import experiment
+
+    base = config.load(str(CONFIGS[0].parent / "att.py"))
+    gan = config.load(str(CONFIGS[0].parent / "att_gan.py"))
+    assert gan.inversion.prior == "gan" and gan.inversion.denoise == "none"
+    assert experiment.baseline_config(gan).inversion.to_dict() == base.inversion.to_dict()
+    assert experiment.stage_settings(gan)["split"] == experiment.stage_settings(base)["split"]

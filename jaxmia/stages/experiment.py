@@ -60,6 +60,7 @@ import ml_collections
 import numpy as np
 
 from jaxmia import checkpoint, files
+from jaxmia import config as config_lib
 from jaxmia import workdir as workdir_lib
 from jaxmia.attacks import generator, inversions_file, seeds, selection
 from jaxmia.data import faces as faces_lib
@@ -156,6 +157,8 @@ def baseline_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     b = out.inversion
     b.prior, b.prior_checkpoint, b.prior_residual = "pixels", "", False
     b.residual_weight = b.coef_weight = b.feature_weight = 0.0
+    b.init_candidates = 1
+    config_lib.apply_overrides(out, config_lib.overrides_from(config.experiment.baseline_overrides))
     return out
 
 
