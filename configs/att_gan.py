@@ -1,4 +1,4 @@
-"""configs/att.py's main job attacked through the pretrained face generator, beside the pixel attack.
+"""configs/att.py's main job attacked through the pretrained face generator, beside pixels.
 
   jaxmia experiment --config configs/att_gan.py --workdir runs/att-gan
 
