@@ -140,6 +140,9 @@ def default_config() -> ml_collections.ConfigDict:
     c.train.crop_scale = augment.crop_scale
     c.train.saturation = augment.saturation
     c.train.label_smoothing = 0.0
+    # Each training photo's mirror image as one more training example (in memory only): a
+    # fixed flip augmentation that still lets a frozen backbone part's output be cached.
+    c.train.flip_copies = False
     # Stream batches from the array_record cache through grain (jaxmia/data/stream.py) instead of
     # holding the images in memory, each batch split over every device (data-parallel; the
     # batch size must divide by the device count). Another shuffle than in memory: other weights.
@@ -254,6 +257,9 @@ def _experiment_defaults() -> ml_collections.ConfigDict:
     # The baseline's own settings where the pixel attack differs from the prior's, as
     # "field=value; ..." (e.g. "inversion.denoise=gaussian" for a GAN attack, which cannot blur).
     c.baseline_overrides = ""
+    # A finished experiment's workdir: its stages whose settings equal this config's are taken
+    # over (hard-linked) instead of run again, e.g. R_T and the judges for another attack.
+    c.reuse = ""
     return c
 
 
@@ -361,11 +367,14 @@ def _prior_defaults() -> ml_collections.ConfigDict:
     """``jaxmia prior``: the VAE of the generator prior (see jaxmia/attacks/generator.py),
     trained on the auxiliary pool the inversion's seeds come from (inversion.seed_source): the
     fields of ``generator.GeneratorConfig`` but the faces' shape, and of
-    ``generator.TrainConfig``."""
-    from jaxmia.attacks import generator
+    ``generator.TrainConfig``; for ``inversion.prior="gan"`` the pretrained generator tuned on
+    that pool with a discriminator (jaxmia/attacks/gan_tuning.py): ``gan_tuning.TuneConfig``'s
+    fields, with batch_size, flip and seed shared with the VAE."""
+    from jaxmia.attacks import gan_tuning, generator
 
     c = section(generator.GeneratorConfig(), leave_out=("image_size", "channels"))
     c.update(section(generator.TrainConfig()))
+    c.update(section(gan_tuning.TuneConfig()))
     c.seed = 0  # initialisation, batches, flips and codes
     c.checkpoint_every = 10  # epochs
     c.keep_checkpoints = 2

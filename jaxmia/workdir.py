@@ -36,6 +36,7 @@ RUN_ONLY = frozenset(
         "inversion.shard",
         "prior.checkpoint_every",
         "prior.keep_checkpoints",
+        "experiment.reuse",
     }
 )
 
@@ -43,6 +44,7 @@ RUN_ONLY = frozenset(
 # left out of settings at that value, so those records still equal a rerun's.
 LATER_DEFAULTS = {
     "train.stream": False,
+    "train.flip_copies": False,
     # pretrained backbones (jaxmia/recognizers/models.py): every record before them was of the
     # paper CNN or a ResNet, and of R_E of R_T's architecture
     "model.tune": "linear",
@@ -73,6 +75,11 @@ LATER_DEFAULTS = {
     "inversion.coef_weight": 0.0,
     "inversion.feature_weight": 0.0,
     "inversion.init_candidates": 1,
+    # the tuned GAN prior (jaxmia/attacks/gan_tuning.py) and GMI's realism term
+    "inversion.realism_weight": 0.0,
+    "prior.tune_gan": False,
+    "prior.gan_steps": 200,
+    "prior.gan_learning_rate": 2e-4,
     # Only an attack with a prior has a baseline; every record before it was of free pixels.
     "experiment.baseline": True,
     "experiment.baseline_overrides": "",

@@ -175,16 +175,29 @@ class FaceResBackbone(nnx.Module):
         self.conv1_shift = nnx.Param(jnp.asarray(w["conv1_bn/batchnorm_1/sub"]))  # [32]
         self.blocks = nnx.List([_Separable(w, i + 1, s) for i, s in enumerate(DW_STRIDES)])
 
-    def feature_map(self, x: jax.Array) -> jax.Array:
-        """The last map before pooling. # [n, h, w, 3] in [0, 1] -> [n, 7, 7, 1024]"""
+    def map_before(self, x: jax.Array, block: int) -> jax.Array:
+        """The map that enters separable block ``block`` (0-based; ``len(self.blocks)``: the last
+        map). # [n, h, w, 3] in [0, 1] -> [n, h', w', c] (block 12: [n, 14, 14, 512])"""
         x = _to_input(x)  # [n, 224, 224, 3]
         x = _relu6(_conv(x, self.conv1_kernel[...], 2) + self.conv1_shift[...])
-        for block in self.blocks:
-            x = block(x)
+        for b in self.blocks[:block]:
+            x = b(x)
         return x
 
+    def pooled_from(self, x: jax.Array, block: int) -> jax.Array:
+        """Blocks ``block`` onwards and the global mean, from ``map_before(images, block)``: so a
+        trunk split there runs its lower part once and its upper part alone (partial
+        fine-tuning). # [n, h', w', c] -> [n, 1024]"""
+        for b in self.blocks[block:]:
+            x = b(x)
+        return jnp.mean(x, axis=(1, 2))
+
+    def feature_map(self, x: jax.Array) -> jax.Array:
+        """The last map before pooling. # [n, h, w, 3] in [0, 1] -> [n, 7, 7, 1024]"""
+        return self.map_before(x, len(self.blocks))
+
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jnp.mean(self.feature_map(x), axis=(1, 2))  # [n, 1024]
+        return self.pooled_from(self.map_before(x, len(self.blocks)), len(self.blocks))
 
 
 class FaceRes(nnx.Module):

@@ -13,7 +13,11 @@ blocks, and depth, width and stem set by the config (``resnet18`` is blocks (2, 
 ImageNet, 1280-d; dlib's ResNet-29 face embedder, 128-d) under a fresh linear head (with the
 config's dropout and bottleneck). ``tune="linear"`` keeps the backbone frozen: its weights are
 not trainable (``split_trainable`` hands them to the rest, which no optimizer sees);
-``"finetune"`` trains them with the head. Each backbone takes [0, 1] RGB images of any size and
+``"top"`` (faceres) trains the backbone's last ``tune_blocks`` blocks with the head and keeps the
+lower ones frozen; ``"finetune"`` trains them all with the head. A recognizer is one network
+whatever its tune: ``features`` is ``tuned_part(frozen_part(x))``, so training can compute the
+frozen part's output once per image (``frozen_part``) and run the rest on it
+(``head_train_outputs``). Each backbone takes [0, 1] RGB images of any size and
 resizes and normalises them itself (``mean`` and ``std`` are unused); grey images are tiled to
 RGB first, as the backbones saw only colour photos. The backbone always runs in inference mode
 (its batch norms, where it has them, on their pretrained statistics), so features do not
@@ -51,7 +55,10 @@ _BACKBONES = {
 }
 BACKBONES = tuple(_BACKBONES)
 ARCHS = ("paper", "resnet", *BACKBONES)
-TUNES = ("linear", "finetune")
+TUNES = ("linear", "top", "finetune")
+# Backbones whose trunk splits into blocks (tune="top"): arch -> (the loaded network's attribute
+# holding the trunk, with ``map_before`` and ``pooled_from``; its number of blocks).
+_TOP = {"faceres": ("backbone", 13)}
 BLOCKS = ("basic", "bottleneck")
 _PAPER_FIELDS = ("conv_features", "kernel_sizes", "dense_features")
 _RESNET_FIELDS = ("widths", "blocks", "block", "stem_kernel", "stem_stride", "stem_pool")
@@ -89,14 +96,26 @@ class ModelConfig:
     mean: float | tuple[float, ...] = 0.5
     std: float | tuple[float, ...] = 0.5
     # A pretrained backbone (arch in BACKBONES): "linear" trains the head alone over the frozen
-    # backbone, "finetune" the backbone too.
+    # backbone, "top" the backbone's last tune_blocks blocks too, "finetune" the whole backbone.
     tune: str = "linear"
+    tune_blocks: int = 0
 
     def __post_init__(self):
         if self.arch not in ARCHS:
             raise ValueError(f"arch: expected one of {ARCHS}, got {self.arch!r}")
         if self.tune not in TUNES:
             raise ValueError(f"tune: expected one of {TUNES}, got {self.tune!r}")
+        if self.tune == "top":
+            if self.arch not in _TOP:
+                raise ValueError(f"tune='top': expected arch in {tuple(_TOP)} (a backbone split "
+                                 f"into blocks), got {self.arch!r}")  # fmt: skip
+            n = _TOP[self.arch][1]
+            if isinstance(self.tune_blocks, bool) or not 1 <= self.tune_blocks <= n:
+                raise ValueError(f"tune_blocks: expected 1 to {n} of {self.arch}'s blocks with "
+                                 f"tune='top', got {self.tune_blocks!r}")  # fmt: skip
+        elif self.tune_blocks:
+            raise ValueError(f"tune_blocks={self.tune_blocks!r}: applies to tune='top' only, "
+                             f"not tune={self.tune!r}")  # fmt: skip
         if isinstance(self.bottleneck, bool) or self.bottleneck < 0:
             raise ValueError(f"bottleneck: expected a width >= 0, got {self.bottleneck!r}")
         for name in ("mean", "std"):
@@ -139,6 +158,18 @@ class ModelConfig:
         return self.pretrained and self.tune == "linear"
 
     @property
+    def cached(self) -> bool:
+        """Whether a lower part of a pretrained backbone stays frozen in training (``tune``
+        "linear" or "top"), so that its output (``frozen_part``) can be computed once per
+        image."""
+        return self.pretrained and self.tune in ("linear", "top")
+
+    @property
+    def first_tuned(self) -> int:
+        """tune="top": the index of the backbone's first trained block."""
+        return _TOP[self.arch][1] - self.tune_blocks
+
+    @property
     def expansion(self) -> int:
         return 4 if self.block == "bottleneck" else 1
 
@@ -169,6 +200,8 @@ class ModelConfig:
             other = (*(_RESNET_FIELDS if self.arch == "paper" else _PAPER_FIELDS), "tune")
         # no bottleneck: the records and checkpoints of before it existed, unchanged
         other += () if self.bottleneck else ("bottleneck",)
+        # tune_blocks: only with "top", so the records of before it are unchanged
+        other += () if self.tune == "top" else ("tune_blocks",)
         return {k: v for k, v in dataclasses.asdict(self).items() if k not in other}
 
     @classmethod
@@ -503,7 +536,24 @@ class Pretrained(_Classifier):
         """The backbone's pooled features, in inference mode even in training (its batch norm
         statistics are the pretrained ones). # [b, h, w, c] -> [b, feature_size]"""
         del train_key
-        return backbone_features(self.config.arch, self.backbone, to_rgb(x))
+        return self.tuned_part(self.frozen_part(x))
+
+    def frozen_part(self, x: jax.Array) -> jax.Array:
+        """The output of the backbone's part that ``tune`` keeps frozen: the pooled features
+        ("linear"; also "finetune", where nothing is frozen), or the map entering the first
+        tuned block ("top"). # [b, h, w, c] -> [b, feature_size] or [b, h', w', c']"""
+        cfg = self.config
+        if cfg.tune == "top":
+            trunk = getattr(self.backbone, _TOP[cfg.arch][0])
+            return trunk.map_before(to_rgb(x), cfg.first_tuned)
+        return backbone_features(cfg.arch, self.backbone, to_rgb(x))
+
+    def tuned_part(self, h: jax.Array) -> jax.Array:
+        """The pooled features from ``frozen_part``'s output. # -> [b, feature_size]"""
+        cfg = self.config
+        if cfg.tune == "top":
+            return getattr(self.backbone, _TOP[cfg.arch][0]).pooled_from(h, cfg.first_tuned)
+        return h
 
     def _last_hidden(self, x: jax.Array, train_key: jax.Array | None) -> jax.Array:
         return _dropout(self.features(x), self.config.dropout, train_key)
@@ -590,9 +640,20 @@ def features(graphdef: nnx.GraphDef, state: nnx.State | dict, x: jax.Array) -> j
 
 
 def _trainable(config: ModelConfig):
-    """The NNX filter of the variables training updates: the weights, less a frozen backbone."""
+    """The NNX filter of the variables training updates: the weights, less a frozen backbone
+    (or its frozen blocks, and its unused heads, with tune="top")."""
     if config.frozen:
         return nnx.All(nnx.Param, nnx.Not(nnx.PathContains("backbone")))
+    if config.tune == "top" and config.pretrained:
+        trunk, first = _TOP[config.arch][0], config.first_tuned
+
+        def tuned(path: tuple, _) -> bool:
+            # ("backbone", trunk, "blocks", i, ...): the trunk's blocks from the first tuned one
+            if path[0] != "backbone":
+                return True
+            return path[1:3] == (trunk, "blocks") and path[3] >= first
+
+        return nnx.All(nnx.Param, tuned)
     return nnx.Param
 
 
@@ -624,25 +685,34 @@ def train_outputs(
     return out, kl, nnx.to_pure_dict(nnx.state(model, nnx.Not(_trainable(model.config))))
 
 
+def frozen_part(graphdef: nnx.GraphDef, state: nnx.State | dict, x: jax.Array) -> jax.Array:
+    """Pure output of a pretrained backbone's frozen part (``Pretrained.frozen_part``): with
+    tune="linear" the features. # [b, h, w, c] -> [b, d] or [b, h', w', c']"""
+    return nnx.merge(graphdef, state).frozen_part(x)
+
+
 def head_train_outputs(
     graphdef: nnx.GraphDef, params: dict, rest: dict, h: jax.Array, key: jax.Array
 ) -> tuple[jax.Array, jax.Array, dict]:
-    """``train_outputs`` from a frozen backbone's features ``h`` (``features``) instead of images:
-    the same function, the backbone's pass done once beforehand. # [b, d] -> ([b, classes], [b],
-    rest)"""
+    """``train_outputs`` from the backbone's frozen part's output ``h`` (``frozen_part``: the
+    features with tune="linear") instead of images: the same function, the frozen part's pass
+    done once beforehand. # [b, ...] -> ([b, classes], [b], rest)"""
     model = nnx.merge(graphdef, params, rest)
-    if not model.config.frozen:
+    if not model.config.cached:
         raise JaxmiaError(
-            f"head training on features: needs a frozen pretrained backbone, not "
-            f"model.arch={model.config.arch!r} (tune={model.config.tune!r})"
+            f"training on a frozen part's output: needs a pretrained backbone with tune 'linear' "
+            f"or 'top', not model.arch={model.config.arch!r} (tune={model.config.tune!r})"
         )
+    h = model.tuned_part(h)
     out, kl = model.classify(_dropout(h, model.config.dropout, key), key)
     return out, kl, rest
 
 
 def head_logits(graphdef: nnx.GraphDef, state: nnx.State | dict, h: jax.Array) -> jax.Array:
-    """Inference logits from the features ``h`` (``features``). # [b, d] -> [b, num_classes]"""
-    return nnx.merge(graphdef, state).classify(h)[0]
+    """Inference logits from the frozen part's output ``h`` (``frozen_part``).
+    # [b, ...] -> [b, num_classes]"""
+    model = nnx.merge(graphdef, state)
+    return model.classify(model.tuned_part(h))[0]
 
 
 def train_logits(

@@ -104,6 +104,16 @@ def check_train_config(cfg: ml_collections.ConfigDict) -> None:
         raise JaxmiaError(
             f"config field train.warmup_epochs: expected >= 0, got {cfg.warmup_epochs}"
         )
+    if cfg.get("flip_copies", False) and cfg.get("stream", False):
+        raise JaxmiaError(
+            "config field train.flip_copies: applies to images in memory, not train.stream=True"
+        )
+    if cfg.get("flip_copies", False) and defences.Defence.from_config(cfg).private is not None:
+        # DP-SGD's accounting counts examples: a photo and its copy would be two
+        raise JaxmiaError(
+            "config field train.flip_copies: DP-SGD's guarantee is per example, and a photo's "
+            "copy is another; expected train.flip_copies=False with train.defence.dp"
+        )
     defences.Defence.from_config(cfg)
 
 
@@ -219,8 +229,9 @@ def train_step(
     backbone's weights (``models.split_trainable``); ``aug`` an ``Augment`` or None;
     ``smoothing`` the label smoothing (traced: a schedule does not recompile); ``kl_weight`` the
     bottleneck's KL weight; ``dp`` DP-SGD's (clip bound, noise std) or None
-    (``defences.Defence.private``); ``on_features``: ``x`` holds a frozen backbone's features
-    [b, d] of the batch's images, not the images (``aug`` and ``dp`` None).
+    (``defences.Defence.private``); ``on_features``: ``x`` holds the output of the backbone's
+    frozen part (``models.frozen_part``: a frozen backbone's features [b, d]) for the batch's
+    images, not the images (``aug`` and ``dp`` None).
     """
     k_aug, k_model = jax.random.split(key)
     if aug is not None:
@@ -258,6 +269,11 @@ def _features(graphdef, params, x):
     return models.features(graphdef, params, x)
 
 
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def _frozen_part(graphdef, params, x):
+    return models.frozen_part(graphdef, params, x)
+
+
 def predict(
     graphdef: nnx.GraphDef,
     params,
@@ -268,7 +284,8 @@ def predict(
 ) -> np.ndarray:
     """The top-1 label of each image, in fixed-size batches. # [n, h, w, c] -> [n] int
 
-    ``on_features``: ``images`` are the features [n, d] of a frozen backbone (``features``).
+    ``on_features``: ``images`` are the outputs of the backbone's frozen part
+    (``frozen_outputs``; with tune="linear" the features [n, d], ``features``).
     """
     fn = _predict_from_features if on_features else _predict
     return batching.map_batches(
@@ -309,6 +326,25 @@ def features(
         sizes=batching.sizes_for(len(images), batch_size),
         progress=progress,
         desc="backbone features",
+    )
+
+
+def frozen_outputs(
+    graphdef: nnx.GraphDef,
+    params,
+    images: np.ndarray,
+    batch_size: int = 64,
+    *,
+    progress: bool = False,
+) -> np.ndarray:
+    """Each image's output of the backbone's frozen part (``models.frozen_part``), in
+    fixed-size batches. # [n, h, w, c] -> [n, d] (tune="linear") or [n, h', w', c'] ("top")"""
+    return batching.map_batches(
+        lambda x: _frozen_part(graphdef, params, x),
+        images,
+        sizes=batching.sizes_for(len(images), batch_size),
+        progress=progress,
+        desc="backbone's frozen part",
     )
 
 
@@ -393,6 +429,11 @@ def fit(
     elif not streaming:
         images = np.asarray(images, np.float32)
         labels = np.asarray(labels, np.int32)
+        if train_config.get("flip_copies", False):
+            # each photo's mirror image, one more example: also where a frozen part's output is
+            # cached, which rules random flips out
+            images = np.concatenate([images, images[:, :, ::-1]])  # [2n, h, w, c]
+            labels = np.concatenate([labels, labels])
     if len(images) == 0:
         raise JaxmiaError("training set: expected at least one image, got none")
     n = len(images)
@@ -441,16 +482,17 @@ def fit(
                 workdir / "metrics.jsonl", "".join(json.dumps(m) + "\n" for m in history)
             )
 
-    # A frozen backbone without augmentation sees each image alike in every epoch (it runs in
-    # inference mode): its features are computed once and the head trains on them, the same
-    # function at a fraction of the cost (faceres: about 1.2 GFLOP an image a pass).
-    on_features = model_config.frozen and aug is None and defence.private is None and mesh is None
+    # A frozen backbone (or its frozen lower blocks) without augmentation sees each image alike
+    # in every epoch (it runs in inference mode): its output is computed once and the rest
+    # trains on it, the same function at a fraction of the cost (faceres: about 1.2 GFLOP an
+    # image a pass, its last block 0.1).
+    on_features = model_config.cached and aug is None and defence.private is None and mesh is None
     train_in, test_in = images, test
     if on_features:
         state = models.join(graphdef, params, rest)
-        train_in = features(graphdef, state, images, progress=progress)  # [n, d]
+        train_in = frozen_outputs(graphdef, state, images, progress=progress)  # [n, ...]
         if test is not None and not isinstance(test, stream.Source):
-            test_in = (features(graphdef, state, test[0], progress=progress), test[1])
+            test_in = (frozen_outputs(graphdef, state, test[0], progress=progress), test[1])
 
     if mesh is not None:
         # Weights, statistics and optimizer state whole on every device; batches split.
@@ -599,11 +641,16 @@ def model_config_for(
     config: ml_collections.ConfigDict, num_classes: int, role: str = "target"
 ) -> models.ModelConfig:
     """The recognizer's ModelConfig from a jaxmia config's ``data`` and ``model`` sections, for
-    the recognizer of ``role`` (R_E's architecture may differ: ``role_arch``)."""
+    the recognizer of ``role`` (R_E's architecture may differ: ``role_arch``). An R_E of
+    another architecture than R_T's with ``model.tune="top"`` is a linear head over its frozen
+    backbone: ``model.tune_blocks`` counts R_T's backbone's blocks."""
     d = defences.Defence.from_config(config.train)
     arch = role_arch(config, role)
+    m = config.model
+    tune, tune_blocks = m.tune, m.tune_blocks
+    if tune == "top" and arch != m.arch:
+        tune, tune_blocks = "linear", 0
     try:
-        m = config.model
         return models.ModelConfig(
             num_classes=num_classes,
             image_size=tuple(config.data.image_size),
@@ -620,7 +667,8 @@ def model_config_for(
             stem_pool=m.stem_pool,
             dropout=d.dropout if d.dropout >= 0 else m.dropout,
             bottleneck=d.bottleneck,
-            tune=m.tune,
+            tune=tune,
+            tune_blocks=tune_blocks,
         )
     except ValueError as e:
         raise JaxmiaError(f"config fields model/data: {e}") from e

@@ -363,3 +363,34 @@ def test_label_smoothing_is_optax_smoothed_cross_entropy():
 def test_recipe_fields_are_checked(field, value, match):
     with pytest.raises(JaxmiaError, match=match):
         train.check_train_config(_config(**{field: value}))
+
+
+def test_flip_copies_are_the_mirrored_photos_as_more_examples():
+    x, y = _blobs(per_class=4)
+    x[:, :, :6] += 0.3  # a left-right asymmetry, so the mirror images differ
+    cfg = _config(epochs=2, flip_copies=True)
+    _, flipped, history = train.fit(MODEL, cfg, x, y, key=jax.random.key(2))
+    # by hand: the training set and its mirror images, no flag
+    both = np.concatenate([x, x[:, :, ::-1]]), np.concatenate([y, y])
+    _, by_hand, _ = train.fit(MODEL, _config(epochs=2), *both, key=jax.random.key(2))
+    jax.tree.map(np.testing.assert_array_equal, flipped, by_hand)
+    _, plain, _ = train.fit(MODEL, _config(epochs=2), x, y, key=jax.random.key(2))
+    assert not np.allclose(plain["head"]["kernel"], flipped["head"]["kernel"])
+    assert len(history) == 2
+
+
+@pytest.mark.parametrize(
+    "settings,match",
+    [
+        ({"flip_copies": True, "stream": True}, "train.flip_copies: applies to images in memory"),
+        ({"flip_copies": True, "defence.dp": True}, "train.flip_copies: DP-SGD"),
+    ],
+)
+def test_flip_copies_are_refused_where_they_would_mislead(settings, match):
+    c = _config()
+    for k, v in settings.items():
+        section, _, field = k.rpartition(".")
+        (c[section] if section else c)[field] = v
+    with pytest.raises(JaxmiaError, match=match) as e:
+        train.check_train_config(c)
+    assert "\n" not in str(e.value)
