@@ -257,9 +257,6 @@ def _experiment_defaults() -> ml_collections.ConfigDict:
     # The baseline's own settings where the pixel attack differs from the prior's, as
     # "field=value; ..." (e.g. "inversion.denoise=gaussian" for a GAN attack, which cannot blur).
     c.baseline_overrides = ""
-    # A finished experiment's workdir: its stages whose settings equal this config's are taken
-    # over (hard-linked) instead of run again, e.g. R_T and the judges for another attack.
-    c.reuse = ""
     return c
 
 
@@ -367,14 +364,11 @@ def _prior_defaults() -> ml_collections.ConfigDict:
     """``jaxmia prior``: the VAE of the generator prior (see jaxmia/attacks/generator.py),
     trained on the auxiliary pool the inversion's seeds come from (inversion.seed_source): the
     fields of ``generator.GeneratorConfig`` but the faces' shape, and of
-    ``generator.TrainConfig``; for ``inversion.prior="gan"`` the pretrained generator tuned on
-    that pool with a discriminator (jaxmia/attacks/gan_tuning.py): ``gan_tuning.TuneConfig``'s
-    fields, with batch_size, flip and seed shared with the VAE."""
-    from jaxmia.attacks import gan_tuning, generator
+    ``generator.TrainConfig``."""
+    from jaxmia.attacks import generator
 
     c = section(generator.GeneratorConfig(), leave_out=("image_size", "channels"))
     c.update(section(generator.TrainConfig()))
-    c.update(section(gan_tuning.TuneConfig()))
     c.seed = 0  # initialisation, batches, flips and codes
     c.checkpoint_every = 10  # epochs
     c.keep_checkpoints = 2
