@@ -1,0 +1,28 @@
+"""configs/celeba_pretrained.py's R_T attacked through the pretrained face generator.
+
+  jaxmia experiment --config configs/celeba_gan.py --workdir runs/celeba-gan
+
+The clone is G(z), the DCGAN of ``gan-face-generate`` (64x64 RGB, DigiFace-1M's synthetic
+faces: nobody of any data set; ``jaxmia models fetch dcgan_face``), which is R_T's input as it
+is; the inversion optimises z (``inversion.prior="gan"``) with PPA's recipe as in
+configs/att_gan.py. The ``baseline`` stage runs celeba_pretrained.py's pixel attack on the same
+identities (``experiment.baseline_overrides``). The face judge is dlib's (faceres is R_T's
+backbone).
+"""
+
+from common import base, pixel_overrides
+
+
+def get_config():
+    pixels = base("celeba_pretrained.py")
+    c = base("celeba_pretrained.py")
+    inv = c.inversion
+    inv.prior = "gan"
+    inv.denoise = "none"
+    inv.learning_rate = 0.02
+    inv.coef_weight = 1.0
+    inv.init_candidates = 16
+    inv.jitter = 2
+    inv.flip = True
+    c.experiment.baseline_overrides = pixel_overrides(c, pixels)
+    return c
