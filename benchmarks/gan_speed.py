@@ -27,13 +27,16 @@ a plain loop on the batch of clones (autograd to z, ``torch.optim.Adam``). Two t
     random head, the torch peer ``benchmarks.pretrained_speed.TorchFaceRes``.
 
 Image-gradients/s = clones x steps / seconds, at each batch (clones per program): JAX after a
-warm-up call, compile time apart, the engine's own ``block_until_ready`` (its timed run includes
-the final decode and evaluation of the clones, as every attack pays); torch after a warm-up step,
+warm-up call, compile time apart, the engine's own ``block_until_ready``, the steps' rate as the
+difference of a long and a one-call run (each run ends with a decode and an evaluation of the
+clones, about half a step, reported apart as the whole run's rate); torch after a warm-up step,
 ``torch.set_num_threads`` equal to the cores, ``torch.cuda.synchronize`` on a GPU. FLOPs of one
-image-gradient counted two ways: by hand (G's transposed convolutions at their true
-multiply-adds, R_T's ``ModelConfig.flops_per_image``, and the backward pass to the input as
-many again: every layer's input gradient costs its forward's multiply-adds, no weight gradients)
-and by XLA (``cost_analysis`` of the compiled step, per clone). The hand count over the rate
+image-gradient counted two ways: by hand (``generator_flops``: G's transposed convolutions'
+multiply-adds that reach the output, 181 MFLOP, where torch's scatter form also computes the
+taps its padding crops, 209; R_T's ``ModelConfig.flops_per_image``, itself XLA's count for the
+faceres backbone; and the backward pass to the input as many again: every layer's input
+gradient costs its forward's multiply-adds, and no weight gradient is taken) and by XLA
+(``cost_analysis`` of the compiled step, per clone). The hand count over the rate
 gives GFLOP/s, set against a 2048^2 float32 matrix product timed in the same run (the practical
 peak of the machine, in JAX and in torch).
 
@@ -286,18 +289,32 @@ def same_step(check: dict) -> bool:
 
 
 def generator_flops() -> int:
-    """Multiply-adds x 2 of G's forward pass: each transposed convolution's input pixel times
-    its kernel (4x4, in x out), the batch norms and activations left out."""
+    """Multiply-adds x 2 of G's forward pass that reach its output (batch norms and activations
+    left out): a transposed convolution's input pixel meets each kernel tap, but the padding
+    crops the taps that land outside the output, so per axis count the (input, tap) pairs that
+    land inside; the 2-D count is its square."""
     side, total = 1, 0
     for cin, cout, stride, padding in dcgan.LAYERS:
-        total += 2 * side * side * cin * cout * dcgan.KERNEL**2
-        side = (side - 1) * stride + dcgan.KERNEL - 2 * padding
+        out = (side - 1) * stride + dcgan.KERNEL - 2 * padding
+        pairs = sum(
+            0 <= j * stride - padding + t < out for j in range(side) for t in range(dcgan.KERNEL)
+        )
+        total += 2 * pairs**2 * cin * cout
+        side = out
     return total
 
 
 def step_flops_xla(program: inv.Program, clones: int) -> float:
-    """XLA's FLOPs of one clone's step: ``cost_analysis`` of the compiled step over the clones."""
-    step = next(c for sig, c in program.compiled.items() if sig[0] == "steps")
+    """XLA's FLOPs of one clone's step: ``cost_analysis`` of the step compiled for ``clones``
+    clones (the program's cache holds one per batch: that whose PRNG keys are ``[clones]``)."""
+
+    def batch_of(sig) -> bool:
+        return any(
+            shape == (clones,) and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key)
+            for shape, dtype, _ in sig[2]
+        )
+
+    step = next(c for sig, c in program.compiled.items() if sig[0] == "steps" and batch_of(sig))
     cost = step.cost_analysis()
     cost = cost[0] if isinstance(cost, list) else cost
     return float(cost.get("flops", 0.0)) / clones / program.spec.steps_per_call
@@ -307,7 +324,13 @@ def time_row(
     target: Target, prior: priors.Prior, tattack: nn.Module, loss: str, clones: int,
     seconds: float, steps_per_call: int, dev: torch.device,
 ) -> dict:  # fmt: skip
-    """JAX (the engine) and torch image-gradients/s at ``clones`` clones per program."""
+    """JAX (the engine) and torch image-gradients/s at ``clones`` clones per program.
+
+    The engine's run ends with a decode and an evaluation of the clones (about half a step),
+    which a short run would count against its steps: ``jax_gradients_per_s`` is the steps' own
+    rate, the difference of a long and a one-call run; ``jax_run_gradients_per_s`` the long
+    run's whole (``Timing``'s), as an attack of that many steps pays it.
+    """
     cfg = config(loss, steps_per_call)
     keys = jax.random.split(jax.random.key(2), clones)
     labels = jnp.arange(clones) % target.mc.num_classes
@@ -315,10 +338,13 @@ def time_row(
     run = (target.apply_fn, target.params, seeds, labels, keys, cfg)
     warm = inv.Timing()
     inv.invert_batch(*run, steps_per_call, warm, prior)  # compiles, then one call
-    per_call = max(1, round(seconds * warm.gradients_per_s / clones / steps_per_call))
+    short = inv.Timing()
+    inv.invert_batch(*run, steps_per_call, short, prior)
+    per_call = max(1, round(seconds * short.gradients_per_s / clones / steps_per_call))
     steps = steps_per_call * max(2, per_call)
     t = inv.Timing()
     inv.invert_batch(*run, steps, t, prior)
+    step_rate = clones * (steps - steps_per_call) / max(t.run_s - short.run_s, 1e-9)
     program = inv.make_program(target.apply_fn, cfg, prior.decoder)
     xla = step_flops_xla(program, clones)
 
@@ -338,8 +364,9 @@ def time_row(
     _sync(dev)
     trate = clones * tsteps / (time.perf_counter() - t0)
     return {
-        "clones": clones, "loss": loss, "jax_gradients_per_s": t.gradients_per_s,
-        "jax_steps": steps, "jax_compile_s": warm.compile_s, "xla_flops_per_gradient": xla,
+        "clones": clones, "loss": loss, "jax_gradients_per_s": step_rate,
+        "jax_run_gradients_per_s": t.gradients_per_s, "jax_steps": steps,
+        "jax_compile_s": warm.compile_s, "xla_flops_per_gradient": xla,
         "torch_gradients_per_s": trate, "torch_steps": tsteps,
     }  # fmt: skip
 
@@ -363,7 +390,9 @@ def _table(meta: dict, results: dict) -> str:
         f"One step: z [100] -> G (64x64 RGB) -> R_T -> {'/'.join(meta['losses'])} loss -> "
         f"gradient to z -> Adam (lr {ATTACK['learning_rate']}); JAX: the engine "
         f"(`invert_batch`, prior 'gan', {meta['steps_per_call']} step(s) per jitted call), "
-        f"torch: a loop on the batch of clones. About {meta['seconds']:.0f} s timed per cell.",
+        f"torch: a loop on the batch of clones. About {meta['seconds']:.0f} s timed per cell. "
+        "JAX's steps' rate is the difference of a long and a one-call run (the engine's final "
+        "decode and evaluation left out, as torch's loop has none); the whole run's beside it.",
         "",
     ]
     for name, r in results.items():
@@ -393,20 +422,28 @@ def _table(meta: dict, results: dict) -> str:
                 fl=r["check"]["steps_loss_max_abs"],
             ),  # fmt: skip
             "",
-            "| clones | loss | JAX image-gradients/s | PyTorch image-gradients/s | JAX / torch | "
-            "JAX GFLOP/s | of the JAX matmul | PyTorch GFLOP/s | of the torch matmul | "
-            "JAX compile s |",
-            "|---|---|---|---|---|---|---|---|---|---|",
+            "| clones | loss | JAX image-gradients/s (steps) | JAX, whole run | "
+            "PyTorch image-gradients/s (steps) | JAX / torch | JAX GFLOP/s | of the JAX matmul | "
+            "PyTorch GFLOP/s | of the torch matmul | JAX compile s |",
+            "|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for row in r["rows"]:
             jg, tg = row["jax_gradients_per_s"], row["torch_gradients_per_s"]
             jf, tf = g["hand"] * jg / 1e9, g["hand"] * tg / 1e9
             lines.append(
-                f"| {row['clones']} | {row['loss']} | {jg:.1f} | {tg:.1f} | {jg / tg:.2f} | "
-                f"{jf:.1f} | {100 * jf / peak:.0f}% | {tf:.1f} | {100 * tf / tpeak:.0f}% | "
-                f"{row['jax_compile_s']:.1f} |"
+                f"| {row['clones']} | {row['loss']} | {jg:.1f} ({row['jax_steps']}) | "
+                f"{row['jax_run_gradients_per_s']:.1f} | {tg:.1f} ({row['torch_steps']}) | "
+                f"{jg / tg:.2f} | {jf:.1f} | {100 * jf / peak:.0f}% | {tf:.1f} | "
+                f"{100 * tf / tpeak:.0f}% | {row['jax_compile_s']:.1f} |"
             )
-        lines.append("")
+        largest = max(row["clones"] for row in r["rows"])
+        lines += [
+            "",
+            f"`jaxmia invert` (`inversion.invert`) would run {largest} clones here in chunks of "
+            f"{r['engine_chunk']} (`chunk_size`: memory, and on CPU the cache); the rows above "
+            "are single programs (`invert_batch`).",
+            "",
+        ]
     lines.append("![image-gradients/s against clones per program](gan_speed.png)")
     return "\n".join(lines)
 
@@ -514,8 +551,11 @@ def main() -> None:
                                     for k, v in row.items()}, flush=True)  # fmt: skip
                 rows.append(row)
         flops["xla"] = rows[-1]["xla_flops_per_gradient"]
+        # what `jaxmia invert` would make of the largest batch here (inversion.chunk_size)
+        per_clone = inv.bytes_per_clone(target.mc, config(args.losses[0], steps_per_call))
+        chunk = inv.chunk_size(max(batches), max(batches), per_clone)
         results[target.name] = {"source": target.source, "check": check, "flops": flops,
-                                "rows": rows}  # fmt: skip
+                                "rows": rows, "engine_chunk": chunk}  # fmt: skip
     meta["load_after"] = os.getloadavg()[0]
     table = _table(meta, results)
     print(table)
