@@ -1,13 +1,21 @@
 """Throughput of the generator-prior attack (``inversion.prior="gan"``), beside a PyTorch loop.
 
-  OMP_WAIT_POLICY=PASSIVE python -m benchmarks.gan_speed   # the tables (~8 min, 2 shared cores)
-  python -m benchmarks.gan_speed --quick    # a smoke run of the same code (no files)
+  OMP_WAIT_POLICY=PASSIVE python -m benchmarks.gan_speed   # the tables (4 min, 2 cores, load 11)
+  python -m benchmarks.gan_speed --quick    # a smoke run of the same code (~1 min, no files)
   python -m benchmarks.gan_speed --device gpu --batches 256 1024 4096 \\
       --faceres-batches 64 256 1024 --seconds 10              # on a lent GPU machine
 
+The GPU command has not been run (no GPU was lent to the session that wrote this); its cells
+time 10 steps per jitted call (a ``fori_loop``: ``steps_per_call``), about 10 s each plus the
+compilations (seconds each), a few minutes in all. faceres keeps roughly 35 MB of activations
+a clone at 224x224 for the backward pass (a count of MobileNet-v1's, not measured): some 35 GiB
+at 1024 clones.
+
 ``--device gpu`` (with jax[cuda] and a CUDA build of torch installed) refuses to run unless JAX's
-default backend is a GPU and torch sees CUDA, so a GPU table is never a CPU one by mistake; TF32
-is turned off in torch there (JAX's convolutions are float32). ``OMP_WAIT_POLICY=PASSIVE`` is for
+default backend is a GPU and torch sees CUDA, so a GPU table is never a CPU one by mistake. On a
+GPU both sides compute in full float32 (``jax_default_matmul_precision="highest"``, torch's TF32
+off), so that the check below holds and both do the same arithmetic; TF32 tensor cores, which
+either would otherwise use, are not measured. ``OMP_WAIT_POLICY=PASSIVE`` is for
 shared cores (benchmarks/pretrained_speed.py: torch's OpenMP threads otherwise spin against the
 other jobs); it is recorded with the table.
 
@@ -454,15 +462,21 @@ def plot(meta: dict, results: dict, path: Path) -> None:
     fig = Figure(figsize=(5.5 * len(results), 4.2), layout="constrained")
     axes = fig.subplots(1, len(results), squeeze=False)[0]
     for ax, (name, r) in zip(axes, results.items(), strict=True):
-        for loss in meta["losses"]:
+        for i, loss in enumerate(meta["losses"]):
             rows = [row for row in r["rows"] if row["loss"] == loss]
             b = [row["clones"] for row in rows]
-            ax.plot(b, [row["jax_gradients_per_s"] for row in rows], "o-", color="C0",
-                    label=f"JAX (jaxmia engine), {loss}")  # fmt: skip
-            ax.plot(b, [row["torch_gradients_per_s"] for row in rows], "s--", color="C1",
-                    label=f"PyTorch loop, {loss}")  # fmt: skip
-        ax.set(xscale="log", yscale="log", title=name, xlabel="clones per program",
-               ylabel="image-gradients / s")  # fmt: skip
+            ax.plot(b, [row["jax_gradients_per_s"] for row in rows], "o-", color=f"C{2 * i}",
+                    label=f"JAX (jaxmia engine), steps, {loss}")  # fmt: skip
+            ax.plot(b, [row["jax_run_gradients_per_s"] for row in rows], "o:",
+                    color=f"C{2 * i}", alpha=0.5, label=f"JAX, whole run, {loss}")  # fmt: skip
+            ax.plot(b, [row["torch_gradients_per_s"] for row in rows], "s--",
+                    color=f"C{2 * i + 1}", label=f"PyTorch loop, {loss}")  # fmt: skip
+        batches = sorted({row["clones"] for row in r["rows"]})
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(batches, [str(b) for b in batches])
+        ax.set_xlim(batches[0] / 1.5, batches[-1] * 1.5)
+        ax.set_ylim(bottom=0)
+        ax.set(title=name, xlabel="clones per program", ylabel="image-gradients / s")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle(
@@ -496,7 +510,8 @@ def main() -> None:
     if args.device == "cpu" and jax.default_backend() != "cpu":
         raise SystemExit("--device cpu: set JAX_PLATFORMS=cpu and CUDA_VISIBLE_DEVICES=")
     dev = torch.device("cuda" if gpu and args.device != "cpu" else "cpu")
-    if dev.type == "cuda":  # float32 convolutions and products, as JAX's
+    if dev.type == "cuda":  # full float32 on both sides (the module docstring)
+        jax.config.update("jax_default_matmul_precision", "highest")
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     torch.set_num_threads(os.cpu_count() or 1)
