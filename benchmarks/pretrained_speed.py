@@ -338,10 +338,15 @@ def inversion_rows(clones: int, seconds: float, dev: torch.device) -> dict:
     keys = jax.random.split(jax.random.key(2), clones)
     rows = {}
     for loss in ("max_margin", "cross_entropy"):
-        cfg = inv.InversionConfig(loss=loss, **ATTACK, shard=False, check_every=10**6)
+        # Steps per call fixed (on an accelerator the default is check_every, here a million):
+        # 1 on CPU, 10 (a fori_loop) elsewhere, and a whole number of calls timed.
+        per_call = 1 if jax.default_backend() == "cpu" else 10
+        cfg = inv.InversionConfig(
+            loss=loss, **ATTACK, shard=False, check_every=10**6, steps_per_call=per_call
+        )
         warm = inv.Timing()
-        inv.invert_batch(apply_fn, params, x, labels, keys, cfg, 2, warm)
-        steps = max(2, int(seconds * warm.gradients_per_s / clones))
+        inv.invert_batch(apply_fn, params, x, labels, keys, cfg, 2 * per_call, warm)
+        steps = per_call * max(2, int(seconds * warm.gradients_per_s / clones / per_call))
         t = inv.Timing()
         rec = inv.invert_batch(apply_fn, params, x, labels, keys, cfg, steps, t)
         program = inv.make_program(apply_fn, cfg)
