@@ -273,3 +273,99 @@ def load_generator(path: str | Path, step: int | None = None) -> LoadedGenerator
         ) from e
     params, _, _ = restore_generator(mngr, step, config)
     return LoadedGenerator(config, params, meta, path, step)
+
+
+# --- tuned GANs (jaxmia prior, inversion.prior="gan") -----------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LoadedGan:
+    """A tuned GAN: the generator (eval mode), its discriminator, the meta saved with them."""
+
+    generator: Any  # dcgan.DCGANGenerator
+    discriminator: Any  # gan_tuning.Discriminator
+    meta: dict[str, Any]
+    path: Path
+    step: int
+
+
+def _gan_modules(d_config: Any) -> tuple[Any, Any]:
+    """Abstract (shapes only) generator and discriminator modules of a tuned GAN."""
+    from jaxmia.attacks import gan_tuning  # noqa: PLC0415 - light imports for recognizers
+    from jaxmia.pretrained import dcgan  # noqa: PLC0415
+
+    generator_ = nnx.eval_shape(dcgan.DCGANGenerator)
+    discriminator = nnx.eval_shape(lambda: gan_tuning.Discriminator(d_config, rngs=nnx.Rngs(0)))
+    return generator_, discriminator
+
+
+def save_gan(
+    path: str | Path, step: int, generator_: Any, discriminator: Any, meta: dict[str, Any]
+) -> None:
+    """Writes a tuned GAN folder: both modules' states, and under ``meta["gan"]`` the generator
+    (its latent size and image size, read from its weights) and the discriminator's config.
+
+    Args:
+      path: the folder (``checkpoints/<step>/`` inside).
+      step: the tuning steps done.
+      generator_: a ``dcgan.DCGANGenerator``; its batch norms' running averages are saved.
+      discriminator: a ``gan_tuning.Discriminator``.
+      meta: what else describes it (JSON).
+    """
+    first, last = generator_.convs[0].kernel, generator_.convs[-1].kernel
+    depth = len(generator_.convs) - 1  # stride-2 layers, each doubling the first's 4x4
+    described = {
+        "generator": "dcgan_face",
+        "latent": int(first.shape[0]),
+        "image_size": int(4 * 2**depth),
+        "image_channels": int(last.shape[1]),
+        "discriminator": discriminator.config.to_dict(),
+    }
+    params = {
+        "generator": _pure(nnx.state(generator_)),
+        "discriminator": _pure(nnx.state(discriminator)),
+    }
+    save(manager(path), step, params, {**meta, "gan": described})
+
+
+def load_gan(path: str | Path, step: int | None = None) -> LoadedGan:
+    """Loads the latest (or given) step of a tuned GAN folder (``jaxmia prior`` with
+    ``inversion.prior="gan"``).
+
+    Raises:
+      JaxmiaError: no checkpoint there, or it holds no tuned GAN, or a generator of another
+        latent or image size than the DCGAN face generator's.
+    """
+    from jaxmia.attacks import gan_tuning  # noqa: PLC0415
+    from jaxmia.pretrained import dcgan  # noqa: PLC0415
+
+    path = Path(path)
+    mngr, step = _open(path, step, "a tuned GAN folder", "jaxmia prior with inversion.prior=gan")
+    meta = _read_meta(mngr, step)
+    gan = meta.get("gan")
+    try:
+        d_config = gan_tuning.DiscriminatorConfig.from_dict(gan["discriminator"])
+        got = (int(gan["latent"]), int(gan["image_size"]))
+    except (KeyError, TypeError, ValueError, JaxmiaError) as e:
+        raise JaxmiaError(
+            f"checkpoint {path}: meta lacks a tuned GAN's description (is it a folder written "
+            f"by jaxmia prior with inversion.prior=gan?): {_first_line(e)}"
+        ) from e
+    want = (dcgan.LATENT, dcgan.IMAGE_SIZE)
+    if got != want:
+        raise JaxmiaError(
+            f"checkpoint {path}: its generator takes latents of size {got[0]} and makes "
+            f"images of {got[1]} pixels a side; expected the DCGAN face generator's "
+            f"{want[0]} and {want[1]}"
+        )
+    generator_, discriminator = _gan_modules(d_config)
+    abstract = {
+        "generator": nnx.to_pure_dict(nnx.state(generator_)),
+        "discriminator": nnx.to_pure_dict(nnx.state(discriminator)),
+    }
+    pure, _, _ = _restore(mngr, step, _here(abstract), "the DCGAN face generator", None)
+    for module, name in ((generator_, "generator"), (discriminator, "discriminator")):
+        state = nnx.state(module)
+        nnx.replace_by_pure_dict(state, pure[name])
+        nnx.update(module, state)
+    return LoadedGan(generator_, discriminator, meta, path, step)

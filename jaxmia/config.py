@@ -364,11 +364,14 @@ def _prior_defaults() -> ml_collections.ConfigDict:
     """``jaxmia prior``: the VAE of the generator prior (see jaxmia/attacks/generator.py),
     trained on the auxiliary pool the inversion's seeds come from (inversion.seed_source): the
     fields of ``generator.GeneratorConfig`` but the faces' shape, and of
-    ``generator.TrainConfig``."""
-    from jaxmia.attacks import generator
+    ``generator.TrainConfig``; for ``inversion.prior="gan"`` the pretrained generator tuned on
+    that pool with a discriminator (jaxmia/attacks/gan_tuning.py): ``gan_tuning.TuneConfig``'s
+    fields, with batch_size, flip and seed shared with the VAE."""
+    from jaxmia.attacks import gan_tuning, generator
 
     c = section(generator.GeneratorConfig(), leave_out=("image_size", "channels"))
     c.update(section(generator.TrainConfig()))
+    c.update(section(gan_tuning.TuneConfig()))
     c.seed = 0  # initialisation, batches, flips and codes
     c.checkpoint_every = 10  # epochs
     c.keep_checkpoints = 2

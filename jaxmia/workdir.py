@@ -74,6 +74,11 @@ LATER_DEFAULTS = {
     "inversion.coef_weight": 0.0,
     "inversion.feature_weight": 0.0,
     "inversion.init_candidates": 1,
+    # the tuned GAN prior (jaxmia/attacks/gan_tuning.py) and GMI's realism term
+    "inversion.realism_weight": 0.0,
+    "prior.tune_gan": False,
+    "prior.gan_steps": 200,
+    "prior.gan_learning_rate": 2e-4,
     # Only an attack with a prior has a baseline; every record before it was of free pixels.
     "experiment.baseline": True,
     "experiment.baseline_overrides": "",

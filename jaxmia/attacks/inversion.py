@@ -102,6 +102,7 @@ class ProgramSpec:
     residual: bool = False
     coef_penalty: bool = False
     features: bool = False  # feature-statistics prior: apply_fn returns (logits, distance)
+    realism: bool = False  # GMI's realism term: the prior's discriminator scores the clone
 
 
 class Hyper(NamedTuple):
@@ -119,6 +120,7 @@ class Hyper(NamedTuple):
     residual_weight: jax.Array  # [] float32: mean squared pixel residual (priors)
     coef_weight: jax.Array  # [] float32: mean squared prior coefficient (priors)
     feature_weight: jax.Array  # [] float32: feature-statistics distance (DeepInversion)
+    realism_weight: jax.Array  # [] float32: softplus(-D(clone)) (GMI)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -187,6 +189,10 @@ class InversionConfig:
     # DeepInversion's prior, for an R_T with batch norm (a ResNet): x the distance of the
     # clone's feature statistics from R_T's running ones (models.logits_and_statistics).
     feature_weight: float = 0.0
+    # GMI's realism term (Zhang et al. 2020): x softplus(-D(x)), the non-saturating "fake"
+    # loss of the clone image by the discriminator of a GAN tuned by `jaxmia prior` (the "gan"
+    # prior with prior_checkpoint its folder).
+    realism_weight: float = 0.0
 
     def __post_init__(self):
         choices = {
@@ -219,7 +225,8 @@ class InversionConfig:
             raise JaxmiaError(f"inversion.views={self.views!r}: expected an integer >= 1")
         if not 0 <= self.zoom < 1:
             raise JaxmiaError(f"inversion.zoom={self.zoom}: expected in [0, 1)")
-        for name in ("blur", "noise", "residual_weight", "coef_weight", "feature_weight"):
+        weights = ("residual_weight", "coef_weight", "feature_weight", "realism_weight")
+        for name in ("blur", "noise", *weights):
             if not 0 <= getattr(self, name) < math.inf:
                 raise JaxmiaError(f"inversion.{name}={getattr(self, name)}: expected finite >= 0")
         if not isinstance(self.init_candidates, int) or self.init_candidates < 1:
@@ -230,6 +237,12 @@ class InversionConfig:
             raise JaxmiaError(
                 f"inversion.init_candidates={self.init_candidates}: only the 'gan' prior draws "
                 f"its start, not inversion.prior={self.prior!r}; expected 1"
+            )
+        if self.realism_weight and (self.prior != "gan" or not self.prior_checkpoint):
+            raise JaxmiaError(
+                f"inversion.realism_weight={self.realism_weight} needs a discriminator: expected "
+                "inversion.prior='gan' with inversion.prior_checkpoint=DIR, a GAN tuned by "
+                "jaxmia prior (in jaxmia experiment: prior.tune_gan=True), or realism_weight=0"
             )
         if self.prior_components < 1:
             raise JaxmiaError(f"inversion.prior_components={self.prior_components}: expected >= 1")
@@ -273,6 +286,7 @@ class InversionConfig:
             residual=self.prior != "pixels" and bool(self.prior_residual),
             coef_penalty=self.prior != "pixels" and self.coef_weight != 0,
             features=self.feature_weight != 0,
+            realism=self.realism_weight != 0,
         )
 
     def hyper(self) -> Hyper:
@@ -296,6 +310,7 @@ class InversionConfig:
             residual_weight=f32(self.residual_weight),
             coef_weight=f32(self.coef_weight),
             feature_weight=f32(self.feature_weight),
+            realism_weight=f32(self.realism_weight),
         )
 
 
@@ -519,6 +534,8 @@ def _objective(
         loss = loss + hyper.coef_weight * jnp.mean(w["coef"] ** 2)
     if spec.features:
         loss = loss + hyper.feature_weight * jnp.mean(distance)
+    if spec.realism:  # D judges the clone as it is, not the views
+        loss = loss + hyper.realism_weight * jax.nn.softplus(-decoder.realism(prior_params, x))
     return loss, jnp.mean(jax.nn.softmax(z)[:, label])
 
 
@@ -685,6 +702,11 @@ def make_program(
             f"{'no prior' if spec.prior == 'pixels' else 'its fitted prior'}, got "
             f"{decoder.kind if decoder else 'none'}"
         )
+    if spec.realism and (decoder is None or decoder.realism is None):
+        raise JaxmiaError(
+            f"inversion.realism_weight={cfg.realism_weight}: the prior has no discriminator; "
+            "expected the gan prior of a GAN tuned by jaxmia prior"
+        )
     return build_program(apply_fn, spec, decoder)
 
 
@@ -754,7 +776,7 @@ def build_program(
 def _image_spec(spec: ProgramSpec) -> ProgramSpec:
     """The spec of an image's own objective: a prior's penalties left out."""
     return dataclasses.replace(
-        spec, prior="pixels", residual=False, coef_penalty=False, features=False
+        spec, prior="pixels", residual=False, coef_penalty=False, features=False, realism=False
     )
 
 
@@ -922,6 +944,9 @@ def bytes_per_clone(model_config: models.ModelConfig, cfg: InversionConfig) -> i
             act += 2 * n * (convs + 1) * h * w * width * model_config.expansion
     if cfg.prior == "gan":  # the generator's activations: 4x4x512 ... 32x32x64, then 64x64x3
         act += sum(s * s * c for s, c in ((4, 512), (8, 256), (16, 128), (32, 64), (64, 3)))
+    if cfg.realism_weight:  # the discriminator's: each of its 4 layers halves the image
+        h, w = model_config.image_size
+        act += sum(h * w * c // 4 ** (i + 1) for i, c in enumerate((64, 128, 256, 512)))
     moments = {"sgd": 0, "momentum": 1, "adam": 2}[cfg.optimizer]
     return 4 * (image * (4 + moments) + 4 * act)
 

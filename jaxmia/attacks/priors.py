@@ -22,6 +22,10 @@ A prior decides what the inversion optimises for each clone and how that becomes
   draws (``gan_latent``), and its seed is G of that latent; ``jaxmia.stages.invert`` may first
   keep, of ``inversion.init_candidates`` keys per clone, the one whose image R_T scores best
   (PPA's initial selection). ``inversion.coef_weight`` is the unit Gaussian prior on ``z``.
+  ``inversion.prior_checkpoint`` may instead be a folder of ``jaxmia prior``: the generator
+  tuned on the auxiliary pool with a discriminator (``jaxmia.attacks.gan_tuning``), which then
+  travels in the params for GMI's realism term (``inversion.realism_weight``; the decoder's
+  ``realism``: D's logit of the clone image).
 
 With ``inversion.prior_residual`` a pixel residual is added to the decoded image (starting at
 zero, penalised by ``inversion.residual_weight``): the part of the clone outside the prior.
@@ -61,6 +65,8 @@ class Decoder:
     kind: str  # one of PRIORS but "pixels"
     decode: Callable[[Any, jax.Array], jax.Array]  # (params, coef [k]) -> image [h, w, c]
     encode: Callable[[Any, jax.Array, jax.Array], jax.Array]  # (params, seed, key) -> coef [k]
+    # (params, image [h, w, c]) -> [] a discriminator's logit (high: realistic); None: none
+    realism: Callable[[Any, jax.Array], jax.Array] | None = None
 
 
 class Prior(NamedTuple):
@@ -172,22 +178,31 @@ def to_recognizer(images: jax.Array, shape: tuple[int, int, int]) -> jax.Array:
     return images
 
 
+class GanParams(NamedTuple):
+    """The ``gan`` prior's traced params: the generator's state, a tuned discriminator's."""
+
+    generator: nnx.State
+    discriminator: nnx.State | None = None  # with ``realism``: gan_tuning.Discriminator's
+
+
 @functools.lru_cache(maxsize=16)
-def gan_decoder(shape: tuple[int, int, int]) -> Decoder:
+def gan_decoder(shape: tuple[int, int, int], discriminator: nnx.GraphDef | None = None) -> Decoder:
     """The ``gan`` prior's decoder for a recognizer of input ``shape`` (h, w, c); its params
-    are the generator's ``nnx.State`` (``gan_prior``)."""
+    are ``GanParams`` (``gan_prior``). With a discriminator's graphdef (``[n, h, w, c] ->
+    [n]`` logits) it has ``realism``: that discriminator's logit of the clone image."""
     from jaxmia.pretrained import dcgan  # noqa: PLC0415
 
     graphdef = nnx.graphdef(nnx.eval_shape(dcgan.DCGANGenerator))
-    return Decoder(
-        "gan",
-        functools.partial(_gan_decode, graphdef, shape),
-        _gan_encode,
-    )
+    realism = None if discriminator is None else functools.partial(_gan_realism, discriminator)
+    return Decoder("gan", functools.partial(_gan_decode, graphdef, shape), _gan_encode, realism)
 
 
-def _gan_decode(graphdef: nnx.GraphDef, shape, params: nnx.State, z: jax.Array) -> jax.Array:
-    return to_recognizer(nnx.merge(graphdef, params)(z[None])[0], shape)
+def _gan_decode(graphdef: nnx.GraphDef, shape, params: GanParams, z: jax.Array) -> jax.Array:
+    return to_recognizer(nnx.merge(graphdef, params.generator)(z[None])[0], shape)
+
+
+def _gan_realism(graphdef: nnx.GraphDef, params: GanParams, image: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, params.discriminator)(image[None])[0]
 
 
 def _gan_encode(params: Any, seed: jax.Array, key: jax.Array) -> jax.Array:
@@ -195,18 +210,30 @@ def _gan_encode(params: Any, seed: jax.Array, key: jax.Array) -> jax.Array:
     return gan_latent(key)
 
 
-def gan_prior(model: Any, shape: tuple[int, int, int]) -> Prior:
-    """A loaded generator (``dcgan.load_dcgan``) as the prior of a recognizer of input ``shape``.
+def gan_prior(model: Any, shape: tuple[int, int, int], discriminator: Any = None) -> Prior:
+    """A loaded generator (``dcgan.load_dcgan``) as the prior of a recognizer of input ``shape``,
+    with a tuned ``gan_tuning.Discriminator`` of that input for the realism term if given.
 
     Raises:
-      JaxmiaError: the recognizer's channels are neither 1 nor 3.
+      JaxmiaError: the recognizer's channels are neither 1 nor 3, or the discriminator takes
+        another shape than the recognizer.
     """
+    shape = tuple(shape)
     if shape[2] not in (1, 3):
         raise JaxmiaError(
             f"inversion.prior='gan': the generator makes RGB faces; expected a recognizer of 1 "
             f"or 3 channels, got {shape[2]}"
         )
-    return Prior(gan_decoder(tuple(shape)), nnx.state(model))
+    if discriminator is None:
+        return Prior(gan_decoder(shape), GanParams(nnx.state(model)))
+    if discriminator.config.shape != shape:
+        raise JaxmiaError(
+            f"inversion.prior='gan': the discriminator judges images of shape "
+            f"{discriminator.config.shape}, the recognizer takes {shape}; expected a GAN tuned "
+            "for this recognizer (jaxmia prior --checkpoint R_T)"
+        )
+    params = GanParams(nnx.state(model), nnx.state(discriminator))
+    return Prior(gan_decoder(shape, nnx.graphdef(discriminator)), params)
 
 
 def image(decoder: Decoder | None, params: Any, variables: Any) -> jax.Array:

@@ -133,9 +133,12 @@ def stage_settings(config: ml_collections.ConfigDict) -> dict[str, dict[str, Any
 
 
 def trains_prior(config: ml_collections.ConfigDict) -> bool:
-    """Whether the experiment trains the generator prior (``inversion.prior="generator"`` with
-    no ``inversion.prior_checkpoint``: stage ``prior``, into WORKDIR/prior)."""
-    return config.inversion.prior == "generator" and not config.inversion.prior_checkpoint
+    """Whether the experiment trains the generator prior (``inversion.prior="generator"``, or
+    ``"gan"`` with ``prior.tune_gan``, and no ``inversion.prior_checkpoint``: stage ``prior``,
+    into WORKDIR/prior)."""
+    inv = config.inversion
+    trains = inv.prior == "generator" or (inv.prior == "gan" and config.prior.tune_gan)
+    return trains and not inv.prior_checkpoint
 
 
 def attack_config(config: ml_collections.ConfigDict, workdir: Path) -> ml_collections.ConfigDict:
@@ -156,7 +159,7 @@ def baseline_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     out = ml_collections.ConfigDict(config.to_dict())
     b = out.inversion
     b.prior, b.prior_checkpoint, b.prior_residual = "pixels", "", False
-    b.residual_weight = b.coef_weight = b.feature_weight = 0.0
+    b.residual_weight = b.coef_weight = b.feature_weight = b.realism_weight = 0.0
     b.init_candidates = 1
     config_lib.apply_overrides(out, config_lib.overrides_from(config.experiment.baseline_overrides))
     return out

@@ -191,15 +191,26 @@ def make_prior(
     pool: np.ndarray | None,
 ) -> priors.Prior | None:
     """The prior ``inversion.prior`` names: fitted on the auxiliary pool (read if not given),
-    or for "generator" loaded from ``inversion.prior_checkpoint`` (trained by ``jaxmia prior``)."""
+    or for "generator" loaded from ``inversion.prior_checkpoint`` (trained by ``jaxmia prior``);
+    for "gan" the fetched generator, a weights file of it, or a folder of one tuned by
+    ``jaxmia prior`` (with its discriminator, for the realism term)."""
     cfg = config.inversion
     if cfg.prior == "pixels":
         return None
     if cfg.prior == "gan":
         from jaxmia.pretrained import dcgan  # noqa: PLC0415 - only the gan prior needs it
 
-        model = dcgan.load_dcgan(cfg.prior_checkpoint or None)
-        return priors.gan_prior(model, (*rec.config.image_size, rec.config.channels))
+        shape = (*rec.config.image_size, rec.config.channels)
+        if cfg.prior_checkpoint and Path(cfg.prior_checkpoint).is_dir():  # tuned by jaxmia prior
+            gan = checkpoint.load_gan(cfg.prior_checkpoint)
+            return priors.gan_prior(gan.generator, shape, gan.discriminator)
+        if cfg.realism_weight:
+            raise JaxmiaError(
+                f"inversion.realism_weight={cfg.realism_weight}: inversion.prior_checkpoint="
+                f"{cfg.prior_checkpoint} is a generator's weights file, without a discriminator; "
+                "expected the folder of a GAN tuned by jaxmia prior"
+            )
+        return priors.gan_prior(dcgan.load_dcgan(cfg.prior_checkpoint or None), shape)
     if cfg.prior == "generator":
         gen = checkpoint.load_generator(cfg.prior_checkpoint)
         want = (tuple(rec.config.image_size), rec.config.channels)
@@ -234,13 +245,17 @@ def _decode_keys(params: Any, key_data: jax.Array, shape_probe: jax.Array) -> ja
     return jax.vmap(lambda k: decoder.decode(params, priors.gan_latent(k)))(keys)
 
 
-def gan_images(prior: priors.Prior, keys: jax.Array, batch_size: int = 256) -> np.ndarray:
+def gan_images(
+    prior: priors.Prior, keys: jax.Array, batch_size: int = 256, progress: bool = False
+) -> np.ndarray:
     """G of the starting latent of each key, as the recognizer sees it. # [n, h, w, c]"""
     shape = jnp.zeros(prior.decoder.decode.args[1])  # the recognizer's (h, w, c)
     return batching.map_batches(
         lambda k: _decode_keys(prior.params, k, shape),
         np.asarray(jax.random.key_data(keys)),
         sizes=batching.sizes_for(len(keys), batch_size),
+        progress=progress,
+        desc="candidate latents",
     )
 
 
@@ -276,7 +291,7 @@ def gan_start(
             keys
         ).reshape(n * k)
         score = selection.robust_margins(
-            rec, gan_images(prior, cand), np.repeat(np.asarray(targets), k),
+            rec, gan_images(prior, cand, progress=True), np.repeat(np.asarray(targets), k),
             jitter=exp.select_jitter, flip=exp.select_flip, samples=exp.select_samples,
             key=jax.random.fold_in(jax.random.key(config.inversion.rng_seed), 3),
         ).reshape(n, k)  # fmt: skip

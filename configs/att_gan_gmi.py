@@ -1,0 +1,31 @@
+"""GMI's attack (Zhang et al., CVPR 2020) on configs/att.py's recognizers: an identity loss and
+the realism term of a discriminator trained on public photos.
+
+  jaxmia experiment --config configs/att_gan_gmi.py --workdir runs/att-gan-gmi
+
+GMI trains a GAN on public photos, then optimises the latent z of each clone for
+``L_prior + lambda_i * L_id``: ``L_prior = -D(G(z))`` the realism of the clone by the GAN's
+discriminator, ``L_id`` the target's cross-entropy by R_T, ``lambda_i = 100``. Here the GAN is
+configs/att_gan_tuned.py's (the pretrained DCGAN tuned with a new discriminator on the 70
+auxiliary photos, stage ``prior``), the identity loss R_T's cross-entropy and the realism term
+``inversion.realism_weight * softplus(-D(x))`` (the non-saturating form of D's verdict) with
+weight 0.01: GMI's 1 : 100 between the two. The optimisation around it stays
+configs/att_gan.py's (PPA's initial selection of 16 latents, random shifts and flips, Adam at
+0.02, the unit Gaussian penalty on z, 200 steps), so the comparison with
+configs/att_gan_tuned.py is the objective alone. The realism weight is GMI's ratio, not chosen on
+any split's results.
+
+Expected time on the 2-core CPU: configs/att_gan_tuned.py's (about 8 min of tuning), the
+inversion a little slower (the discriminator's forward and backward pass per clone and step).
+"""
+
+from common import base, pixel_overrides
+
+
+def get_config():
+    c = base("att_gan_tuned.py")
+    c.inversion.loss = "cross_entropy"  # GMI's identity loss
+    c.inversion.realism_weight = 0.01  # GMI's lambda_i = 100 on the identity loss
+    # the baseline stays configs/att.py's pixel attack (its max-margin loss included)
+    c.experiment.baseline_overrides = pixel_overrides(c, base("att.py"))
+    return c
