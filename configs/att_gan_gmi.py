@@ -15,7 +15,7 @@ configs/att_gan.py's (PPA's initial selection of 16 latents, random shifts and f
 configs/att_gan_tuned.py is the objective alone. The realism weight is GMI's ratio, not chosen on
 any split's results.
 
-Expected time on the 2-core CPU: configs/att_gan_tuned.py's (about 8 min of tuning), the
+Expected time on the 2-core CPU: configs/att_gan_tuned.py's (15 min of tuning), the
 inversion a little slower (the discriminator's forward and backward pass per clone and step).
 """
 

@@ -14,8 +14,11 @@ DigiFace-1M's coloured renders. The inversion is then configs/att_gan.py's (PPA'
 the tuned G. WORKDIR/prior/samples.png shows G of the same latents before and after tuning.
 
 The tuning's settings are the DCGAN's own and a step count sized for a CPU, not chosen on any
-split's results. Expected time on the 2-core CPU: the tuning took about 8 min (200 steps of 32
-photos, cores shared with other jobs), the rest as configs/att_gan.py.
+split's results. Expected time on the 2-core CPU: the tuning alone took 15 min (907 s for 200
+steps of 32 photos, on split seed 0, the cores shared with other jobs: load ~10), the rest as
+configs/att_gan.py. Not yet a good prior: on split seed 0 these settings turned G's faces into
+grey blobs with checkerboard textures (samples.png); at gan_learning_rate 2e-5 for 60 steps the
+faces survive but gain faint grid textures. The tuning's settings are still to be chosen.
 """
 
 from common import base
