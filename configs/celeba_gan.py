@@ -24,5 +24,12 @@ def get_config():
     inv.init_candidates = 16
     inv.jitter = 2
     inv.flip = True
+    # For the 2-core CPU: 5 clones of 100 steps per person for both attacks (R_T's input is
+    # resized to 224 inside faceres: 2.7 GFLOP an image-gradient, about 6 a second here), and
+    # no second R_E (the paper CNN, 20 min to train); the face judge and R_E stay.
+    for cfg in (c, pixels):
+        cfg.inversion.clones = 5
+        cfg.inversion.steps = 100
+    c.judges.other_arch = ""
     c.experiment.baseline_overrides = pixel_overrides(c, pixels)
     return c

@@ -257,6 +257,9 @@ def _experiment_defaults() -> ml_collections.ConfigDict:
     # The baseline's own settings where the pixel attack differs from the prior's, as
     # "field=value; ..." (e.g. "inversion.denoise=gaussian" for a GAN attack, which cannot blur).
     c.baseline_overrides = ""
+    # A finished experiment's workdir: its stages whose settings equal this config's are taken
+    # over (hard-linked) instead of run again, e.g. R_T and the judges for another attack.
+    c.reuse = ""
     return c
 
 

@@ -36,6 +36,7 @@ RUN_ONLY = frozenset(
         "inversion.shard",
         "prior.checkpoint_every",
         "prior.keep_checkpoints",
+        "experiment.reuse",
     }
 )
 

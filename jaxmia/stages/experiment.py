@@ -750,7 +750,17 @@ def run_stages(
     workdir = Path(workdir)
     if workdir.exists() and not workdir.is_dir():
         raise JaxmiaError(f"--workdir {workdir}: exists and is not a folder")
+    reuse = config.experiment.reuse
+    if reuse and not (Path(reuse) / RECORD).is_file():
+        raise JaxmiaError(
+            f"config field experiment.reuse: {reuse}: expected the workdir of a jaxmia experiment "
+            f"(with {RECORD})"
+        )
     workdir.mkdir(parents=True, exist_ok=True)
+    if reuse:
+        taken = adopt(Path(reuse), workdir, config, STAGES)
+        if taken:
+            print(f"taken over from {reuse} (the same settings): {', '.join(taken)}")
     settings = stage_settings(config)
     records = read_records(workdir)
     changed = changed_stage(records, settings, workdir)

@@ -273,6 +273,31 @@ def test_rerun_skips_every_stage(finished, capsys, monkeypatch):
 
 
 @pytest.mark.slow
+def test_reuse_takes_over_the_stages_with_equal_settings(finished, tmp_path, capsys, monkeypatch):
+    """Another attack on the same split: R_T and the judges are taken over, never trained."""
+    called = []
+    real = dict(experiment.STAGE_FUNCTIONS)
+    monkeypatch.setattr(
+        experiment,
+        "STAGE_FUNCTIONS",
+        {s: (lambda run, s=s: called.append(s) or real[s](run)) for s in experiment.STAGES},
+    )
+    work = tmp_path / "other-attack"
+    reuse = f"--config.experiment.reuse={finished[0]}"
+    rc, out, err = run_cli(
+        capsys, work, "--config.experiment.restarts=2", "--config.inversion.steps=5", reuse
+    )
+    assert rc == 0, err
+    assert "taken over from" in out and "target" in out.split("taken over from")[1]
+    assert called == ["inversions", "report"]
+    for name in ("target", "evaluation"):
+        assert (work / name).is_dir()
+    rc, _, err = run_cli(capsys, tmp_path / "x", f"--config.experiment.reuse={tmp_path}")
+    assert rc == 2
+    one_line_error(err, "experiment.reuse", "expected the workdir of a jaxmia experiment")
+
+
+@pytest.mark.slow
 def test_changed_setting_is_an_error_then_redo(finished, tmp_path, capsys, monkeypatch):
     work = tmp_path / "copy"
     shutil.copytree(finished[0], work)
