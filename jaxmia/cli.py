@@ -54,7 +54,7 @@ COMMANDS = {
     ),
     "prior": (
         "jaxmia.commands.prior",
-        "train the generator prior (a VAE) on a recognizer's auxiliary faces",
+        "train the generator prior (a VAE, or the tuned face GAN) on a recognizer's auxiliary pool",
     ),
     "import-torch": (
         "jaxmia.commands.import_torch",

@@ -1,4 +1,5 @@
-"""``jaxmia prior``: the generator prior (a VAE) trained on the auxiliary pool of a recognizer.
+"""``jaxmia prior``: the generator prior trained on the auxiliary pool of a recognizer: a VAE, or
+the pretrained face GAN tuned with a new discriminator (``inversion.prior="gan"``).
 
 jaxmia prior --checkpoint RUN/target --workdir PRIOR
 jaxmia invert ... --config.inversion.prior=generator --config.inversion.prior_checkpoint=PRIOR
