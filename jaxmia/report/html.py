@@ -609,6 +609,7 @@ def comparison_grid(
     sides: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]],
     judges: int,
     per_side: int = 4,
+    seed_note: str = "",
 ) -> None:
     """Two attacks' clones of the same identities side by side, one identity a row: a real face,
     the seed, then ``per_side`` clones of each attack (the same clone numbers: the same seeds).
@@ -622,6 +623,7 @@ def comparison_grid(
         many of the ``judges`` beside R_E rank it first [ids, n]).
       judges: the number of judges beside R_E.
       per_side: clones of each attack per row.
+      seed_note: where the attacks start from other seeds, which one the seed column shows.
     """
     cells = []
     for i, name in enumerate(names):
@@ -634,10 +636,12 @@ def comparison_grid(
                 title = f"{side} #{j} r{ranks[i, j]} {votes[i, j]}/{judges}"
                 cells.append(grids.Cell(clones[i, j], title, colour))
     order = " | ".join(sides)
+    head = f"the same identities: {order}; {seed_note}" if seed_note else (
+        f"the same identities and seeds: {order}"
+    )  # fmt: skip
     grids.draw(
         path,
         cells,
-        f"the same identities and seeds: {order}\n"
-        f"titles: attack, clone #, R_E's rank r of the target, how many of the {judges} judges "
-        "beside R_E rank it first (green: most of them)",
+        f"{head}\ntitles: attack, clone #, R_E's rank r of the target, how many of the {judges} "
+        "judges beside R_E rank it first (green: most of them)",
     )

@@ -609,6 +609,9 @@ def compare(
         inv.seeds[shown, 0],
         {k: (c[shown], r[shown], v[shown]) for k, (c, r, v) in sides.items()},
         len(beside),
+        seed_note=""
+        if np.array_equal(pixel_inv.seeds, prior_inv.seeds)
+        else "the seed column is the prior's start (the pixel attack starts from its own seeds)",
     )
     html_lib.write_html(report_dir / "report.html", prior | {"comparison": result})
     return result
