@@ -105,7 +105,7 @@ def _close(got, want, scale):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=top), got, want)
 
 
-def test_a_tuning_step_is_dcgans_and_lowers_ds_loss(gan):
+def test_a_tuning_step_is_dcgans_and_its_gradient_lowers_ds_loss(gan):
     """With SGD (the step takes its optimizer) the parameters move by the reference's gradients
     (Adam's first step, +-lr per weight, would hide them)."""
     g, d = gan
@@ -118,7 +118,9 @@ def test_a_tuning_step_is_dcgans_and_lowers_ds_loss(gan):
     new, metrics = gan_tuning.train_step(g_def, d_def, state, real, key, tx=tx, flip=True)
     before, after, d_grad, g_grad, g_stats = _reference_step(g, d, real, key, lr)
     np.testing.assert_allclose(metrics[0], before, rtol=1e-5)
-    assert after < before  # D's step lowered its loss on this batch
+    del after  # at lr 0.01 (what makes the moves readable) D's logits ~x1000 may overshoot
+    # D's gradient points downhill: a small step along it lowers D's loss on this batch
+    assert _reference_step(g, d, real, key, 1e-6)[1] < before
     moved = lambda new, old: jax.tree.map(lambda a, b: (b - a) / lr, new, old)  # noqa: E731
     _close(moved(new.d_params, state.d_params), d_grad, 1e-3)
     _close(moved(new.g_params, state.g_params), g_grad, 1e-3)
