@@ -8,6 +8,14 @@ is; the inversion optimises z (``inversion.prior="gan"``) with PPA's recipe as i
 configs/att_gan.py. The ``baseline`` stage runs celeba_pretrained.py's pixel attack on the same
 identities (``experiment.baseline_overrides``). The face judge is dlib's (faceres is R_T's
 backbone).
+
+Measured on the shared 2-core CPU (2026-12-07, load 4-8), split seed 3 (never chosen on; the
+settings are configs/att_gan.py's, chosen on AT&T split seed 0): 25 min from scratch at 5 clones
+(R_T 6 min, R_E 4, each attack 3-4, the judges 8), then 47 min more for 20 clones
+(--config.inversion.clones=20 --config.experiment.reuse=runs/celeba-gan). R_T 86.8%, R_E 35.6%.
+Clones top-1 by dlib (nearest real photo) over 200: 9.0% through the GAN, 1.0% for the pixel
+baseline, 4.0% for the GAN's seeds, chance 0.9%; a face detected in 69% of the GAN clones. With
+5 clones: 14.0% / 2.0%. docs/results.md#the-generator-attack has every judge and what limits it.
 """
 
 from common import base, pixel_overrides
