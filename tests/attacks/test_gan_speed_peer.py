@@ -23,6 +23,7 @@ def generators():
     return dcgan.load_dcgan(), gan_speed.load_torch_generator()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("loss", ["max_margin", "cross_entropy"])
 def test_torch_step_is_the_engines_on_a_grey_paper_cnn(generators, loss):
     # The grey path: G's RGB to luma inside both programs; random weights of the AT&T shape.

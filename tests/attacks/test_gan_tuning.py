@@ -105,6 +105,7 @@ def _close(got, want, scale):
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=top), got, want)
 
 
+@pytest.mark.slow
 def test_a_tuning_step_is_dcgans_and_its_gradient_lowers_ds_loss(gan):
     """With SGD (the step takes its optimizer) the parameters move by the reference's gradients
     (Adam's first step, +-lr per weight, would hide them)."""
@@ -130,6 +131,7 @@ def test_a_tuning_step_is_dcgans_and_its_gradient_lowers_ds_loss(gan):
     assert max(float(jnp.abs(a - b).max()) for a, b in pairs) > 1e-3
 
 
+@pytest.mark.slow
 def test_tuning_is_keyed_and_leaves_the_generator_in_eval_mode(gan):
     g, _ = gan
     pool = np.random.default_rng(1).random((6, *SHAPE)).astype(np.float32)

@@ -22,6 +22,7 @@ def model():
     return faceres.load_faceres()
 
 
+@pytest.mark.slow
 def test_a_split_anywhere_gives_the_descriptor(model):
     x = jax.random.uniform(jax.random.key(0), (2, 48, 40, 3))
     whole = np.asarray(model(x))  # [2, 1024]

@@ -122,6 +122,7 @@ def test_trainable_weights_are_the_top_blocks_and_the_head(net):
     assert "conv1_kernel" in rest["backbone"]["backbone"]
 
 
+@pytest.mark.slow
 def test_cached_path_equals_the_full_forward(net):
     graphdef, state = _init(net)
     state = nnx.to_pure_dict(state)

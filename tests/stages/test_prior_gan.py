@@ -53,6 +53,7 @@ def tuned(root):
     return root / "prior"
 
 
+@pytest.mark.slow
 def test_jaxmia_prior_tunes_the_generator_on_the_pool(tuned):
     summary = json.loads((tuned / "prior.json").read_text())
     assert summary["faces"] == 10 and summary["steps"] == 2
@@ -76,6 +77,7 @@ def test_a_rerun_only_reports_and_other_settings_are_refused(root, tuned, capsys
     assert "prior.gan_steps: 2 -> 3" in err and "Traceback" not in err
 
 
+@pytest.mark.slow
 def test_jaxmia_invert_with_the_tuned_gan_and_realism(root, tuned, tmp_path, capsys):
     argv = ["invert", "--checkpoint", str(root / "rt"), "--clones", "2", "--steps", "2",
             "--identities", "1", "--config.inversion.prior=gan",
