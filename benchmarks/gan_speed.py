@@ -81,6 +81,7 @@ from benchmarks.pretrained_speed import (
     _code_version,
     _sync,
     matmul_gflops,
+    torch_device,
     torch_loss,
     torch_matmul_gflops,
 )
@@ -501,20 +502,7 @@ def main() -> None:
                    choices=("max_margin", "cross_entropy"))  # fmt: skip
     p.add_argument("--seconds", type=float, default=8.0, help="timed run per cell and framework")
     args = p.parse_args()
-    gpu = jax.default_backend() == "gpu" and torch.cuda.is_available()
-    if args.device == "gpu" and not gpu:
-        raise SystemExit(
-            f"--device gpu: JAX's backend is {jax.default_backend()!r} and torch.cuda is "
-            f"{'' if torch.cuda.is_available() else 'not '}available; expected both on a GPU"
-        )
-    if args.device == "cpu" and jax.default_backend() != "cpu":
-        raise SystemExit("--device cpu: set JAX_PLATFORMS=cpu and CUDA_VISIBLE_DEVICES=")
-    dev = torch.device("cuda" if gpu and args.device != "cpu" else "cpu")
-    if dev.type == "cuda":  # full float32 on both sides (the module docstring)
-        jax.config.update("jax_default_matmul_precision", "highest")
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
-    torch.set_num_threads(os.cpu_count() or 1)
+    dev = torch_device(args.device)  # full float32 on both sides on a GPU (the docstring)
     if args.quick:
         args.batches, args.faceres_batches, args.seconds = [4], [2], 0.5
     # CPU: one step per call (the engine's default there); an accelerator: 10 in a fori_loop

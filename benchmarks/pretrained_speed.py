@@ -457,6 +457,30 @@ def _code_version() -> str:
     return head + (f" + uncommitted edits in {', '.join(dirty)}" if dirty else "")
 
 
+def torch_device(device: str) -> torch.device:
+    """torch's device for ``--device`` (cpu, gpu, auto), JAX's backend checked to match; on a GPU
+    both sides in full float32 (no TF32), as JAX's models compute at Precision.HIGHEST.
+
+    Raises:
+      SystemExit: the asked device is not what JAX and torch see.
+    """
+    gpu = jax.default_backend() == "gpu" and torch.cuda.is_available()
+    if device == "gpu" and not gpu:
+        raise SystemExit(
+            f"--device gpu: JAX's backend is {jax.default_backend()!r} and torch.cuda is "
+            f"{'' if torch.cuda.is_available() else 'not '}available; expected both on a GPU"
+        )
+    if device == "cpu" and jax.default_backend() != "cpu":
+        raise SystemExit("--device cpu: set JAX_PLATFORMS=cpu and CUDA_VISIBLE_DEVICES=")
+    dev = torch.device("cuda" if gpu and device != "cpu" else "cpu")
+    if dev.type == "cuda":
+        jax.config.update("jax_default_matmul_precision", "highest")
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+    torch.set_num_threads(os.cpu_count() or 1)
+    return dev
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="a smoke run: few images, short timing")
@@ -468,19 +492,7 @@ def main() -> None:
     p.add_argument("--clones", type=int, default=16, help="clones per inversion program")
     p.add_argument("--seconds", type=float, default=15.0, help="timed inversion per row")
     args = p.parse_args()
-    gpu = jax.default_backend() == "gpu" and torch.cuda.is_available()
-    if args.device == "gpu" and not gpu:
-        raise SystemExit(
-            f"--device gpu: JAX's backend is {jax.default_backend()!r} and torch.cuda is "
-            f"{'' if torch.cuda.is_available() else 'not '}available; expected both on a GPU"
-        )
-    if args.device == "cpu" and jax.default_backend() != "cpu":
-        raise SystemExit("--device cpu: set JAX_PLATFORMS=cpu and CUDA_VISIBLE_DEVICES=")
-    dev = torch.device("cuda" if gpu and args.device != "cpu" else "cpu")
-    if dev.type == "cuda":  # float32 as JAX's dlib ResNet (Precision.HIGHEST) computes it
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
-    torch.set_num_threads(os.cpu_count() or 1)
+    dev = torch_device(args.device)
     if args.quick:
         args.images, args.batch, args.rounds, args.clones, args.seconds = 8, [4], 1, 2, 1.0
     n_mm = 512 if args.quick else 2048
