@@ -33,6 +33,7 @@ saturates pixels rather than overflowing; divergence comes from losses that reac
 
 from __future__ import annotations
 
+import functools
 import sys
 from pathlib import Path
 from typing import Any
@@ -238,9 +239,8 @@ def gan_note(rec: checkpoint.LoadedRecognizer) -> str:
     return f"the generator's 64x64 RGB faces {' and '.join(steps)} inside the program"
 
 
-@jax.jit
-def _decode_keys(params: Any, key_data: jax.Array, shape_probe: jax.Array) -> jax.Array:
-    decoder = priors.gan_decoder(shape_probe.shape)
+@functools.partial(jax.jit, static_argnums=0)
+def _decode_keys(decoder: priors.Decoder, params: Any, key_data: jax.Array) -> jax.Array:
     keys = jax.random.wrap_key_data(key_data)
     return jax.vmap(lambda k: decoder.decode(params, priors.gan_latent(k)))(keys)
 
@@ -249,9 +249,8 @@ def gan_images(
     prior: priors.Prior, keys: jax.Array, batch_size: int = 256, progress: bool = False
 ) -> np.ndarray:
     """G of the starting latent of each key, as the recognizer sees it. # [n, h, w, c]"""
-    shape = jnp.zeros(prior.decoder.decode.args[1])  # the recognizer's (h, w, c)
     return batching.map_batches(
-        lambda k: _decode_keys(prior.params, k, shape),
+        lambda k: _decode_keys(prior.decoder, prior.params, k),
         np.asarray(jax.random.key_data(keys)),
         sizes=batching.sizes_for(len(keys), batch_size),
         progress=progress,
