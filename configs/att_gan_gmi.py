@@ -15,8 +15,16 @@ configs/att_gan.py's (PPA's initial selection of 16 latents, random shifts and f
 configs/att_gan_tuned.py is the objective alone. The realism weight is GMI's ratio, not chosen on
 any split's results.
 
-Expected time on the 2-core CPU: configs/att_gan_tuned.py's (15 min of tuning), the
-inversion a little slower (the discriminator's forward and backward pass per clone and step).
+Expected time on the 2-core CPU: configs/att_gan_tuned.py's (5 min of tuning), the inversion
+slower (the discriminator's forward and backward pass per clone and step: 51 image-gradients/s
+against 118 for configs/att_gan_tuned.py's inversion just before it, at the same load).
+
+**It does not help.** Measured on split seed 0 with configs/att_gan_tuned.py's tuned prior (33
+people x 4 clones, 100 steps; 2026-12-08): dlib 3.8% top-1 (centroid 4.5%), faceres 6.8%,
+R_E 18.2%, a face detected in 25.0% of the clones, against 8.3%, 6.8%, 20.5% and 13.6% on the
+same tuned generator without the realism term and 8.3%, 7.6%, 18.9% and 45.5% on the untuned
+one (their seeds: dlib 4.5%). A discriminator trained on 70 photos for 60 steps is no judge of
+realism. Not run on the reported split for that reason.
 """
 
 from common import base, pixel_overrides
