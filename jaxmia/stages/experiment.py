@@ -63,6 +63,7 @@ from jaxmia import checkpoint, files
 from jaxmia import config as config_lib
 from jaxmia import workdir as workdir_lib
 from jaxmia.attacks import generator, inversions_file, seeds, selection
+from jaxmia.attacks import inversion as inv_lib
 from jaxmia.data import faces as faces_lib
 from jaxmia.data import splits
 from jaxmia.errors import JaxmiaError
@@ -88,6 +89,7 @@ OUTPUTS = {
     "evaluation_other": ("evaluation_other",),
     "report": ("report", "experiment.json"),
 }
+OVERRIDES = "experiment.baseline_overrides"
 PAPER_AUX_FACES = 256  # the paper's seed: the mean of 256 auxiliary faces
 MIN_IDENTITIES = 4  # attacked, target-only, evaluation-only, auxiliary: one each at least
 
@@ -161,6 +163,7 @@ def baseline_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigD
     b.prior, b.prior_checkpoint, b.prior_residual = "pixels", "", False
     b.residual_weight = b.coef_weight = b.feature_weight = b.realism_weight = 0.0
     b.init_candidates = 1
+    b.prior_components = inv_lib.InversionConfig.prior_components  # the prior's alone
     config_lib.apply_overrides(out, config_lib.overrides_from(config.experiment.baseline_overrides))
     return out
 
@@ -228,7 +231,10 @@ def adopt(source: Path, workdir: Path, config: ml_collections.ConfigDict, stages
 
     Same settings, same results: a stage that ``source`` finished with exactly the settings
     ``config`` gives it is hard-linked (copied where links fail) into ``workdir`` with its
-    record, instead of run again; a stage ``workdir`` has already started is left alone.
+    record, instead of run again; a stage ``workdir`` has already started is left alone. The
+    pixel attack of a prior's experiment (stage ``baseline``) is also taken from the
+    ``inversions`` of a pixel experiment run with its settings, e.g. configs/att_gan.py's
+    baseline from configs/att.py's clones.
 
     Returns:
       The stages taken over.
@@ -237,25 +243,33 @@ def adopt(source: Path, workdir: Path, config: ml_collections.ConfigDict, stages
     theirs, ours = read_records(Path(source)), read_records(Path(workdir))
     taken = []
     for stage in stages:
-        record = theirs.get(stage, {})
-        if (
-            stage in ours
-            or _has_outputs(workdir, stage)
-            or record.get("status") != "done"
-            or workdir_lib.differing(record.get("settings", {}), settings[stage])
-        ):
+        origin = stage
+        if stage == "baseline" and not _done_with(theirs.get(stage, {}), settings, stage):
+            origin = "inversions"  # a pixel experiment's clones
+        record = theirs.get(origin, {})
+        if stage in ours or _has_outputs(workdir, stage) or not _done_with(record, settings, stage):
             continue
-        for name in OUTPUTS[stage]:
-            src, dst = Path(source) / name, Path(workdir) / name
+        for src_name, name in zip(OUTPUTS[origin], OUTPUTS[stage], strict=True):
+            src, dst = Path(source) / src_name, Path(workdir) / name
             if src.is_dir():
                 shutil.copytree(src, dst, copy_function=_link_or_copy)
             elif src.exists():
                 shutil.copy2(src, dst)
-        ours[stage] = record
-        taken.append(stage)
+        ours[stage] = record | {"settings": settings[stage]}
+        taken.append(stage if origin == stage else f"{stage} (their {origin})")
     if taken:
         files.write_json(Path(workdir) / RECORD, ours)
     return taken
+
+
+def _done_with(record: dict[str, Any], settings: dict[str, dict], stage: str) -> bool:
+    """Whether ``record`` is a finished stage with the settings ``stage`` has here."""
+    theirs, ours = record.get("settings", {}), settings[stage]
+    if stage == "baseline":
+        # the overrides only say how the pixel attack's settings were derived from the prior's:
+        # the settings themselves are the rest, whichever experiment ran them
+        theirs, ours = ({k: v for k, v in d.items() if k != OVERRIDES} for d in (theirs, ours))
+    return record.get("status") == "done" and not workdir_lib.differing(theirs, ours)
 
 
 def _link_or_copy(src: str, dst: str) -> None:

@@ -298,6 +298,43 @@ def test_reuse_takes_over_the_stages_with_equal_settings(finished, tmp_path, cap
 
 
 @pytest.mark.slow
+def test_reuse_takes_a_priors_baseline_from_a_pixel_experiment(
+    finished, tmp_path, capsys, monkeypatch
+):
+    """A prior's pixel baseline with the pixel run's settings is that run's clones, not rerun."""
+    called = []
+    real = dict(experiment.STAGE_FUNCTIONS)
+    monkeypatch.setattr(
+        experiment,
+        "STAGE_FUNCTIONS",
+        {s: (lambda run, s=s: called.append(s) or real[s](run)) for s in experiment.STAGES},
+    )
+    work = tmp_path / "linear"
+    prior = (
+        "--config.experiment.restarts=2",
+        "--config.inversion.prior=linear",
+        "--config.inversion.prior_components=4",
+    )
+    reuse = f"--config.experiment.reuse={finished[0]}"
+    rc, out, err = run_cli(capsys, work, *prior, reuse)
+    assert rc == 0, err
+    assert "baseline (their inversions)" in out
+    assert called == ["inversions", "report"]
+    a, b = finished[0] / "inversions" / "inversions.npz", work / "baseline" / "inversions.npz"
+    with np.load(a) as theirs, np.load(b) as ours:
+        np.testing.assert_array_equal(theirs["clones"], ours["clones"])
+    called[:] = []  # recorded with this config's settings: a rerun skips every stage
+    rc, out, err = run_cli(capsys, work, *prior, reuse)
+    assert rc == 0, err
+    assert called == [] and out.count("skipped") == 8
+    # with other pixel settings the baseline runs
+    other, called[:] = tmp_path / "other", []
+    rc, out, err = run_cli(capsys, other, *prior, reuse, "--config.inversion.learning_rate=0.5")
+    assert rc == 0, err
+    assert "baseline (their" not in out and "baseline" in called
+
+
+@pytest.mark.slow
 def test_changed_setting_is_an_error_then_redo(finished, tmp_path, capsys, monkeypatch):
     work = tmp_path / "copy"
     shutil.copytree(finished[0], work)
