@@ -93,7 +93,7 @@ def plot(summary: dict, runs: list[dict], path: Path, title: str) -> None:
     chance = 100 * runs[0]["chance_top1"]
     ax.axhline(chance, color="grey", linestyle=":", label=f"chance {chance:.1f}%")
     ax.set_xticks(x, names, rotation=35, ha="right")
-    ax.set_ylabel("top-1 on the clones (%)")
+    ax.set_ylabel("top-1 on the clones (%); face_detected: rate")
     seeds = ", ".join(str(r["split_seed"]) for r in runs)
     ax.set_title(f"{title}: mean and sd over split seeds {seeds} (dots: each run)")
     ax.legend(fontsize=8)
