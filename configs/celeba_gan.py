@@ -24,8 +24,11 @@ Measured on split seed 3 (never chosen on), shared 2-core CPU:
 25 min from scratch, R_T 6 min, R_E 4; then 30 min for the GAN inversion, 19 min, and the
 judges, 10 min, at load 4-7). R_T 86.8%, R_E 35.6%. Clones top-1 by dlib (nearest real photo)
 over 50: 18.0% through the GAN (100 steps and 16 latents: 14.0%), 2.0% for the pixel baseline,
-0.0% for the GAN's seeds, chance 0.9%; a face detected in 72% of the GAN clones.
-docs/results.md#the-generator-attack has every judge, 20 clones a person and what limits it.
+0.0% for the GAN's seeds, chance 0.9%; a face detected in 72% of the GAN clones. With 20 clones
+a person (--config.inversion.clones=20 --config.experiment.reuse=runs/celeba-gan20, a run of the
+settings before with 20 clones: 79 min, the inversion 67 of them): 20.5% over 200 clones (9.0%
+with the settings before), pixels 1.0%, seeds 0.0%, a face detected in 67%.
+docs/results.md#the-generator-attack has every judge and what limits it.
 """
 
 from common import base, pixel_overrides
