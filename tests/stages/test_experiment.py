@@ -251,6 +251,18 @@ def test_logit_margins_by_hand(finished):
     np.testing.assert_allclose(robust, want[:3], rtol=1e-4, atol=1e-4)
 
 
+def _record_stages(monkeypatch) -> list[str]:
+    """The stages that run from now on, in order (each still runs)."""
+    called = []
+    real = dict(experiment.STAGE_FUNCTIONS)
+    monkeypatch.setattr(
+        experiment,
+        "STAGE_FUNCTIONS",
+        {s: (lambda run, s=s: called.append(s) or real[s](run)) for s in experiment.STAGES},
+    )
+    return called
+
+
 @pytest.mark.slow
 def test_rerun_skips_every_stage(finished, capsys, monkeypatch):
     finished = finished[0]
@@ -275,13 +287,7 @@ def test_rerun_skips_every_stage(finished, capsys, monkeypatch):
 @pytest.mark.slow
 def test_reuse_takes_over_the_stages_with_equal_settings(finished, tmp_path, capsys, monkeypatch):
     """Another attack on the same split: R_T and the judges are taken over, never trained."""
-    called = []
-    real = dict(experiment.STAGE_FUNCTIONS)
-    monkeypatch.setattr(
-        experiment,
-        "STAGE_FUNCTIONS",
-        {s: (lambda run, s=s: called.append(s) or real[s](run)) for s in experiment.STAGES},
-    )
+    called = _record_stages(monkeypatch)
     work = tmp_path / "other-attack"
     reuse = f"--config.experiment.reuse={finished[0]}"
     rc, out, err = run_cli(
@@ -302,13 +308,7 @@ def test_reuse_takes_a_priors_baseline_from_a_pixel_experiment(
     finished, tmp_path, capsys, monkeypatch
 ):
     """A prior's pixel baseline with the pixel run's settings is that run's clones, not rerun."""
-    called = []
-    real = dict(experiment.STAGE_FUNCTIONS)
-    monkeypatch.setattr(
-        experiment,
-        "STAGE_FUNCTIONS",
-        {s: (lambda run, s=s: called.append(s) or real[s](run)) for s in experiment.STAGES},
-    )
+    called = _record_stages(monkeypatch)
     work = tmp_path / "linear"
     prior = (
         "--config.experiment.restarts=2",
@@ -344,13 +344,7 @@ def test_changed_setting_is_an_error_then_redo(finished, tmp_path, capsys, monke
     assert rc == 2
     one_line_error(err, "'inversions'", "inversion.steps: 4 -> 5", "--redo")
 
-    called = []
-    real = dict(experiment.STAGE_FUNCTIONS)
-    monkeypatch.setattr(
-        experiment,
-        "STAGE_FUNCTIONS",
-        {s: (lambda run, s=s: called.append(s) or real[s](run)) for s in experiment.STAGES},
-    )
+    called = _record_stages(monkeypatch)
     rc, out, err = run_cli(
         capsys, work, "--config.experiment.restarts=2", "--config.inversion.steps=5", "--redo"
     )
